@@ -1,0 +1,237 @@
+"""The typed schema of every config group, and the one validation pass at the entry.
+
+Hydra YAML under ``conf/`` holds the values; these dataclasses are the schema. Hydra rejects an
+unknown key or a value of the wrong type while composing (naming the key); :func:`validate` then
+checks what types cannot: choices, ranges and combinations, and names the key and value too.
+Each field is documented once, here; the README's reference table repeats the names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, get_args, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: the message names the key and the bad value."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a label for logs and W&B
+    name_or_path: Optional[str] = None  # local Hugging Face model directory; unset builds the tiny demo model
+    tokenizer: Optional[str] = None  # tokenizer directory; default: name_or_path, else the bundled demo tokenizer
+    # Architecture of the tiny Llama-shaped demo model (ignored when name_or_path is set).
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 688
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"  # a label for logs and W&B
+    path: Optional[str] = None  # jsonl or json file of records; unset generates the demo conversations
+    format: str = "auto"  # auto | messages
+    chat_template: Optional[str] = None  # Jinja file that replaces the tokenizer's chat template
+    packing: bool = False  # false pads each micro-batch (packing arrives with varlen attention)
+    max_length: int = 1024  # longest sample in tokens; longer conversations are dropped and counted
+    demo_size: int = 2000  # conversations generated for the demo when path is unset
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200  # optimizer steps
+    global_batch_size: int = 16  # samples (conversations) per optimizer step
+    micro_batch_tokens: int = 4096  # token budget of one micro-batch, padding included
+    lr: float = 1.0e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    warmup_ratio: float = 0.05  # fraction of max_steps with linear warm-up
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices (not norms or biases)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+    log_every_steps: int = 1  # metrics cadence (the first and last steps are always logged)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "none"  # none | ddp | fsdp2 | zero3
+
+
+@dataclass
+class PhaseConfig:
+    until: float = 1.0  # phase ends at this fraction of max_steps
+    easy: float = 0.0  # sampling weights of the difficulty buckets in this phase
+    medium: float = 0.0
+    hard: float = 0.0
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = "none"  # none | three_phase
+    phases: List[PhaseConfig] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: no intermediate checkpoints
+    keep: int = 2  # checkpoints kept on disk, newest first
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 50  # held-out loss every N steps and at the last step; 0 turns eval off
+    holdout_records: int = 64  # records set aside from the training data for eval (chosen by seed)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto | offline | online | disabled; auto: online if a W&B key is configured, else offline
+    project: str = "sftdist"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # run name; default: the output_dir's folder name
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "outputs/sft"  # everything a run writes goes under it
+    seed: int = 0  # model init and data order
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast over fp32 master weights)
+    device: str = "auto"  # auto | cpu | cuda
+    resume: str = "auto"  # auto | never | PATH
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+SCHEMA_NAME = "sft_schema"
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (``conf/sft.yaml`` lists it in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=SFTConfig)
+
+
+def _choice(key: str, value: str, available: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
+    """``planned`` values are valid keys' values that a later version implements: refused, and said so."""
+    if value in planned:
+        raise ConfigError(
+            f"{key}={value!r} is not implemented yet in this version; available now: {', '.join(available)}"
+        )
+    if value not in available:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(available + planned)}")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} must be {bound}")
+
+
+def validate(cfg: SFTConfig) -> SFTConfig:
+    """Check what types cannot; raise ConfigError naming the key and value. Returns cfg."""
+    _choice("precision", cfg.precision, ("fp32", "bf16"))
+    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("strategy.name", cfg.strategy.name, ("none",), planned=("ddp", "fsdp2", "zero3"))
+    _choice("curriculum.name", cfg.curriculum.name, ("none",), planned=("three_phase",))
+    _choice("data.format", cfg.data.format, ("auto", "messages"), planned=("alpaca", "sharegpt"))
+    _choice("wandb.mode", cfg.wandb.mode, ("auto", "offline", "online", "disabled"))
+    if cfg.data.packing:
+        raise ConfigError(
+            "data.packing=true is not implemented yet in this version (it arrives with varlen attention); "
+            "available now: data.packing=false (padded micro-batches)"
+        )
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(
+            f"resume={cfg.resume!r}: resuming from a checkpoint is not implemented yet in this version; "
+            "available now: resume=auto (starts fresh while there are no checkpoints), resume=never"
+        )
+    if cfg.checkpoint.every_steps != 0:
+        raise ConfigError(
+            f"checkpoint.every_steps={cfg.checkpoint.every_steps}: intermediate checkpoints are not implemented "
+            "yet in this version; available now: checkpoint.every_steps=0 (the run still exports final/)"
+        )
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+
+    t = cfg.train
+    for key in ("max_steps", "global_batch_size", "micro_batch_tokens", "log_every_steps"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.lr", t.lr)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    _positive("train.adam_eps", t.adam_eps)
+    for key in ("min_lr_ratio", "warmup_ratio", "adam_beta1", "adam_beta2"):
+        value = getattr(t, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"train.{key}={value!r} must be between 0 and 1")
+
+    d = cfg.data
+    _positive("data.max_length", d.max_length)
+    _positive("data.demo_size", d.demo_size)
+    if d.max_length > t.micro_batch_tokens:
+        raise ConfigError(
+            f"data.max_length={d.max_length} is larger than train.micro_batch_tokens={t.micro_batch_tokens}: "
+            "every sample must fit in one micro-batch; raise train.micro_batch_tokens or lower data.max_length"
+        )
+    m = cfg.model
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                "max_position_embeddings"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+
+    _positive("eval.every_steps", cfg.eval.every_steps, allow_zero=True)
+    _positive("eval.holdout_records", cfg.eval.holdout_records, allow_zero=True)
+    if cfg.eval.every_steps and not cfg.eval.holdout_records:
+        raise ConfigError(
+            f"eval.every_steps={cfg.eval.every_steps} needs eval.holdout_records > 0 (records set aside for eval); "
+            "set eval.every_steps=0 to turn eval off"
+        )
+    if not cfg.output_dir:
+        raise ConfigError("output_dir is empty: set output_dir=PATH")
+    return cfg
+
+
+def _reject_unknown_keys(node: Any, schema: type, prefix: str = "") -> None:
+    """Hydra's ``+key=value`` can add keys the schema does not have: refuse them, naming the key."""
+    hints = get_type_hints(schema)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix}{key!s}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
+                              f"{', '.join(fields)}")
+        hint, value = fields[key], node[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, DictConfig):
+            _reject_unknown_keys(value, hint, f"{prefix}{key}.")
+        elif get_args(hint) and dataclasses.is_dataclass(get_args(hint)[0]) and OmegaConf.is_list(value):
+            for i, item in enumerate(value):
+                if isinstance(item, DictConfig):
+                    _reject_unknown_keys(item, get_args(hint)[0], f"{prefix}{key}[{i}].")
+
+
+def to_schema(cfg: DictConfig) -> SFTConfig:
+    """Hydra's composed DictConfig -> the validated dataclass tree."""
+    _reject_unknown_keys(cfg, SFTConfig)
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, SFTConfig):  # composed without the schema (e.g. a bare compose in a script)
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig), cfg))
+    return validate(obj)
