@@ -1,0 +1,5 @@
+"""Data: formats, chat template + assistant masks, demo data, batching."""
+
+from sftdist.data.template import IGNORE_INDEX, TemplateSplitError, encode_conversation
+
+__all__ = ["IGNORE_INDEX", "TemplateSplitError", "encode_conversation"]

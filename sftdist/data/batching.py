@@ -1,0 +1,103 @@
+"""From the sample stream to the micro-batches of one optimizer step.
+
+A step takes ``global_batch_size`` samples from a stream that is a pure function of the seed (each
+epoch a fresh permutation), so the samples of step ``n`` never depend on the world size or on the
+token budget. Those samples are then cut into micro-batches of at most ``micro_batch_tokens`` tokens,
+padding included; the number of micro-batches (gradient accumulation) follows from the data.
+
+Padded micro-batches (``data.packing=false``), longest first, budget 12 tokens, lengths 5, 4, 3, 2::
+
+    micro-batch 0: [a a a a a]      rows 2 x 5 = 10 slots <= 12
+                   [b b b b .]
+    micro-batch 1: [c c c]          rows 2 x 3 = 6 slots
+                   [d d .]
+
+Targets are shifted per sample before batching (``targets[t] = labels[t + 1]``, the last is -100), so
+no target ever crosses from one sample into another, padded or packed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sftdist.data.pipeline import Sample
+from sftdist.data.template import IGNORE_INDEX
+
+
+class StepSampler:
+    """Global batches of sample indices, a pure function of (seed, step)."""
+
+    def __init__(self, num_samples: int, global_batch_size: int, seed: int):
+        if num_samples <= 0:
+            raise ValueError("the training set is empty")
+        self.num_samples, self.global_batch_size, self.seed = num_samples, global_batch_size, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, 2, epoch]).permutation(self.num_samples)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        """Sample indices of 0-based optimizer step ``step``."""
+        start = step * self.global_batch_size
+        return [int(self._perm(p // self.num_samples)[p % self.num_samples])
+                for p in range(start, start + self.global_batch_size)]
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed after 0-based step ``step``."""
+        return (step + 1) * self.global_batch_size / self.num_samples
+
+
+def plan_padded(lengths: list[int], micro_batch_tokens: int) -> list[list[int]]:
+    """Group positions into padded micro-batches of at most ``micro_batch_tokens`` slots, longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if lengths[i] > micro_batch_tokens:
+            raise ValueError(f"a sample of {lengths[i]} tokens exceeds train.micro_batch_tokens={micro_batch_tokens}")
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= micro_batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (R, L) long
+    targets: torch.Tensor  # (R, L) long, next-token targets, -100 where not supervised
+    attention_mask: torch.Tensor  # (R, L) long, 1 on real tokens
+    num_tokens: int  # real (non-pad) tokens
+    num_supervised: int  # targets != -100
+    num_slots: int  # R * L
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        return MicroBatch(self.input_ids.to(device), self.targets.to(device), self.attention_mask.to(device),
+                          self.num_tokens, self.num_supervised, self.num_slots)
+
+
+def collate_padded(samples: list[Sample], pad_id: int) -> MicroBatch:
+    """Right-padded rows; targets are shifted within each sample."""
+    width = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids)
+        targets[row, : n - 1] = torch.tensor(s.labels[1:])
+        attention_mask[row, :n] = 1
+    return MicroBatch(input_ids, targets, attention_mask, num_tokens=int(attention_mask.sum()),
+                      num_supervised=int((targets != IGNORE_INDEX).sum()), num_slots=input_ids.numel())
+
+
+def build_micro_batches(samples: list[Sample], micro_batch_tokens: int, pad_id: int) -> list[MicroBatch]:
+    """The micro-batches of one optimizer step."""
+    groups = plan_padded([len(s.input_ids) for s in samples], micro_batch_tokens)
+    return [collate_padded([samples[i] for i in group], pad_id) for group in groups]
