@@ -1,0 +1,5 @@
+"""Metrics: trackers (jsonl, W&B)."""
+
+from sftdist.metrics.trackers import MetricsLogger, build_metrics_logger, resolve_wandb_mode
+
+__all__ = ["MetricsLogger", "build_metrics_logger", "resolve_wandb_mode"]

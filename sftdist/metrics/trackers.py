@@ -1,0 +1,96 @@
+"""Where metrics go: ``metrics.jsonl`` in the run directory always, W&B unless disabled. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from sftdist.config import WandbConfig
+
+log = logging.getLogger(__name__)
+
+
+def wandb_key_configured() -> bool:
+    """A W&B API key in the environment or in the netrc file (where ``wandb login`` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto``: the WANDB_MODE environment variable if set, else online with a key and offline without."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if wandb_key_configured() else "offline"
+
+
+class JsonlTracker:
+    """One JSON object per logged step; a fresh run starts a fresh file."""
+
+    def __init__(self, path: Path):
+        self._file = path.open("w", encoding="utf-8")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbTracker:
+    def __init__(self, cfg: WandbConfig, mode: str, output_dir: Path, run_config: dict[str, Any]):
+        import wandb
+
+        self._run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or output_dir.resolve().name,
+            tags=list(cfg.tags) or None,
+            dir=str(output_dir),
+            mode=mode,
+            config=run_config,
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricsLogger:
+    """Fans each logged step out to the trackers; a no-op on ranks other than 0."""
+
+    def __init__(self, trackers: list[Any]):
+        self._trackers = trackers
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for tracker in self._trackers:
+            tracker.log(metrics, step)
+
+    def close(self) -> None:
+        for tracker in self._trackers:
+            tracker.close()
+
+
+def build_metrics_logger(cfg: WandbConfig, output_dir: Path, run_config: dict[str, Any],
+                         is_main: bool) -> MetricsLogger:
+    if not is_main:
+        return MetricsLogger([])
+    trackers: list[Any] = [JsonlTracker(output_dir / "metrics.jsonl")]
+    mode = resolve_wandb_mode(cfg.mode)
+    if mode != "disabled":
+        log.info("W&B: %s mode, files under %s", mode, output_dir / "wandb")
+        trackers.append(WandbTracker(cfg, mode, output_dir, run_config))
+    return MetricsLogger(trackers)

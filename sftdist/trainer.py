@@ -1,0 +1,198 @@
+"""The one training loop. Reads top to bottom: set up, then per step: set LR, micro-steps, clip, step,
+maybe eval, log; then export.
+
+Whatever the strategy, a step is: the step's samples (chosen by seed and step alone) -> micro-batches ->
+for each, forward and backward of (CE sum / supervised tokens in the whole step) -> clip -> step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from sftdist.checkpoint import export_hf
+from sftdist.config import SFTConfig, TrainConfig
+from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
+from sftdist.data.pipeline import Sample, build_datasets
+from sftdist.loss import cross_entropy_sum, step_normalised_loss
+from sftdist.metrics import build_metrics_logger
+from sftdist.model import build_model, build_tokenizer, max_positions, num_parameters, pad_token_id
+from sftdist.parallel import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of 0-based step ``step``: linear warm-up, then cosine down to lr * min_lr_ratio."""
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    progress = (step - warmup) / max(1, cfg.max_steps - 1 - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms or biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+class Trainer:
+    def __init__(self, cfg: SFTConfig):
+        self.cfg = cfg
+        self.strategy = build_strategy(cfg.strategy, cfg.device)
+        self.device = self.strategy.device
+        self.output_dir = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+
+        self.tokenizer, self.chat_template = build_tokenizer(cfg.model, cfg.data)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.train_set, self.eval_set, self.data_report = build_datasets(
+            cfg.data, cfg.eval, self.tokenizer, self.chat_template, cfg.seed)
+
+        model = build_model(cfg.model, self.tokenizer, cfg.seed)
+        limit = max_positions(model)
+        if limit is not None and cfg.data.max_length > limit:
+            raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's "
+                             f"max_position_embeddings={limit}; lower data.max_length")
+        self.num_params = num_parameters(model)
+        self.model = self.strategy.wrap(model)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        if self.strategy.is_main:  # only once the inputs proved good: a failed start leaves no trace
+            self._prepare_output_dir()
+        self.sampler = StepSampler(len(self.train_set), cfg.train.global_batch_size, cfg.seed)
+        self.metrics = build_metrics_logger(cfg.wandb, self.output_dir, OmegaConf.to_container(
+            OmegaConf.structured(cfg)), self.strategy.is_main)
+        self._log_plan()
+
+    def _prepare_output_dir(self) -> None:
+        if (self.output_dir / "metrics.jsonl").exists():
+            log.warning("%s holds an earlier run and there is no checkpoint to resume: starting fresh, "
+                        "overwriting its metrics and final/", self.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+        (self.output_dir / "data_report.json").write_text(json.dumps(self.data_report, indent=2) + "\n")
+
+    def _log_plan(self) -> None:
+        t, r = self.cfg.train, self.data_report
+        log.info("model: %s, %.2fM parameters, %s, %s on %s", self.cfg.model.name, self.num_params / 1e6,
+                 self.cfg.precision, self.cfg.strategy.name, self.device)
+        log.info("data: %d records in, %d train, %d eval, rejected %s", r["records_in"], r["records_train"],
+                 r["records_eval"], r["rejected"] or "none")
+        log.info("plan: %d steps x %d samples (%.2f epochs), micro-batches of <= %d tokens",
+                 t.max_steps, t.global_batch_size, self.sampler.epoch(t.max_steps - 1), t.micro_batch_tokens)
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _logits(self, mb: MicroBatch) -> torch.Tensor:
+        with self._autocast():
+            return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+
+    def _step_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+        return build_micro_batches(samples, self.cfg.train.micro_batch_tokens, self.pad_id)
+
+    def fit(self) -> dict[str, Any]:
+        """Train for train.max_steps steps, export final/, and return the last step's metrics."""
+        t = self.cfg.train
+        bar = tqdm(total=t.max_steps, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.strategy.is_main and sys.stderr.isatty()))
+        start = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        for step in range(t.max_steps):
+            lr = lr_at(step, t)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.perf_counter()
+            micro_batches = self._step_batches([self.train_set[i] for i in self.sampler.indices(step)])
+            stats = self.train_step(micro_batches)
+            elapsed = time.perf_counter() - step_start
+            metrics = {
+                "train/loss": stats["loss"],
+                "train/lr": lr,
+                "train/grad_norm": stats["grad_norm"],
+                "train/tokens_per_s": stats["tokens"] / elapsed,
+                "train/supervised_tokens": stats["supervised_tokens"],
+                "train/packing_efficiency": stats["tokens"] / stats["slots"],
+                "train/micro_batches": len(micro_batches),
+                "train/epoch": self.sampler.epoch(step),
+            }
+            last = step + 1 == t.max_steps
+            if self.eval_set and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
+                metrics["eval/loss"] = self.evaluate()
+            if step == 0 or last or (step + 1) % t.log_every_steps == 0:
+                self.metrics.log(metrics, step=step + 1)
+                if bar.disable and self.strategy.is_main:
+                    log.info("step %d/%d | %s", step + 1, t.max_steps, _brief(metrics))
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+            bar.update(1)
+        bar.close()
+        wall = time.perf_counter() - start
+        final = self.export(self.output_dir / "final")
+        self.metrics.close()
+        if self.strategy.is_main:
+            log.info("done: %d steps in %.1f s; final model in %s", t.max_steps, wall, final)
+        return {**metrics, "wall_s": wall}
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """One optimizer step over the step's micro-batches; the loss is normalised once, by the step's tokens."""
+        self.model.train()
+        num_step_tokens = self.strategy.sum_across_ranks(sum(mb.num_supervised for mb in micro_batches))
+        loss_sum = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            mb = mb.to(self.device)
+            loss = step_normalised_loss(self._logits(mb), mb.targets, int(num_step_tokens))
+            self.strategy.backward(loss)
+            loss_sum += loss.detach()
+        grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.max_grad_norm)
+        self.strategy.optimizer_step(self.optimizer)
+        return {
+            "loss": self.strategy.sum_across_ranks(float(loss_sum)),  # the true token mean of the step
+            "grad_norm": grad_norm,
+            "supervised_tokens": num_step_tokens,
+            "tokens": self.strategy.sum_across_ranks(sum(mb.num_tokens for mb in micro_batches)),
+            "slots": self.strategy.sum_across_ranks(sum(mb.num_slots for mb in micro_batches)),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-mean cross-entropy over the held-out samples."""
+        self.model.eval()
+        total, count = 0.0, 0
+        size = self.cfg.train.global_batch_size
+        for start in range(0, len(self.eval_set), size):
+            for mb in self._step_batches(self.eval_set[start:start + size]):
+                mb = mb.to(self.device)
+                total += float(cross_entropy_sum(self._logits(mb), mb.targets))
+                count += mb.num_supervised
+        return self.strategy.sum_across_ranks(total) / self.strategy.sum_across_ranks(count)
+
+    def export(self, out_dir: Path) -> Path:
+        """The Hugging Face directory of the trained model (weights gathered by the strategy)."""
+        state_dict = self.strategy.full_state_dict(self.model)
+        if self.strategy.is_main:
+            export_hf(self.model, state_dict, self.tokenizer, out_dir)
+        return out_dir
+
+
+def _brief(metrics: dict[str, Any]) -> str:
+    keys = ("train/loss", "eval/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
+    return " | ".join(f"{k.split('/')[-1] if k.startswith('train') else k} {metrics[k]:.4g}"
+                      for k in keys if k in metrics)
