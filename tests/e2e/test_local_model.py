@@ -1,0 +1,85 @@
+"""model.name_or_path=DIR fine-tunes a local Hugging Face causal LM with its own tokenizer and template;
+data.path=FILE reads messages records; data.chat_template=FILE overrides the template end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import compose, read_metrics
+from sftdist.data.demo import generate_demo_conversations
+from sftdist.trainer import Trainer
+
+# A template that is not the tokenizer's: Zephyr-like, EOS-terminated answers.
+ZEPHYR_LIKE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+def _save_tiny_model(directory, arch: str, with_template: bool):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from sftdist.data.demo import load_demo_tokenizer
+
+    tokenizer = load_demo_tokenizer()
+    if not with_template:
+        tokenizer.chat_template = None
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps({"messages": r["messages"], "meta": r["meta"]}) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_a_local_hf_model_fine_tunes_on_a_jsonl_file(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    _save_tiny_model(tmp_path / "model", arch, with_template=True)
+    data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(200, seed=9))
+    cfg = compose(f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled", f"model.name_or_path={tmp_path / 'model'}",
+                  f"data.path={data}", "data.max_length=512", "train.max_steps=15", "train.lr=3e-3",
+                  "eval.every_steps=0")
+    Trainer(cfg).fit()
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[-1]["train/loss"] < 0.7 * metrics[0]["train/loss"]
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
+    assert exported.config.model_type == arch and exported.config.num_hidden_layers == 2
+
+
+def test_a_tokenizer_without_a_template_needs_data_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    _save_tiny_model(tmp_path / "model", "qwen2", with_template=False)
+    data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(40, seed=1))
+    common = (f"model.name_or_path={tmp_path / 'model'}", f"data.path={data}", "data.max_length=512",
+              "train.max_steps=2", "eval.every_steps=0", "wandb.mode=disabled")
+    with pytest.raises(ValueError, match="has no chat template: pass data.chat_template=FILE"):
+        Trainer(compose(f"output_dir={tmp_path / 'a'}", *common))
+    assert not (tmp_path / "a").exists()  # a failed start leaves no trace
+
+    (tmp_path / "t.jinja").write_text(ZEPHYR_LIKE)
+    trainer = Trainer(compose(f"output_dir={tmp_path / 'b'}", *common, f"data.chat_template={tmp_path / 't.jinja'}"))
+    first = trainer.train_set[0]
+    text = trainer.tokenizer.decode(first.input_ids)
+    assert text.startswith("<|user|>\n") and "<|im_start|>" not in text
+    supervised = trainer.tokenizer.decode([t for t, l in zip(first.input_ids, first.labels) if l != -100])
+    assert supervised.endswith("<|im_end|>") and "<|user|>" not in supervised
+    trainer.fit()
+    # The export serves with the template it was trained with.
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "b" / "final")).chat_template == ZEPHYR_LIKE
+
+
+def test_missing_model_directory_and_data_file_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.name_or_path='/nonexistent/model': no such directory"):
+        Trainer(compose(f"output_dir={tmp_path}", "model.name_or_path=/nonexistent/model", "wandb.mode=disabled"))
+    with pytest.raises(FileNotFoundError, match="data.path='/nonexistent/chat.jsonl': no such file"):
+        Trainer(compose(f"output_dir={tmp_path}", "data.path=/nonexistent/chat.jsonl", "wandb.mode=disabled"))

@@ -1,0 +1,95 @@
+"""encode_conversation: training tokens are the template's tokens; labels are assistant output only."""
+
+from __future__ import annotations
+
+import pytest
+
+from sftdist.data import IGNORE_INDEX, TemplateSplitError, encode_conversation
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5\n#### 5"},
+    {"role": "user", "content": "Now add 4 to that."},
+    {"role": "assistant", "content": "5 + 4 = 9\n#### 9"},
+]
+
+
+def _supervised_runs(enc):
+    """Maximal runs of consecutive supervised tokens, as token id lists."""
+    runs, current = [], []
+    for token, label in zip(enc["input_ids"], enc["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def test_tokens_are_exactly_the_rendered_template(demo_tokenizer):
+    enc = encode_conversation(demo_tokenizer, CONVERSATION)
+    text = demo_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert enc["input_ids"] == demo_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(enc["labels"]) == len(enc["input_ids"]) and enc["num_truncated_tokens"] == 0
+
+
+def test_labels_are_each_answer_and_its_end_of_turn_marker(demo_tokenizer):
+    tok = demo_tokenizer
+    enc = encode_conversation(tok, CONVERSATION)
+    expected = [tok(m["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+                for m in CONVERSATION if m["role"] == "assistant"]
+    assert _supervised_runs(enc) == expected
+    # Neither system, user, the assistant header, nor the newline after <|im_end|> is supervised.
+    supervised_text = "".join(tok.decode(run) for run in _supervised_runs(enc))
+    for never in ("Be brief", "What is", "Now add", "assistant", "<|im_start|>"):
+        assert never not in supervised_text
+
+
+def test_tool_results_are_never_supervised(demo_tokenizer):
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "call weather()"},
+        {"role": "tool", "content": "sunny 21C"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    enc = encode_conversation(demo_tokenizer, messages)
+    runs = [demo_tokenizer.decode(r) for r in _supervised_runs(enc)]
+    assert runs == ["call weather()<|im_end|>", "It is sunny.<|im_end|>"]
+
+
+def test_a_chat_template_argument_overrides_the_tokenizer_template(demo_tokenizer):
+    template = ("{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+    enc = encode_conversation(demo_tokenizer, CONVERSATION[1:3], chat_template=template)
+    assert demo_tokenizer.decode(enc["input_ids"]).startswith("[user] What is 2 + 3?")
+    assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == ["2 + 3 = 5\n#### 5<|im_end|>"]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(demo_tokenizer):
+    # Renders only the last assistant turn's content: a prefix of the conversation is not a prefix of its text.
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>a\n' }}"
+                "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    with pytest.raises(TemplateSplitError, match="assistant turn 2"):
+        encode_conversation(demo_tokenizer, CONVERSATION, chat_template=template)
+
+
+def test_a_template_error_is_reported_not_swallowed(demo_tokenizer):
+    template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first please') }}{% endif %}x"
+    with pytest.raises(TemplateSplitError, match="system first please"):
+        encode_conversation(demo_tokenizer, CONVERSATION[1:3], chat_template=template)
+
+
+def test_no_template_is_a_clear_error(demo_tokenizer):
+    demo_tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template: pass data.chat_template=FILE"):
+        encode_conversation(demo_tokenizer, CONVERSATION)
+
+
+def test_max_length_truncates_and_counts(demo_tokenizer):
+    full = encode_conversation(demo_tokenizer, CONVERSATION)
+    cut = encode_conversation(demo_tokenizer, CONVERSATION, max_length=20)
+    assert cut["input_ids"] == full["input_ids"][:20] and cut["labels"] == full["labels"][:20]
+    assert cut["num_truncated_tokens"] == len(full["input_ids"]) - 20
