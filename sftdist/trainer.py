@@ -137,10 +137,12 @@ class Trainer:
             last = step + 1 == t.max_steps
             if self.eval_set and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
                 metrics["eval/loss"] = self.evaluate()
-            if step == 0 or last or (step + 1) % t.log_every_steps == 0:
+            if step == 0 or last or (step + 1) % t.log_every_steps == 0 or "eval/loss" in metrics:
                 self.metrics.log(metrics, step=step + 1)
-                if bar.disable and self.strategy.is_main:
+                if bar.disable and self.strategy.is_main:  # no terminal (a log file): plain lines
                     log.info("step %d/%d | %s", step + 1, t.max_steps, _brief(metrics))
+            if "eval/loss" in metrics and not bar.disable:
+                bar.write(f"step {step + 1}/{t.max_steps} | {_brief(metrics)}")
             bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
             bar.update(1)
         bar.close()

@@ -3,6 +3,8 @@ torch.distributed or deepspeed."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from sftdist.config import StrategyConfig
@@ -22,6 +24,10 @@ def build_strategy(cfg: StrategyConfig, device: str) -> Strategy:
     if cfg.name == "none":
         from sftdist.parallel.single import SingleProcess
 
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1:  # N copies of one run writing one output_dir: never what was meant
+            raise ValueError(f"strategy=none trains in one process, but this was launched with WORLD_SIZE="
+                             f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy")
         return SingleProcess(resolve_device(device))
     raise ValueError(f"strategy.name={cfg.name!r} is not implemented yet in this version")
 

@@ -118,3 +118,10 @@ def test_over_long_conversations_are_rejected_and_counted(tmp_path):
     assert report["rejected"]["too_long"] > 0 and len(report["rejected_examples"]["too_long"]) == 5
     assert report["records_train"] + report["rejected"]["too_long"] == 300
     assert max(len(s.input_ids) for s in trainer.train_set) <= 60
+
+
+def test_eval_steps_are_logged_even_off_the_log_cadence(tmp_path):
+    _train(tmp_path, "train.max_steps=7", "train.log_every_steps=4", "eval.every_steps=3")
+    logged = {m["step"]: m for m in read_metrics(tmp_path)}
+    assert sorted(logged) == [1, 3, 4, 6, 7]
+    assert [s for s, m in sorted(logged.items()) if "eval/loss" in m] == [3, 6, 7]
