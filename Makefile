@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.sftdist-installed
+# The stamp names the torch requirement, so a different TORCH=... re-runs the installation.
+STAMP := $(VENV)/.sftdist-installed-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
 .PHONY: setup demo test clean
 

@@ -14,9 +14,7 @@ from typing import Any, List, Optional, get_args, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration: the message names the key and the bad value."""
+from sftdist.errors import ConfigError
 
 
 @dataclass
@@ -24,6 +22,7 @@ class ModelConfig:
     name: str = "tiny"  # a label for logs and W&B
     name_or_path: Optional[str] = None  # local Hugging Face model directory; unset builds the tiny demo model
     tokenizer: Optional[str] = None  # tokenizer directory; default: name_or_path, else the bundled demo tokenizer
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # Architecture of the tiny Llama-shaped demo model (ignored when name_or_path is set).
     hidden_size: int = 256
     num_layers: int = 4
@@ -145,8 +144,18 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} must be {bound}")
 
 
-def validate(cfg: SFTConfig) -> SFTConfig:
-    """Check what types cannot; raise ConfigError naming the key and value. Returns cfg."""
+def _between(key: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ConfigError(f"{key}={value!r} must be in [{low}, {high}{')' if high_open else ']'}")
+
+
+def _not_empty(key: str, value: Optional[str]) -> None:
+    if value is not None and not value.strip():
+        raise ConfigError(f"{key} is an empty string: give a path, or leave it unset (null)")
+
+
+def _validate_features(cfg: SFTConfig) -> None:
+    """Choices, including values that a later version implements."""
     _choice("precision", cfg.precision, ("fp32", "bf16"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     _choice("strategy.name", cfg.strategy.name, ("none",), planned=("ddp", "fsdp2", "zero3"))
@@ -168,37 +177,48 @@ def validate(cfg: SFTConfig) -> SFTConfig:
             f"checkpoint.every_steps={cfg.checkpoint.every_steps}: intermediate checkpoints are not implemented "
             "yet in this version; available now: checkpoint.every_steps=0 (the run still exports final/)"
         )
-    _positive("checkpoint.keep", cfg.checkpoint.keep)
 
-    t = cfg.train
+
+def _validate_train(t: TrainConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_tokens", "log_every_steps"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.lr", t.lr)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
     _positive("train.adam_eps", t.adam_eps)
-    for key in ("min_lr_ratio", "warmup_ratio", "adam_beta1", "adam_beta2"):
-        value = getattr(t, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"train.{key}={value!r} must be between 0 and 1")
+    _between("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
+    _between("train.warmup_ratio", t.warmup_ratio, 0.0, 1.0)
+    _between("train.adam_beta1", t.adam_beta1, 0.0, 1.0, high_open=True)
+    _between("train.adam_beta2", t.adam_beta2, 0.0, 1.0, high_open=True)
 
-    d = cfg.data
-    _positive("data.max_length", d.max_length)
-    _positive("data.demo_size", d.demo_size)
-    if d.max_length > t.micro_batch_tokens:
-        raise ConfigError(
-            f"data.max_length={d.max_length} is larger than train.micro_batch_tokens={t.micro_batch_tokens}: "
-            "every sample must fit in one micro-batch; raise train.micro_batch_tokens or lower data.max_length"
-        )
-    m = cfg.model
+
+def _validate_model(m: ModelConfig) -> None:
+    _not_empty("model.name_or_path", m.name_or_path)
+    _not_empty("model.tokenizer", m.tokenizer)
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                "max_position_embeddings"):
+                "max_position_embeddings", "rope_theta"):
         _positive(f"model.{key}", getattr(m, key))
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
 
+
+def validate(cfg: SFTConfig) -> SFTConfig:
+    """Check what types cannot; raise ConfigError naming the key and value. Returns cfg."""
+    _validate_features(cfg)
+    _validate_train(cfg.train)
+    _validate_model(cfg.model)
+    d = cfg.data
+    _not_empty("data.path", d.path)
+    _not_empty("data.chat_template", d.chat_template)
+    _positive("data.max_length", d.max_length)
+    _positive("data.demo_size", d.demo_size)
+    if d.max_length > cfg.train.micro_batch_tokens:
+        raise ConfigError(
+            f"data.max_length={d.max_length} is larger than train.micro_batch_tokens={cfg.train.micro_batch_tokens}: "
+            "every sample must fit in one micro-batch; raise train.micro_batch_tokens or lower data.max_length"
+        )
     _positive("eval.every_steps", cfg.eval.every_steps, allow_zero=True)
     _positive("eval.holdout_records", cfg.eval.holdout_records, allow_zero=True)
     if cfg.eval.every_steps and not cfg.eval.holdout_records:
@@ -206,7 +226,9 @@ def validate(cfg: SFTConfig) -> SFTConfig:
             f"eval.every_steps={cfg.eval.every_steps} needs eval.holdout_records > 0 (records set aside for eval); "
             "set eval.every_steps=0 to turn eval off"
         )
-    if not cfg.output_dir:
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("seed", cfg.seed, allow_zero=True)
+    if not cfg.output_dir.strip():
         raise ConfigError("output_dir is empty: set output_dir=PATH")
     return cfg
 

@@ -4,6 +4,7 @@
     sftdist-train output_dir=runs/x train.max_steps=40
     sftdist-train model.name_or_path=/models/m data.path=chat.jsonl precision=bf16
     sftdist-train --cfg job                         # print the composed config and exit
+    sftdist-train -m train.lr=1e-4,3e-4 'output_dir=runs/lr${train.lr}'   # a sweep: one output_dir per job
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from sftdist.config import ConfigError, register_configs, to_schema
+from sftdist.config import register_configs, to_schema
+from sftdist.errors import ConfigError, InputError
+
+_SWEEP_OUTPUT_DIRS: set[str] = set()  # output_dirs used by earlier jobs of a Hydra multirun in this process
 
 
 def _setup_logging() -> None:
@@ -36,17 +40,31 @@ def _fail(kind: str, err: Exception) -> None:
     sys.exit(2)
 
 
+def _check_sweep(output_dir: str) -> None:
+    """In a multirun (-m) every job needs an output_dir of its own, or each would overwrite the last."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        resolved = os.path.realpath(output_dir)
+        if resolved in _SWEEP_OUTPUT_DIRS:
+            raise ConfigError(f"output_dir={output_dir!r} is shared by several jobs of this multirun; make it "
+                              "depend on the swept keys, e.g. 'output_dir=runs/lr${train.lr}'")
+        _SWEEP_OUTPUT_DIRS.add(resolved)
+
+
 def _run(cfg: DictConfig) -> None:
     _setup_logging()
     try:
         config = to_schema(cfg)
+        _check_sweep(config.output_dir)
     except ConfigError as err:
         _fail("config error", err)
     from sftdist.trainer import Trainer  # heavy imports only once the config is known to be good
 
-    try:  # set-up reads the user's files: their mistakes are ValueError / FileNotFoundError
+    try:  # set-up reads the user's files: their mistakes are InputError / FileNotFoundError
         trainer = Trainer(config)
-    except (ValueError, FileNotFoundError) as err:
+    except (InputError, FileNotFoundError) as err:
         _fail("error", err)
     trainer.fit()
 

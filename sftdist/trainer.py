@@ -23,10 +23,12 @@ from tqdm import tqdm
 from sftdist.checkpoint import export_hf
 from sftdist.config import SFTConfig, TrainConfig
 from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
-from sftdist.data.pipeline import Sample, build_datasets
+from sftdist.data.pipeline import Sample, build_datasets, end_of_turn_ids
+from sftdist.errors import ConfigError
 from sftdist.loss import cross_entropy_sum, step_normalised_loss
-from sftdist.metrics import build_metrics_logger
-from sftdist.model import build_model, build_tokenizer, max_positions, num_parameters, pad_token_id
+from sftdist.metrics import build_metrics_logger, check_wandb
+from sftdist.model import (build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters,
+                           pad_token_id)
 from sftdist.parallel import build_strategy
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of 0-based step ``step``: linear warm-up, then cosine down to lr * min_lr_ratio."""
     warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return cfg.lr * (step + 1) / (warmup + 1)  # the peak comes once, right after warm-up
     min_lr = cfg.lr * cfg.min_lr_ratio
     progress = (step - warmup) / max(1, cfg.max_steps - 1 - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - min_lr)
@@ -58,18 +60,22 @@ class Trainer:
         self.strategy = build_strategy(cfg.strategy, cfg.device)
         self.device = self.strategy.device
         self.output_dir = Path(cfg.output_dir)
+        check_wandb(cfg.wandb)
         torch.manual_seed(cfg.seed)
 
         self.tokenizer, self.chat_template = build_tokenizer(cfg.model, cfg.data)
         self.pad_id = pad_token_id(self.tokenizer)
         self.train_set, self.eval_set, self.data_report = build_datasets(
             cfg.data, cfg.eval, self.tokenizer, self.chat_template, cfg.seed)
+        if cfg.train.global_batch_size > len(self.train_set):
+            raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
+                              f"{len(self.train_set)} training records: every step would repeat samples")
 
         model = build_model(cfg.model, self.tokenizer, cfg.seed)
         limit = max_positions(model)
         if limit is not None and cfg.data.max_length > limit:
-            raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's "
-                             f"max_position_embeddings={limit}; lower data.max_length")
+            raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's "
+                              f"max_position_embeddings={limit}; lower data.max_length")
         self.num_params = num_parameters(model)
         self.model = self.strategy.wrap(model)
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -123,6 +129,9 @@ class Trainer:
             step_start = time.perf_counter()
             micro_batches = self._step_batches([self.train_set[i] for i in self.sampler.indices(step)])
             stats = self.train_step(micro_batches)
+            if not math.isfinite(stats["loss"]):  # never train on, or export, a diverged model
+                raise FloatingPointError(f"step {step + 1}: the loss is {stats['loss']} (lr {lr:.3g}); "
+                                         "lower train.lr, or check the data and precision")
             elapsed = time.perf_counter() - step_start
             metrics = {
                 "train/loss": stats["loss"],
@@ -187,11 +196,31 @@ class Trainer:
         return self.strategy.sum_across_ranks(total) / self.strategy.sum_across_ranks(count)
 
     def export(self, out_dir: Path) -> Path:
-        """The Hugging Face directory of the trained model (weights gathered by the strategy)."""
+        """The Hugging Face directory of the trained model (weights gathered by the strategy), in the dtype
+        it came in, stopping generation where the training data's assistant turns end."""
         state_dict = self.strategy.full_state_dict(self.model)
         if self.strategy.is_main:
-            export_hf(self.model, state_dict, self.tokenizer, out_dir)
+            export_hf(self.model, state_dict, self.tokenizer, out_dir, dtype=checkpoint_dtype(self.cfg.model),
+                      eos_token_ids=self._stop_token_ids())
         return out_dir
+
+    def _stop_token_ids(self) -> list[int] | None:
+        """The generation config's stop tokens plus the token that ends (nearly) every trained assistant turn."""
+        ends = end_of_turn_ids(self.train_set)
+        if not ends:
+            return None
+        token, count = ends.most_common(1)[0]
+        if count < 0.9 * sum(ends.values()):
+            log.warning("assistant turns do not end with a common token (the most common, %r, ends %.0f%%): the "
+                        "model may not learn to stop; check the chat template's end-of-turn marker",
+                        self.tokenizer.convert_ids_to_tokens(token), 100 * count / sum(ends.values()))
+            return None
+        current = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        current = [] if current is None else [current] if isinstance(current, int) else list(current)
+        if token not in current:
+            log.info("generation stops at %r too: it ends the trained assistant turns",
+                     self.tokenizer.convert_ids_to_tokens(token))
+        return current + [token] if token not in current else current
 
 
 def _brief(metrics: dict[str, Any]) -> str:

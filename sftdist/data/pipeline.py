@@ -15,6 +15,7 @@ from sftdist.config import DataConfig, EvalConfig
 from sftdist.data.demo import generate_demo_conversations
 from sftdist.data.sources import read_conversations
 from sftdist.data.template import IGNORE_INDEX, encode_conversation
+from sftdist.errors import DataError, InputError
 
 _MAX_EXAMPLES = 5  # examples kept per rejection reason in the report
 
@@ -45,7 +46,11 @@ def encode_records(records: list[dict], tokenizer: Any, chat_template: str | Non
     num_tokens = num_supervised = 0
     for i, record in enumerate(records):
         where = record.get("where", f"record {i}")
-        enc = encode_conversation(tokenizer, record["messages"], chat_template=chat_template)
+        try:
+            enc = encode_conversation(tokenizer, record["messages"], chat_template=chat_template,
+                                      tools=record.get("tools"))
+        except InputError as err:
+            raise type(err)(f"{where}: {err}") from err
         reason = None
         if len(enc["input_ids"]) > max_length:
             reason = "too_long"
@@ -73,10 +78,20 @@ def encode_records(records: list[dict], tokenizer: Any, chat_template: str | Non
     return samples, report
 
 
+def end_of_turn_ids(samples: list[Sample]) -> Counter:
+    """How often each token id ends a supervised run (an assistant turn as the template closes it)."""
+    ends: Counter = Counter()
+    for s in samples:
+        for i, label in enumerate(s.labels):
+            if label != IGNORE_INDEX and (i + 1 == len(s.labels) or s.labels[i + 1] == IGNORE_INDEX):
+                ends[label] += 1
+    return ends
+
+
 def split_holdout(samples: list[Sample], num_eval: int, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(train, eval): ``num_eval`` samples chosen by ``seed`` are held out; both keep file order."""
     if num_eval >= len(samples):
-        raise ValueError(
+        raise DataError(
             f"eval.holdout_records={num_eval} leaves no training data: only {len(samples)} usable records; "
             "lower eval.holdout_records or set eval.every_steps=0"
         )
@@ -92,7 +107,7 @@ def build_datasets(cfg: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, chat_t
     records = load_records(cfg, seed)
     samples, report = encode_records(records, tokenizer, chat_template, cfg.max_length)
     if not samples:
-        raise ValueError(f"no usable records: {report['rejected']} (examples: {report['rejected_examples']})")
+        raise DataError(f"no usable records: {report['rejected']} (examples: {report['rejected_examples']})")
     num_eval = eval_cfg.holdout_records if eval_cfg.every_steps > 0 else 0
     train, evals = split_holdout(samples, num_eval, seed) if num_eval else (samples, [])
     report.update(records_train=len(train), records_eval=len(evals))

@@ -13,8 +13,12 @@ puts after the marker is not supervised: a served model stops at the marker and 
 
 The whole conversation is rendered once more and tokenized once, so the training tokens are exactly
 the tokens of the text a server renders; the character spans become token labels through the fast
-tokenizer's offsets. A template whose renders are not prefixes of each other, or whose tokens straddle
-a span boundary, cannot be split reliably and is refused with an error that says where.
+tokenizer's offsets (each token owns the characters from the end of the previous token to its own end,
+so tokenizers that trim white space from their offsets cannot hide a token that crosses a boundary).
+A template whose renders are not prefixes of each other, or whose tokens straddle a span boundary,
+cannot be split reliably and is refused with an error that says where.
+
+Assistant messages with ``"weight": 0`` (OpenAI's fine-tuning format) stay in the context unsupervised.
 """
 
 from __future__ import annotations
@@ -22,11 +26,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sftdist.errors import ConfigError, TemplateSplitError
+
 IGNORE_INDEX = -100
-
-
-class TemplateSplitError(ValueError):
-    """The chat template cannot be split into prompt and assistant spans reliably."""
 
 
 def load_chat_template(path: str | None) -> str | None:
@@ -38,27 +40,29 @@ def load_chat_template(path: str | None) -> str | None:
         raise FileNotFoundError(f"data.chat_template={path!r}: no such file")
     text = file.read_text(encoding="utf-8")
     if not text.strip():
-        raise ValueError(f"data.chat_template={path!r}: the file is empty")
+        raise ConfigError(f"data.chat_template={path!r}: the file is empty")
     return text
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str:
     """The template to use: the one given, else the tokenizer's; a clear error when there is none."""
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if isinstance(template, dict):  # tokenizers may carry several named templates
-        template = template.get("default")
+        if "default" not in template:
+            raise ConfigError(f"the tokenizer {name!r} has named chat templates {sorted(template)} but no "
+                              "'default' one: pass data.chat_template=FILE (a Jinja file)")
+        template = template["default"]
     if not template:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
-            f"the tokenizer {name!r} has no chat template: pass data.chat_template=FILE (a Jinja file)"
-        )
+        raise ConfigError(f"the tokenizer {name!r} has no chat template: pass data.chat_template=FILE (a Jinja file)")
     return template
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer: Any, template: str, messages: list[dict], add_generation_prompt: bool,
+            tools: list[dict] | None) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as err:  # jinja's raise_exception(), undefined variables, ...
         raise TemplateSplitError(
@@ -67,15 +71,16 @@ def _render(tokenizer: Any, template: str, messages: list[dict], add_generation_
         ) from err
 
 
-def assistant_char_spans(tokenizer: Any, messages: list[dict], template: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character spans of its assistant output."""
-    full = _render(tokenizer, template, messages, add_generation_prompt=False)
+def assistant_char_spans(tokenizer: Any, messages: list[dict], template: str,
+                         tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character spans of its supervised assistant output."""
+    full = _render(tokenizer, template, messages, False, tools)
     spans = []
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if message.get("role") != "assistant" or message.get("weight", 1) == 0:
             continue
-        before = _render(tokenizer, template, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, template, messages[: i + 1], add_generation_prompt=False)
+        before = _render(tokenizer, template, messages[:i], True, tools)
+        through = _render(tokenizer, template, messages[: i + 1], False, tools)
         if not through.startswith(before) or not full.startswith(through):
             raise TemplateSplitError(
                 f"assistant turn {i}: the template does not render conversations as prefixes of each "
@@ -94,24 +99,27 @@ def encode_conversation(
     messages: list[dict],
     chat_template: str | None = None,
     max_length: int | None = None,
+    tools: list[dict] | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``messages`` with the chat template and label assistant output only.
 
     Returns ``{"input_ids", "labels", "num_truncated_tokens"}``: ``labels[i] == input_ids[i]`` where token
     ``i`` is assistant output (content and end-of-turn marker), ``-100`` elsewhere. ``input_ids`` is exactly
     the tokenization of the template's rendering. With ``max_length``, tokens past it are cut off and
-    counted in ``num_truncated_tokens``.
+    counted in ``num_truncated_tokens``. ``tools`` (tool schemas) are passed to the template.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("encode_conversation needs a fast (tokenizers-backed) tokenizer for its offsets")
     template = resolve_chat_template(tokenizer, chat_template)
-    text, spans = assistant_char_spans(tokenizer, messages, template)
+    text, spans = assistant_char_spans(tokenizer, messages, template, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
     span_iter = iter(spans)
     span = next(span_iter, None)
-    for idx, (s, e) in enumerate(enc["offset_mapping"]):
+    covered = 0  # each token owns the characters since the end of the previous one
+    for idx, (_, end) in enumerate(enc["offset_mapping"]):
+        s, e, covered = covered, max(end, covered), max(end, covered)
         while span is not None and s >= span[1]:
             span = next(span_iter, None)
         if span is None:

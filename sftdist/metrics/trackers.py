@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.config import WandbConfig
+from sftdist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,13 @@ def resolve_wandb_mode(mode: str) -> str:
     if env in ("online", "offline", "disabled"):
         return env
     return "online" if wandb_key_configured() else "offline"
+
+
+def check_wandb(cfg: WandbConfig) -> None:
+    """Fail before anything is written when W&B cannot work as configured."""
+    if resolve_wandb_mode(cfg.mode) == "online" and not wandb_key_configured():
+        raise ConfigError("wandb.mode=online but no W&B key is configured (WANDB_API_KEY or `wandb login`); "
+                          "use wandb.mode=offline (sync later with `wandb sync`) or wandb.mode=disabled")
 
 
 class JsonlTracker:

@@ -10,6 +10,7 @@ import torch
 from sftdist.config import DataConfig, ModelConfig
 from sftdist.data.demo import DEMO_TOKENIZER_DIR
 from sftdist.data.template import load_chat_template, resolve_chat_template
+from sftdist.errors import ConfigError
 
 
 def _local_dir(key: str, path: str) -> Path:
@@ -24,7 +25,8 @@ def _local_dir(key: str, path: str) -> Path:
 
 def build_tokenizer(cfg: ModelConfig, data_cfg: DataConfig) -> tuple[Any, str]:
     """(tokenizer, chat template). data.chat_template overrides the tokenizer's own template, and is
-    set on the tokenizer so that the exported model serves with the template it was trained with."""
+    set on the tokenizer so that the exported model serves with the template it was trained with
+    (otherwise the tokenizer keeps its templates as they are, named ones included)."""
     from transformers import AutoTokenizer
 
     if cfg.tokenizer is not None:
@@ -36,11 +38,13 @@ def build_tokenizer(cfg: ModelConfig, data_cfg: DataConfig) -> tuple[Any, str]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{key}={str(source)!r}: cannot load a tokenizer from it ({err})") from err
+        raise ConfigError(f"{key}={str(source)!r}: cannot load a tokenizer from it ({err})") from err
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{key}={str(source)!r}: sftdist needs a fast (tokenizer.json) tokenizer")
-    template = resolve_chat_template(tokenizer, load_chat_template(data_cfg.chat_template))
-    tokenizer.chat_template = template
+        raise ConfigError(f"{key}={str(source)!r}: sftdist needs a fast (tokenizer.json) tokenizer")
+    override = load_chat_template(data_cfg.chat_template)
+    template = resolve_chat_template(tokenizer, override)
+    if override is not None:
+        tokenizer.chat_template = override
     return tokenizer, template
 
 
@@ -54,20 +58,49 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def build_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
     """The model in fp32 on CPU: loaded from ``model.name_or_path``, or the tiny Llama initialised from ``seed``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    model = _load_model(cfg, tokenizer) if cfg.name_or_path is not None else _tiny_model(cfg, tokenizer, seed)
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
-    if cfg.name_or_path is not None:
-        directory = _local_dir("model.name_or_path", cfg.name_or_path)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path!r}: no config.json in it")
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
-                                                     attn_implementation="sdpa")
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise ValueError(
-                f"model.name_or_path={cfg.name_or_path!r}: its embedding has "
-                f"{model.get_input_embeddings().num_embeddings} rows but the tokenizer has {len(tokenizer)} tokens"
-            )
-        return model
+
+def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype the model's weights came in (a bf16 checkpoint is exported in bf16), fp32 for the tiny model."""
+    if cfg.name_or_path is None:
+        return torch.float32
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(cfg.name_or_path), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _load_model(cfg: ModelConfig, tokenizer: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    directory = _local_dir("model.name_or_path", cfg.name_or_path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path!r}: no config.json in it")
+    try:  # fp32 master weights whatever the checkpoint's dtype; precision=bf16 autocasts the compute
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: cannot load a causal LM from it ({err})") from err
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r}: its embedding has "
+            f"{model.get_input_embeddings().num_embeddings} rows but the tokenizer has {len(tokenizer)} tokens"
+        )
+    return model
+
+
+def _tiny_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,

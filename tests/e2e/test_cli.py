@@ -57,3 +57,12 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert OmegaConf.create(proc.stdout).train.lr == 0.5
     assert not list(tmp_path.iterdir())  # printing the config writes nothing
+
+
+def test_a_sweep_needs_an_output_dir_per_job(tmp_path):
+    common = ("-m", "seed=0,1", "train.max_steps=1", "eval.every_steps=0", "data.demo_size=100", "wandb.mode=disabled")
+    shared = _sftdist_train(*common, f"output_dir={tmp_path / 'same'}", cwd=tmp_path)
+    assert shared.returncode == 2 and "is shared by several jobs of this multirun" in shared.stderr
+    apart = _sftdist_train(*common, f"output_dir={tmp_path}/s${{seed}}", cwd=tmp_path)
+    assert apart.returncode == 0, apart.stderr[-2000:]
+    assert (tmp_path / "s0" / "final").is_dir() and (tmp_path / "s1" / "final").is_dir()

@@ -17,7 +17,7 @@ ZEPHYR_LIKE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content
                "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 
 
-def _save_tiny_model(directory, arch: str, with_template: bool):
+def _save_tiny_model(directory, arch: str, with_template: bool, dtype=torch.float32):
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from sftdist.data.demo import load_demo_tokenizer
@@ -30,7 +30,7 @@ def _save_tiny_model(directory, arch: str, with_template: bool):
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model_cls(config).save_pretrained(str(directory))
+    model_cls(config).to(dtype).save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
 
 
@@ -39,11 +39,12 @@ def _write_jsonl(path, records):
     return path
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_a_local_hf_model_fine_tunes_on_a_jsonl_file(tmp_path, arch):
+@pytest.mark.parametrize("arch,dtype", [("qwen2", torch.float32), ("mistral", torch.bfloat16)])
+def test_a_local_hf_model_fine_tunes_on_a_jsonl_file(tmp_path, arch, dtype):
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    _save_tiny_model(tmp_path / "model", arch, with_template=True)
+    _save_tiny_model(tmp_path / "model", arch, with_template=True, dtype=dtype)
     data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(200, seed=9))
     cfg = compose(f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled", f"model.name_or_path={tmp_path / 'model'}",
                   f"data.path={data}", "data.max_length=512", "train.max_steps=15", "train.lr=3e-3",
@@ -53,6 +54,10 @@ def test_a_local_hf_model_fine_tunes_on_a_jsonl_file(tmp_path, arch):
     assert metrics[-1]["train/loss"] < 0.7 * metrics[0]["train/loss"]
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
     assert exported.config.model_type == arch and exported.config.num_hidden_layers == 2
+    # Trained with fp32 masters, exported in the dtype the checkpoint came in.
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["dtype"] == str(dtype).split(".")[1]
+    with safe_open(str(tmp_path / "run" / "final" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
 
 
 def test_a_tokenizer_without_a_template_needs_data_chat_template(tmp_path):
@@ -76,6 +81,33 @@ def test_a_tokenizer_without_a_template_needs_data_chat_template(tmp_path):
     trainer.fit()
     # The export serves with the template it was trained with.
     assert AutoTokenizer.from_pretrained(str(tmp_path / "b" / "final")).chat_template == ZEPHYR_LIKE
+
+
+def test_generation_stops_where_the_trained_turns_end(tmp_path):
+    """A template that closes turns with a token other than the tokenizer's EOS: the export stops there too."""
+    from transformers import GenerationConfig
+
+    _save_tiny_model(tmp_path / "model", "qwen2", with_template=True)
+    (tmp_path / "t.jinja").write_text(ZEPHYR_LIKE.replace("eos_token", "'<|endoftext|>'"))
+    data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(40, seed=1))
+    trainer = Trainer(compose(f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'model'}",
+                              f"data.path={data}", f"data.chat_template={tmp_path / 't.jinja'}", "data.max_length=512",
+                              "train.max_steps=1", "eval.every_steps=0", "wandb.mode=disabled"))
+    trainer.fit()
+    stop = GenerationConfig.from_pretrained(str(tmp_path / "run" / "final")).eos_token_id
+    ids = trainer.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert sorted(stop) == sorted(ids)
+
+
+def test_a_bad_record_is_named(tmp_path):
+    bad = {"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "x"},
+                        {"role": "assistant", "content": "y"}]}
+    data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(3, seed=1))
+    with data.open("a") as f:
+        f.write(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl line 4: .*failed to render"):
+        Trainer(compose(f"output_dir={tmp_path / 'run'}", f"data.path={data}", "eval.every_steps=0",
+                        "wandb.mode=disabled"))
 
 
 def test_missing_model_directory_and_data_file_are_clear_errors(tmp_path):

@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import compose, read_metrics
-from sftdist.trainer import Trainer
+from sftdist.errors import ConfigError
+from sftdist.trainer import Trainer, lr_at
 
 REQUIRED_METRICS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/supervised_tokens",
                     "train/packing_efficiency"}
@@ -50,6 +51,7 @@ def test_run_directory_follows_the_contract(demo_run):
     assert all(REQUIRED_METRICS <= m.keys() for m in metrics)
     assert all(m["train/supervised_tokens"] > 0 and m["train/tokens_per_s"] > 0 for m in metrics)
     assert all(0 < m["train/packing_efficiency"] <= 1 for m in metrics)
+    assert [m["train/lr"] for m in metrics] == pytest.approx([lr_at(s, trainer.cfg.train) for s in range(30)])
     saved = OmegaConf.load(out / "config.yaml")
     assert saved.train.max_steps == 30 and saved.output_dir == str(out)
     report = json.loads((out / "data_report.json").read_text())
@@ -125,3 +127,29 @@ def test_eval_steps_are_logged_even_off_the_log_cadence(tmp_path):
     logged = {m["step"]: m for m in read_metrics(tmp_path)}
     assert sorted(logged) == [1, 3, 4, 6, 7]
     assert [s for s, m in sorted(logged.items()) if "eval/loss" in m] == [3, 6, 7]
+
+
+def test_gradient_checkpointing_does_not_change_the_update(tmp_path):
+    common = ("train.max_steps=2", "eval.every_steps=0", "data.demo_size=200")
+    plain, _ = _train(tmp_path / "plain", *common)
+    ckpt, _ = _train(tmp_path / "ckpt", *common, "model.gradient_checkpointing=true")
+    on = [m for m in ckpt.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert on and not [m for m in plain.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    w1, w2 = plain.strategy.full_state_dict(plain.model), ckpt.strategy.full_state_dict(ckpt.model)
+    assert _max_relative_difference(w2, w1) < 1e-6
+
+
+def test_a_diverged_loss_stops_the_run_before_export(tmp_path):
+    trainer = Trainer(compose(f"output_dir={tmp_path}", "wandb.mode=disabled", "train.max_steps=3",
+                              "eval.every_steps=0", "data.demo_size=200"))
+    with torch.no_grad():
+        trainer.model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="step 1: the loss is nan"):
+        trainer.fit()
+    assert not (tmp_path / "final").exists()
+
+
+def test_a_global_batch_larger_than_the_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.global_batch_size=64 is larger than the 50 training records"):
+        Trainer(compose(f"output_dir={tmp_path}", "wandb.mode=disabled", "data.demo_size=50",
+                        "eval.every_steps=0", "train.global_batch_size=64"))

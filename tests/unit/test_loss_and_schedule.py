@@ -42,8 +42,8 @@ def test_step_loss_is_the_token_mean_of_the_step_not_a_mean_of_means():
 def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
     cfg = TrainConfig(max_steps=100, lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
     lrs = [lr_at(s, cfg) for s in range(100)]
-    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert lrs[:10] == pytest.approx([(s + 1) / 11 for s in range(10)])
+    assert lrs[10] == pytest.approx(1.0) and lrs[9] < lrs[10] and lrs[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 45 / 89)))
 

@@ -38,6 +38,11 @@ def test_jsonl_and_json_read_the_same_records(tmp_path):
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
      "line 2: no assistant turn with content"),
     ({**GOOD, "meta": "hard"}, "line 2: 'meta' must be an object"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]},
+     "line 2: no assistant turn with content to train on"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}]},
+     "line 2: messages[1].weight=0.5 must be 0 or 1"),
+    ({**GOOD, "tools": "calc"}, "line 2: 'tools' must be a list of objects"),
 ])
 def test_bad_records_stop_with_the_line_and_reason(tmp_path, bad, message):
     path = _jsonl(tmp_path, [GOOD, bad])
@@ -54,3 +59,20 @@ def test_missing_file_and_unsupported_type(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no records"):
         read_conversations(str(tmp_path / "empty.jsonl"))
+
+
+def test_tool_calls_with_null_content_and_tools_are_kept(tmp_path):
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "calc", "arguments": "{}"}}]}
+    record = {"messages": [{"role": "user", "content": "2+2?"}, call], "tools": [{"name": "calc"}]}
+    (read,) = read_conversations(str(_jsonl(tmp_path, [record])))
+    assert read["messages"][1]["content"] == "" and read["messages"][1]["tool_calls"] == call["tool_calls"]
+    assert read["tools"] == [{"name": "calc"}]
+
+
+def test_bad_encoding_and_directories_are_named(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"x": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=r"latin1.jsonl line 2: not UTF-8"):
+        read_conversations(str(tmp_path / "latin1.jsonl"))
+    with pytest.raises(ValueError, match="is a directory"):
+        read_conversations(str(tmp_path))

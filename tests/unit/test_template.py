@@ -93,3 +93,36 @@ def test_max_length_truncates_and_counts(demo_tokenizer):
     cut = encode_conversation(demo_tokenizer, CONVERSATION, max_length=20)
     assert cut["input_ids"] == full["input_ids"][:20] and cut["labels"] == full["labels"][:20]
     assert cut["num_truncated_tokens"] == len(full["input_ids"]) - 20
+
+
+def test_a_token_that_straddles_prompt_and_answer_is_refused_even_with_trimmed_offsets(demo_tokenizer):
+    from tokenizers import processors
+
+    # "A: " ends the prompt with a space that byte-level BPE glues to the answer's first word (" books").
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\n' }}"
+                "{% else %}{{ 'A: ' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+    messages = [{"role": "user", "content": "What do you sell?"}, {"role": "assistant", "content": "books"}]
+    with pytest.raises(TemplateSplitError, match="straddles the boundary"):
+        encode_conversation(demo_tokenizer, messages, chat_template=template)
+    # A tokenizer that trims white space from its offsets must not hide the straddle.
+    demo_tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    with pytest.raises(TemplateSplitError, match="straddles the boundary"):
+        encode_conversation(demo_tokenizer, messages, chat_template=template)
+
+
+def test_weight_zero_turns_stay_in_context_unsupervised(demo_tokenizer):
+    messages = [dict(m) for m in CONVERSATION]
+    messages[2]["weight"] = 0
+    enc = encode_conversation(demo_tokenizer, messages)
+    assert enc["input_ids"] == encode_conversation(demo_tokenizer, CONVERSATION)["input_ids"]
+    assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == ["5 + 4 = 9\n#### 9<|im_end|>"]
+
+
+def test_tools_reach_the_template(demo_tokenizer):
+    template = ("{% if tools %}{{ '<|im_start|>system\nTools: ' + tools | map(attribute='name') | join(',') + "
+                "'<|im_end|>\n' }}{% endif %}" + demo_tokenizer.chat_template)
+    enc = encode_conversation(demo_tokenizer, CONVERSATION[1:3], chat_template=template,
+                              tools=[{"name": "calc"}, {"name": "search"}])
+    assert demo_tokenizer.decode(enc["input_ids"]).startswith("<|im_start|>system\nTools: calc,search<|im_end|>")
+    assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == ["2 + 3 = 5\n#### 5<|im_end|>"]
