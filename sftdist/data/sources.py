@@ -1,106 +1,136 @@
-"""Reading conversation records from files, with errors that name the file, line and key.
+"""Where records come from: files (jsonl, json, parquet), saved Hugging Face dataset directories, or the
+generated demo; each record with a ``where`` that names it (``FILE line N``, ``FILE record N``, ``DIR row N``).
 
-This version reads ``messages`` records (OpenAI style) from jsonl or json files::
-
-    {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": "..."}, ...],
-     "tools": [...],                                  # optional: tool schemas, passed to the chat template
-     "meta": {"difficulty": "easy", ...}}            # optional and carried through
-
-An assistant message may carry ``"weight": 0`` (OpenAI's fine-tuning format) to stay in the context
-without being trained on.
-
-A record that is not of that shape stops the run with a message naming where it is; nothing is
-skipped silently.
+A record that cannot even be parsed (invalid JSON, not UTF-8) is yielded as a counted rejection, not an
+exception: one bad line never stops the others from being read. A file that cannot be read at all
+(missing, unsupported, a .json that is not a list) is a DataError naming it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from sftdist.config import DataConfig
+from sftdist.data.demo import generate_demo_conversations
+from sftdist.data.formats import Rejected, detect_format
 from sftdist.errors import DataError
 
-ROLES = ("system", "user", "assistant", "tool")
-META_KEYS = ("source", "task", "lang", "difficulty")
+
+@dataclass
+class Source:
+    name: str
+    format: str  # auto | messages | alpaca | sharegpt
+    weight: float = 1.0
+    path: str | None = None  # None: ``records`` holds them (the demo)
+    records: list[dict] = field(default_factory=list)
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) pairs; ``where`` is 'FILE line N' (jsonl) or 'FILE record N' (json)."""
-    if path.suffix == ".jsonl":
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(f"{path} line {lineno}: not UTF-8 ({err.reason} at byte {err.start})") from err
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path} line {lineno}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path} line {lineno}: invalid JSON ({err.msg})") from err
+def sources_from_config(cfg: DataConfig, seed: int) -> list[Source]:
+    """data.path (one source), data.sources (several, weighted), or the generated demo."""
+    if cfg.path is not None:
+        _must_exist("data.path", cfg.path)
+        return [Source(_name(cfg.path), cfg.format, 1.0, cfg.path)]
+    if cfg.sources:
+        for i, s in enumerate(cfg.sources):
+            _must_exist(f"data.sources[{i}].path", s.path)
+        sources = [Source(s.name or _name(s.path), s.format, s.weight, s.path) for s in cfg.sources]
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise DataError(f"data.sources have the same name twice ({names}); give each a distinct `name`")
+        return sources
+    return [Source("demo", "messages", 1.0, None, generate_demo_conversations(cfg.demo_size, seed=seed))]
+
+
+def _must_exist(key: str, path: str) -> None:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
+
+
+def _name(path: str) -> str:
+    p = Path(path)
+    return p.name if p.is_dir() else p.name.split(".")[0]
+
+
+def iter_records(source: Source) -> Iterator[tuple[str, Any]]:
+    """(where, raw record or Rejected) in file order."""
+    if source.path is None:
+        yield from ((f"{source.name} record {i}", r) for i, r in enumerate(source.records))
+        return
+    path = Path(source.path)
+    if path.is_dir():
+        yield from _iter_dataset_dir(path)
+    elif not path.is_file():
+        raise FileNotFoundError(f"data.path={source.path!r}: no such file or directory")
+    elif path.suffix == ".jsonl":
+        yield from _iter_jsonl(path)
     elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from err
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from err
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of records, not {type(data).__name__}")
-        for i, record in enumerate(data):
-            yield f"{path} record {i}", record
+        yield from _iter_json(path)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path} row {i}", row
     else:
-        raise DataError(f"data.path={str(path)!r}: unsupported file type {path.suffix!r} (use .jsonl or .json)")
+        raise DataError(f"data.path={source.path!r}: unsupported file type {path.suffix!r} "
+                        "(use .jsonl, .json, .parquet or a saved datasets directory)")
 
 
-def _check_messages(where: str, record: Any) -> list[dict]:
-    if not isinstance(record, dict) or "messages" not in record:
-        raise DataError(f"{where}: expected an object with a 'messages' list (data.format=messages)")
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
-    for j, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: messages[{j}] is not an object")
-        role, content = message.get("role"), message.get("content")
-        if content is None and role == "assistant" and message.get("tool_calls"):
-            message["content"] = content = ""  # OpenAI style: a pure tool call has content null
-        if role not in ROLES:
-            raise DataError(f"{where}: messages[{j}].role={role!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: messages[{j}].content must be a string, not {type(content).__name__}")
-        if message.get("weight", 1) not in (0, 1):
-            raise DataError(f"{where}: messages[{j}].weight={message['weight']!r} must be 0 or 1")
-    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 and (m["content"] or m.get("tool_calls"))
-               for m in messages):
-        raise DataError(f"{where}: no assistant turn with content to train on")
-    if "tools" in record and not (isinstance(record["tools"], list)
-                                  and all(isinstance(t, dict) for t in record["tools"])):
-        raise DataError(f"{where}: 'tools' must be a list of objects (tool schemas)")
-    return messages
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, Rejected("not_utf8", f"not UTF-8 ({err.reason} at byte {err.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, Rejected("invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
 
 
-def read_conversations(path: str, data_format: str = "auto") -> list[dict]:
-    """Records ``{"messages", "meta"}`` from a jsonl/json file, in file order."""
-    file = Path(path)
-    if file.is_dir():
-        raise DataError(f"data.path={path!r} is a directory: this version reads .jsonl and .json files "
-                        "(saved datasets directories are not implemented yet)")
-    if not file.is_file():
-        raise FileNotFoundError(f"data.path={path!r}: no such file")
-    if data_format not in ("auto", "messages"):
-        raise DataError(f"data.format={data_format!r} is not supported by this version's reader")
-    records = []
-    for where, raw in _iter_raw(file):
-        messages = _check_messages(where, raw)
-        meta = raw.get("meta", {})
-        if not isinstance(meta, dict):
-            raise DataError(f"{where}: 'meta' must be an object, not {type(meta).__name__}")
-        meta = {**meta, **{k: raw[k] for k in META_KEYS if k in raw}}  # top-level keys win
-        meta.setdefault("source", file.stem)
-        records.append({"messages": messages, "tools": raw.get("tools"), "meta": meta, "where": where})
-    if not records:
-        raise DataError(f"data.path={path!r}: the file holds no records")
-    return records
+def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno} ({err.msg}); one record per line "
+                        "(.jsonl) lets the good records through") from err
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file must hold a list of records, not {type(data).__name__}")
+    for i, record in enumerate(data):
+        yield f"{path} record {i}", record
+
+
+def _iter_dataset_dir(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"data.path={str(path)!r}: not a saved Hugging Face dataset directory ({err})") from err
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"data.path={str(path)!r}: a DatasetDict without a 'train' split ({list(ds)})")
+        ds = ds["train"]
+    for i, row in enumerate(ds):
+        yield f"{path} row {i}", row
+
+
+def resolve_format(source: Source, first: Any) -> str:
+    """The source's format: as configured, or detected from its first parsable record."""
+    if source.format != "auto":
+        return source.format
+    detected = detect_format(first)
+    if detected is None:
+        keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+        raise DataError(f"{source.path or source.name}: cannot tell the format from its first record (keys: {keys}); "
+                        "set data.format (or the source's format) to messages, alpaca or sharegpt")
+    return detected

@@ -1,4 +1,4 @@
-"""Reading messages records: errors name the file, the line and the key; meta is carried through."""
+"""Reading sources: every supported container, records named by line/record/row, unparsable lines counted."""
 
 from __future__ import annotations
 
@@ -6,73 +6,84 @@ import json
 
 import pytest
 
-from sftdist.data.sources import read_conversations
+from sftdist.config import DataConfig, SourceConfig
+from sftdist.data.formats import Rejected
+from sftdist.data.sources import Source, iter_records, resolve_format, sources_from_config
+from sftdist.errors import DataError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
-def _jsonl(tmp_path, lines):
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
-    return path
+def _records(path, fmt="auto"):
+    return list(iter_records(Source("s", fmt, 1.0, str(path))))
 
 
-def test_jsonl_and_json_read_the_same_records(tmp_path):
-    records = [GOOD, {**GOOD, "meta": {"difficulty": "hard", "id": 7}}, {**GOOD, "task": "greet"}]
-    from_jsonl = read_conversations(str(_jsonl(tmp_path, records)))
-    (tmp_path / "data.json").write_text(json.dumps(records))
-    from_json = read_conversations(str(tmp_path / "data.json"))
-    assert [r["messages"] for r in from_jsonl] == [r["messages"] for r in from_json] == [GOOD["messages"]] * 3
-    assert from_jsonl[1]["meta"] == {"difficulty": "hard", "id": 7, "source": "data"}
-    assert from_jsonl[2]["meta"] == {"task": "greet", "source": "data"}
-    assert from_jsonl[0]["where"].endswith("data.jsonl line 1") and from_json[2]["where"].endswith("record 2")
+def test_jsonl_names_lines_and_counts_what_cannot_be_parsed(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\n{not json\n" + '{"x": "caf\xe9"}'.encode("latin-1") + b"\n")
+    (w1, r1), (w3, r3), (w4, r4) = _records(path)
+    assert w1.endswith("d.jsonl line 1") and r1 == GOOD
+    assert w3.endswith("line 3") and isinstance(r3, Rejected) and r3.reason == "invalid_json"
+    assert w4.endswith("line 4") and r4.reason == "not_utf8"
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("{not json", "line 2: invalid JSON"),
-    ({"text": "no messages"}, "line 2: expected an object with a 'messages' list"),
-    ({"messages": []}, "line 2: 'messages' must be a non-empty list"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "line 2: messages[0].role='robot' is not one of"),
-    ({"messages": [{"role": "user", "content": 3}]}, "line 2: messages[0].content must be a string, not int"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "line 2: no assistant turn with content"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
-     "line 2: no assistant turn with content"),
-    ({**GOOD, "meta": "hard"}, "line 2: 'meta' must be an object"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]},
-     "line 2: no assistant turn with content to train on"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}]},
-     "line 2: messages[1].weight=0.5 must be 0 or 1"),
-    ({**GOOD, "tools": "calc"}, "line 2: 'tools' must be a list of objects"),
+def test_json_parquet_and_dataset_directories_read_the_same(tmp_path):
+    import datasets
+
+    rows = [GOOD, {**GOOD, "meta": {"id": "b"}}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved_dict"))
+    for name, label in (("d.json", "record 1"), ("d.parquet", "row 1"), ("saved", "row 1"), ("saved_dict", "row 1")):
+        records = _records(tmp_path / name)
+        assert [r["messages"] for _, r in records] == [GOOD["messages"]] * 2, name
+        assert records[1][0].endswith(label)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{\"a\": 1}", "must hold a list of records, not dict"),
+    ("[1, 2", "invalid JSON at line 1"),
 ])
-def test_bad_records_stop_with_the_line_and_reason(tmp_path, bad, message):
-    path = _jsonl(tmp_path, [GOOD, bad])
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        read_conversations(str(path))
+def test_unreadable_json_files_are_errors_naming_the_file(tmp_path, content, message):
+    (tmp_path / "d.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        _records(tmp_path / "d.json")
 
 
-def test_missing_file_and_unsupported_type(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.path="):
-        read_conversations(str(tmp_path / "nope.jsonl"))
+def test_missing_unsupported_and_not_a_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        _records(tmp_path / "nope.jsonl")
     (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
-        read_conversations(str(tmp_path / "d.csv"))
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="holds no records"):
-        read_conversations(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+        _records(tmp_path / "d.csv")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="not a saved Hugging Face dataset directory"):
+        _records(tmp_path / "empty_dir")
 
 
-def test_tool_calls_with_null_content_and_tools_are_kept(tmp_path):
-    call = {"role": "assistant", "content": None,
-            "tool_calls": [{"type": "function", "function": {"name": "calc", "arguments": "{}"}}]}
-    record = {"messages": [{"role": "user", "content": "2+2?"}, call], "tools": [{"name": "calc"}]}
-    (read,) = read_conversations(str(_jsonl(tmp_path, [record])))
-    assert read["messages"][1]["content"] == "" and read["messages"][1]["tool_calls"] == call["tool_calls"]
-    assert read["tools"] == [{"name": "calc"}]
+def test_format_is_detected_from_the_first_record_or_refused():
+    assert resolve_format(Source("s", "auto"), {"instruction": "x", "output": "y"}) == "alpaca"
+    assert resolve_format(Source("s", "sharegpt"), {"instruction": "x"}) == "sharegpt"
+    with pytest.raises(DataError, match="cannot tell the format"):
+        resolve_format(Source("s", "auto", path="f.jsonl"), {"text": "x"})
 
 
-def test_bad_encoding_and_directories_are_named(tmp_path):
-    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"x": "caf\xe9"}'.encode("latin-1") + b"\n")
-    with pytest.raises(ValueError, match=r"latin1.jsonl line 2: not UTF-8"):
-        read_conversations(str(tmp_path / "latin1.jsonl"))
-    with pytest.raises(ValueError, match="is a directory"):
-        read_conversations(str(tmp_path))
+def test_sources_from_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("chat.v2.jsonl", "a.jsonl", "b.json"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    (tmp_path / "x" / "a.jsonl").write_text("")
+    (tmp_path / "y" / "a.json").write_text("")
+    assert [s.name for s in sources_from_config(DataConfig(demo_size=3), seed=0)] == ["demo"]
+    one = sources_from_config(DataConfig(path=str(tmp_path / "chat.v2.jsonl"), format="alpaca"), seed=0)
+    assert [(s.name, s.format) for s in one] == [("chat", "alpaca")]
+    many = sources_from_config(DataConfig(sources=[SourceConfig(path="a.jsonl", weight=2.0),
+                                                   SourceConfig(path="b.json", name="bee")]), seed=0)
+    assert [(s.name, s.weight) for s in many] == [("a", 2.0), ("bee", 1.0)]
+    with pytest.raises(FileNotFoundError, match=r"data.sources\[0\].path='nope.jsonl': no such file"):
+        sources_from_config(DataConfig(sources=[SourceConfig(path="nope.jsonl")]), 0)
+    with pytest.raises(DataError, match="same name twice"):
+        sources_from_config(DataConfig(sources=[SourceConfig(path="x/a.jsonl"), SourceConfig(path="y/a.json")]), 0)

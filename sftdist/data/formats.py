@@ -1,0 +1,201 @@
+"""Record formats -> one canonical conversation, or a counted reason why not. Pure; never raises.
+
+Canonical form (OpenAI-style ``messages``)::
+
+    {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str,
+                   "tool_calls": [...]?, "weight": 0 | 1?}, ...],
+     "tools": [tool schema, ...] | None,
+     "meta": {"source": ..., "task": ..., "lang": ..., "difficulty": ..., ...}}
+
+The formats:
+
+- ``messages``: ``{"messages": [...], "tools"?: [...], "meta"?: {...}}``; an assistant tool call may have
+  ``"content": null``; ``"weight": 0`` keeps an assistant turn in context without training on it.
+- ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}``; the
+  user turn is ``instruction`` then ``input`` on the next line.
+- ``sharegpt``: ``{"conversations": [{"from": "human" | "gpt" | "system" | "function_call" |
+  "observation", "value": str}, ...], "system"?, "tools"?: JSON list or its string}``; ``function_call``
+  is an assistant tool call (trained on), ``observation`` a tool result (never trained on).
+
+Metadata (``source``, ``task``, ``lang``, ``difficulty``) is taken from the top level or from ``meta``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS = ("messages", "alpaca", "sharegpt")
+ROLES = ("system", "user", "assistant", "tool")
+META_KEYS = ("source", "task", "lang", "difficulty")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why a record cannot be used: ``reason`` is a short counted key, ``detail`` names the field."""
+
+    reason: str
+    detail: str
+
+
+def detect_format(record: Any) -> str | None:
+    """The format a record looks like, or None."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    return None
+
+
+def normalise(record: Any, fmt: str) -> dict | Rejected:
+    """``record`` in format ``fmt`` -> the canonical conversation, or why it cannot be used."""
+    if not isinstance(record, dict):
+        return Rejected("not_an_object", f"a record must be a JSON object, not {type(record).__name__}")
+    try:
+        if fmt == "messages":
+            messages = _from_messages(record)
+        elif fmt == "alpaca":
+            messages = _from_alpaca(record)
+        elif fmt == "sharegpt":
+            messages = _from_sharegpt(record)
+        else:
+            raise AssertionError(f"unknown format {fmt!r}")
+        tools = _tools(record.get("tools"))
+        meta = _meta(record)
+    except _Reject as r:
+        return r.rejected
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 and (m["content"].strip() or m.get("tool_calls"))
+               for m in messages):
+        return Rejected("no_assistant_turn", "no assistant turn with content to train on")
+    return {"messages": messages, "tools": tools, "meta": meta}
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.rejected = Rejected(reason, detail)
+
+
+def _string(value: Any, field: str, *, required: bool) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"a {type(value).__name__}, not a string"
+        raise _Reject("missing_field" if value is None else "non_string_content", f"{field} is {what}")
+    return value
+
+
+def _from_messages(record: dict) -> list[dict]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _Reject("missing_field", "'messages' must be a non-empty list")
+    out = []
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _Reject("not_an_object", f"messages[{j}] is not an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _Reject("unknown_role", f"messages[{j}].role={role!r} is not one of {', '.join(ROLES)}")
+        clean = {"role": role}
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise _Reject("bad_tool_calls", f"messages[{j}].tool_calls must be a list of objects on an assistant turn")
+            clean["tool_calls"] = calls
+        # OpenAI style: a pure tool call has content null
+        clean["content"] = _string(message.get("content"), f"messages[{j}].content", required=not calls)
+        if "weight" in message:
+            if message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
+                raise _Reject("bad_weight", f"messages[{j}].weight={message['weight']!r} must be 0 or 1")
+            clean["weight"] = int(message["weight"])
+        for key in ("name", "tool_call_id"):
+            if isinstance(message.get(key), str):
+                clean[key] = message[key]
+        out.append(clean)
+    return out
+
+
+def _from_alpaca(record: dict) -> list[dict]:
+    instruction = _string(record.get("instruction"), "instruction", required=True)
+    extra = _string(record.get("input"), "input", required=False)
+    output = _string(record.get("output"), "output", required=True)
+    system = _string(record.get("system"), "system", required=False)
+    if not (instruction.strip() or extra.strip()):
+        raise _Reject("empty_prompt", "instruction and input are both empty")
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise _Reject("bad_history", "history must be a list of [user, assistant] pairs")
+    for k, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise _Reject("bad_history", f"history[{k}] must be a [user, assistant] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = f"{instruction}\n{extra}" if instruction.strip() and extra.strip() else instruction + extra
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def _from_sharegpt(record: dict) -> list[dict]:
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _Reject("missing_field", "'conversations' must be a non-empty list")
+    system = _string(record.get("system"), "system", required=False)
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _Reject("not_an_object", f"conversations[{j}] is not an object")
+        source_role = turn.get("from")
+        if source_role not in _SHAREGPT_ROLES:
+            raise _Reject("unknown_role", f"conversations[{j}].from={source_role!r} is not one of "
+                                          f"{', '.join(_SHAREGPT_ROLES)}")
+        value = _string(turn.get("value"), f"conversations[{j}].value", required=True)
+        if source_role == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": [_tool_call(value, j)]})
+        else:
+            messages.append({"role": _SHAREGPT_ROLES[source_role], "content": value})
+    return messages
+
+
+def _tool_call(value: str, j: int) -> dict:
+    """A sharegpt function_call value ('{"name": ..., "arguments": ...}') as an OpenAI tool call."""
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise _Reject("bad_tool_calls", f"conversations[{j}] function_call is not JSON ({err.msg})") from err
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise _Reject("bad_tool_calls", f"conversations[{j}] function_call needs a 'name'")
+    arguments = call.get("arguments", {})
+    if isinstance(arguments, str):  # some data sets nest the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return {"type": "function", "function": {"name": call["name"], "arguments": arguments}}
+
+
+def _tools(tools: Any) -> list[dict] | None:
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):  # sharegpt data sets (glaive) store the schemas as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise _Reject("bad_tools", f"tools is not JSON ({err.msg})") from err
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _Reject("bad_tools", "tools must be a list of objects (tool schemas)")
+    return tools or None
+
+
+def _meta(record: dict) -> dict:
+    meta = record.get("meta", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise _Reject("bad_meta", f"meta must be an object, not {type(meta).__name__}")
+    return {**meta, **{k: record[k] for k in META_KEYS if k in record}}  # top-level keys win

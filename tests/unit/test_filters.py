@@ -1,0 +1,65 @@
+"""Filters: each removes what it says and keeps the first occurrence."""
+
+from __future__ import annotations
+
+import random
+
+from sftdist.config import FiltersConfig
+from sftdist.data.filters import Decontaminator, NearDedup, RecordFilter, repeated_ngram_fraction, response_reason
+
+
+def _conv(user: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+            "tools": None, "meta": {}}
+
+
+def _text(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "zeta", "rho",
+                                "iota", "lambda", "mu", "nu", "xi", "pi", "tau", "phi", "chi", "psi"]) for _ in range(n))
+
+
+def test_exact_dedup_ignores_case_and_white_space_and_keeps_the_first():
+    f = RecordFilter(FiltersConfig(repetition=False))
+    assert f.reason(_conv("What is 2+2?", "4")) is None
+    assert f.reason(_conv("what   is 2+2?", "4")) == "exact_duplicate"
+    assert f.reason(_conv("What is 2+3?", "5")) is None
+    assert RecordFilter(FiltersConfig(exact_dedup=False, repetition=False)).reason(_conv("a", "b")) is None
+
+
+def test_near_dedup_finds_a_one_word_edit_but_not_a_different_text():
+    base = _text(200, 1)
+    edited = base.replace("alpha", "ALPHA", 1)[:-3] + "xyz"
+    near = NearDedup(threshold=0.85)
+    assert not near.is_duplicate(base)
+    assert near.is_duplicate(edited)
+    assert not near.is_duplicate(_text(200, 2))
+    f = RecordFilter(FiltersConfig(exact_dedup=False, near_dedup=True, repetition=False))
+    assert f.reason(_conv(base, "x")) is None and f.reason(_conv(edited, "x")) == "near_duplicate"
+
+
+def test_repetitive_responses_are_dropped_and_normal_ones_kept():
+    loop = "I think that " * 30
+    assert repeated_ngram_fraction(loop) > 0.9
+    assert repeated_ngram_fraction(_text(60, 3)) < 0.2
+    assert repeated_ngram_fraction("too short to judge") is None
+    assert response_reason(_conv("q1", loop), FiltersConfig()) == "repetitive_response"
+    assert response_reason(_conv("q2", _text(60, 3)), FiltersConfig()) is None
+    assert response_reason(_conv("q1", loop), FiltersConfig(repetition=False)) is None
+
+
+def test_short_responses_only_when_switched_on():
+    assert response_reason(_conv("q", "k"), FiltersConfig()) is None
+    on = FiltersConfig(short_response=True, min_response_chars=3)
+    assert response_reason(_conv("q", "o k"), on) == "short_response" and response_reason(_conv("q", "okay"), on) is None
+
+
+def test_decontamination_needs_a_whole_shared_n_gram():
+    eval_text = "Natalia sold clips to 48 of her friends in April and then she sold half as many clips in May"
+    d = Decontaminator([eval_text, "too short"], n=13)
+    assert d.num_too_short == 1
+    words = eval_text.split()
+    assert d("Question: " + " ".join(words[2:15]) + " ...")  # 13 consecutive words of it
+    assert not d("Question: " + " ".join(words[2:14]))  # 12 are not enough
+    f = RecordFilter(FiltersConfig(), eval_texts=[eval_text])
+    assert f.reason(_conv(eval_text.upper(), "72")) == "contaminated"
