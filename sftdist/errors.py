@@ -18,4 +18,9 @@ class DataError(InputError):
 
 
 class TemplateSplitError(InputError):
-    """The chat template cannot be split into prompt and assistant spans reliably."""
+    """The chat template cannot render a conversation (``reason="template_error"``) or cannot be split into
+    prompt and assistant spans reliably (``reason="template_split"``)."""
+
+    def __init__(self, message: str, reason: str = "template_split"):
+        super().__init__(message)
+        self.reason = reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,3 +24,30 @@ def compose(*overrides: str):
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_tokenizer(specials: list[str], *, bos: str | None = None, eos: str | None = None,
+                   metaspace: bool = False, template: str | None = None, vocab_size: int = 600):
+    """A small BPE tokenizer trained here (no hub): byte-level like Llama-3/Qwen, or SentencePiece-style
+    metaspace like Mistral, with a template's special tokens added as single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sftdist.data.demo import generate_demo_conversations
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    if metaspace:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        glaive = SHARED / "data" / "glaive_toolcall_en_demo.json"  # characters a SentencePiece vocab would cover
+        alphabet = sorted(set(string.printable) | {"\u2581"} | (set(glaive.read_text()) if glaive.is_file() else set()))
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    corpus = [m["role"] + "\n" + m["content"] for r in generate_demo_conversations(500, seed=7) for m in r["messages"]]
+    corpus += ["Hello! How can I help you today? The weather is sunny. Here is the recipe you asked for."] * 5
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, chat_template=template)

@@ -1,30 +1,39 @@
 """Chat template -> token ids and assistant-only labels, for any Jinja chat template.
 
 The spans to supervise are derived from the template itself, never from per-template code. For each
-assistant turn ``i`` we render the conversation twice with the template:
+assistant turn ``i`` the conversation is rendered twice:
 
-- ``before``: ``messages[:i]`` with the generation prompt, i.e. everything up to where the model starts
-  writing turn ``i``;
-- ``through``: ``messages[:i + 1]``, i.e. the same plus turn ``i`` as the template closes it.
+- ``before``: ``messages[:i]`` with the generation prompt: everything up to where the model starts writing;
+- ``through``: ``messages[:i + 1]``: the same plus turn ``i`` as the template closes it.
 
-The characters between the two are what the model must produce for that turn: its content and the
-template's end-of-turn marker (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ...). White space the template
-puts after the marker is not supervised: a served model stops at the marker and never writes it.
+The characters between the two are what the model must produce for that turn at serving time: its content
+and the template's end-of-turn marker (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ...). White space after
+the marker is not supervised: a served model stops at the marker. (A template that writes no generation
+prompt makes the model write the assistant header itself, so that header is supervised too: it is what the
+model must produce when served with that template.)
 
-The whole conversation is rendered once more and tokenized once, so the training tokens are exactly
-the tokens of the text a server renders; the character spans become token labels through the fast
-tokenizer's offsets (each token owns the characters from the end of the previous token to its own end,
-so tokenizers that trim white space from their offsets cannot hide a token that crosses a boundary).
-A template whose renders are not prefixes of each other, or whose tokens straddle a span boundary,
-cannot be split reliably and is refused with an error that says where.
+The conversation is rendered once more in full and tokenized once, so the training tokens are exactly the
+tokens of the text a server renders. Character spans become token labels through the tokenizer's offsets;
+each token owns the characters from the end of the previous token to its own end, so a tokenizer that trims
+white space from its offsets cannot hide a token that crosses a boundary. A template whose renders are not
+prefixes of each other, or whose tokens straddle a span boundary, cannot be split reliably: refused, saying where.
 
-Assistant messages with ``"weight": 0`` (OpenAI's fine-tuning format) stay in the context unsupervised.
+Templates differ in what they accept. Each template is probed once (can it render a system turn, a ``tool``
+turn, ``tool_calls``, two user turns in a row?) and conversations are adapted to what it can render: a tool
+result becomes a user turn, a tool call the JSON text of the call, a system prompt the head of the first user
+turn, consecutive user turns one turn, and tool schemas a template does not render become a JSON list in the
+system prompt. Adaptations are counted in the data report.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sftdist.errors import ConfigError, TemplateSplitError
 
@@ -58,29 +67,129 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> s
     return template
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict], add_generation_prompt: bool,
-            tools: list[dict] | None) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+def template_hash(template: str) -> str:
+    """A short, stable fingerprint of a chat template (recorded in prepared data and exports)."""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    system: bool
+    tool_role: bool
+    tool_calls: bool
+    consecutive_user: bool
+    tools: bool  # renders the tool schemas passed as ``tools``
+
+TOOLS_HEADER = "You can call these tools (JSON schemas):\n"
+
+
+class ChatTemplate:
+    """A chat template with the tokenizer's special tokens: renders as ``apply_chat_template`` does
+    (empty prefixes included), knows what it can render, and adapts conversations to it."""
+
+    def __init__(self, tokenizer: Any, template: str):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.template = template
+        self.hash = template_hash(template)
+        self._compiled = _compile_jinja_template(template)  # the Jinja environment apply_chat_template uses
+        self._kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self.caps = self._probe()
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """The text ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)`` renders (a test holds
+        the two equal), for empty conversations too. Keys whose value is None are dropped, as it does."""
+        messages = [{k: v for k, v in m.items() if v is not None and k != "weight"} for m in messages]
+        try:
+            return self._compiled.render(messages=messages, tools=tools, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self._kwargs)
+        except Exception as err:  # jinja's raise_exception(), undefined variables, type errors ...
+            raise TemplateSplitError(f"the chat template failed to render {len(messages)} message(s) "
+                                     f"(add_generation_prompt={add_generation_prompt}): {err}",
+                                     reason="template_error") from err
+
+    def _renders(self, messages: list[dict], *probes: str, tools: list[dict] | None = None) -> bool:
+        try:
+            text = self.render(messages, tools=tools)
+        except TemplateSplitError:
+            return False
+        return all(p in text for p in probes)
+
+    def _probe(self) -> Capabilities:
+        user, answer = {"role": "user", "content": "PROBE_U1"}, {"role": "assistant", "content": "PROBE_A1"}
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "PROBE_CALL", "arguments": {}}}]}
+        return Capabilities(
+            system=self._renders([{"role": "system", "content": "PROBE_SYS"}, user, answer], "PROBE_SYS"),
+            tool_role=self._renders([user, call, {"role": "tool", "content": "PROBE_TOOL"}, answer], "PROBE_TOOL"),
+            tool_calls=self._renders([user, call], "PROBE_CALL"),
+            consecutive_user=self._renders([user, {"role": "user", "content": "PROBE_U2"}, answer],
+                                           "PROBE_U1", "PROBE_U2"),
+            tools=self._renders([user, answer], "PROBE_SCHEMA", tools=[{  # OpenAI-shaped and flat at once
+                "type": "function", "name": "PROBE_SCHEMA", "description": "", "parameters": {"type": "object"},
+                "function": {"name": "PROBE_SCHEMA", "description": "", "parameters": {"type": "object"}}}]),
         )
-    except Exception as err:  # jinja's raise_exception(), undefined variables, ...
-        raise TemplateSplitError(
-            f"the chat template failed to render the first {len(messages)} message(s) "
-            f"(add_generation_prompt={add_generation_prompt}): {err}"
-        ) from err
+
+    def adapt(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[dict], list[dict] | None, list[str]]:
+        """(messages, tools) in a form this template can render, and the names of the adaptations made."""
+        caps, notes, out = self.caps, [], []
+        if tools and not caps.tools:
+            schemas = TOOLS_HEADER + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+            if messages and messages[0]["role"] == "system":
+                messages = [{**messages[0], "content": f"{messages[0]['content']}\n\n{schemas}"}, *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": schemas}, *messages]
+            tools = None
+            notes.append("tools_in_system")
+        for m in messages:
+            m = dict(m)
+            if m["role"] == "tool" and not caps.tool_role:
+                m = {"role": "user", "content": m["content"]}
+                notes.append("tool_as_user")
+            if m.get("tool_calls") and not caps.tool_calls:
+                calls = "\n".join(json.dumps(c.get("function", c), ensure_ascii=False) for c in m.pop("tool_calls"))
+                m["content"] = f"{m['content']}\n{calls}" if m["content"] else calls
+                notes.append("tool_calls_as_text")
+            out.append(m)
+        if not caps.system and out and out[0]["role"] == "system":
+            system = out.pop(0)["content"]
+            first_user = next((m for m in out if m["role"] == "user"), None)
+            if first_user is not None:
+                first_user["content"] = f"{system}\n\n{first_user['content']}" if system else first_user["content"]
+            notes.append("system_in_user")
+        if not caps.consecutive_user:
+            merged: list[dict] = []
+            for m in out:
+                if merged and m["role"] == "user" and merged[-1]["role"] == "user":
+                    merged[-1] = {**merged[-1], "content": f"{merged[-1]['content']}\n\n{m['content']}"}
+                    notes.append("users_merged")
+                else:
+                    merged.append(m)
+            out = merged
+        return out, tools, notes
 
 
-def assistant_char_spans(tokenizer: Any, messages: list[dict], template: str,
+_TEMPLATES: dict[tuple, ChatTemplate] = {}
+
+
+def bind_template(tokenizer: Any, template: str) -> ChatTemplate:
+    """The (cached) ChatTemplate of a template string with a tokenizer's special tokens."""
+    key = (template, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())))
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = ChatTemplate(tokenizer, template)
+    return _TEMPLATES[key]
+
+
+def assistant_char_spans(ct: ChatTemplate, messages: list[dict],
                          tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans of its supervised assistant output."""
-    full = _render(tokenizer, template, messages, False, tools)
+    full = ct.render(messages, False, tools)
     spans = []
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant" or message.get("weight", 1) == 0:
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        before = _render(tokenizer, template, messages[:i], True, tools)
-        through = _render(tokenizer, template, messages[: i + 1], False, tools)
+        before = ct.render(messages[:i], True, tools)
+        through = full if i + 1 == len(messages) else ct.render(messages[: i + 1], False, tools)
         if not through.startswith(before) or not full.startswith(through):
             raise TemplateSplitError(
                 f"assistant turn {i}: the template does not render conversations as prefixes of each "
@@ -94,6 +203,108 @@ def assistant_char_spans(tokenizer: Any, messages: list[dict], template: str,
     return full, spans
 
 
+def _labels_fast(enc: Any, spans: list[tuple[int, int]], input_ids: list[int]) -> tuple[list[int], list[int]] | None:
+    """Labels when every span starts and ends exactly on token boundaries (the usual case), found by asking the
+    Rust encoding for the tokens at the span edges; None when any edge needs the full check."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_ends = []
+    for a, b in spans:
+        first, last = enc.char_to_token(a), enc.char_to_token(b - 1)
+        if first is None or last is None or enc.token_to_chars(first)[0] != a or enc.token_to_chars(last)[1] != b:
+            return None
+        if (enc.token_to_chars(first - 1)[1] if first else 0) != a:  # not contiguous: a gap or an overlap at the edge
+            return None
+        if last + 1 < len(input_ids) and enc.token_to_chars(last + 1)[0] < b:  # bytes of one character
+            return None
+        labels[first:last + 1] = input_ids[first:last + 1]
+        span_ends.append(last + 1)
+    return labels, span_ends
+
+
+def labels_from_offsets(text: str, spans: list[tuple[int, int]], input_ids: list[int],
+                        offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """(labels, token index just past each span) from character spans and token offsets."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    if not spans or not len(ids):
+        return labels.tolist(), []
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    end = np.maximum.accumulate(off[:, 1])  # each token owns the characters since the previous token's end
+    start = np.maximum.accumulate(np.minimum(off[:, 0], np.concatenate(([0], end[:-1]))))  # (and its own)
+    span_ends = []
+    for a, b in spans:
+        i0, i1 = int(np.searchsorted(end, a, side="right")), int(np.searchsorted(start, b, side="left"))
+        if i0 < i1 and (start[i0] < a or end[i1 - 1] > b):  # the first or last overlapping token sticks out
+            idx = i0 if start[i0] < a else i1 - 1
+            raise TemplateSplitError(
+                f"token {idx} ({text[start[idx]:end[idx]]!r}) straddles the boundary of the assistant span "
+                f"{text[a:b][:40]!r}...: the tokenizer merges prompt and answer characters, "
+                "so this template cannot be split at token boundaries"
+            )
+        labels[i0:i1] = ids[i0:i1]
+        span_ends.append(i1)
+    return labels.tolist(), span_ends
+
+
+def backend_tokenizer(tokenizer: Any) -> Any:
+    """The fast tokenizer's Rust tokenizer, with no truncation or padding left set on it (transformers sets
+    both anew on every call anyway): its ``encode_batch`` ids equal ``tokenizer(text)["input_ids"]``."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    return backend
+
+
+def render_many(ct: "ChatTemplate", convs: list[tuple[list[dict], list[dict] | None]]) -> list[tuple]:
+    """(text, spans, adaptations, error) of each conversation: everything before tokenization."""
+    rendered = []
+    for messages, tools in convs:
+        try:
+            adapted, tools, notes = ct.adapt(messages, tools)
+            rendered.append((*assistant_char_spans(ct, adapted, tools), notes, None))
+        except TemplateSplitError as err:
+            rendered.append(("", [], [], err))
+    return rendered
+
+
+def label_many(rendered: list[tuple], encodings: list[Any]) -> list[dict]:
+    """Labels from rendered conversations and their Rust encodings. Each result holds ``input_ids``,
+    ``labels``, ``span_ends`` and ``adaptations``, or ``error`` (a TemplateSplitError) and ``adaptations``."""
+    results = []
+    for (text, spans, notes, error), enc in zip(rendered, encodings):
+        if error is None:
+            try:
+                ids = enc.ids
+                fast = _labels_fast(enc, spans, ids)
+                labels, span_ends = fast if fast is not None else labels_from_offsets(text, spans, ids, enc.offsets)
+                results.append({"input_ids": ids, "labels": labels, "span_ends": span_ends, "adaptations": notes})
+                continue
+            except TemplateSplitError as err:
+                error = err
+        results.append({"error": error, "adaptations": notes})
+    return results
+
+
+def encode_many(tokenizer: Any, ct: "ChatTemplate", convs: list[tuple[list[dict], list[dict] | None]]) -> list[dict]:
+    """Render, tokenize (one batch) and label conversations (see ``label_many`` for the results)."""
+    rendered = render_many(ct, convs)
+    return label_many(rendered, backend_tokenizer(tokenizer).encode_batch([r[0] for r in rendered],
+                                                                          add_special_tokens=False))
+
+
+def truncate_at_turns(input_ids: list[int], labels: list[int], span_ends: list[int],
+                      max_length: int) -> tuple[list[int], list[int], int]:
+    """Cut to ``max_length`` tokens: after the last assistant turn that fits whole (its end-of-turn marker
+    included), else at ``max_length``. Returns (input_ids, labels, tokens removed)."""
+    if len(input_ids) <= max_length:
+        return input_ids, labels, 0
+    whole = [end for end in span_ends if end <= max_length]
+    cut = whole[-1] if whole else max_length
+    return input_ids[:cut], labels[:cut], len(input_ids) - cut
+
+
 def encode_conversation(
     tokenizer: Any,
     messages: list[dict],
@@ -103,38 +314,21 @@ def encode_conversation(
 ) -> dict[str, Any]:
     """Tokenize ``messages`` with the chat template and label assistant output only.
 
-    Returns ``{"input_ids", "labels", "num_truncated_tokens"}``: ``labels[i] == input_ids[i]`` where token
-    ``i`` is assistant output (content and end-of-turn marker), ``-100`` elsewhere. ``input_ids`` is exactly
-    the tokenization of the template's rendering. With ``max_length``, tokens past it are cut off and
-    counted in ``num_truncated_tokens``. ``tools`` (tool schemas) are passed to the template.
+    Returns ``{"input_ids", "labels", "num_truncated_tokens", "adaptations"}``: ``labels[i] == input_ids[i]``
+    where token ``i`` is assistant output (content and end-of-turn marker), ``-100`` elsewhere. ``input_ids``
+    is exactly the tokenization of the template's rendering (of the conversation as adapted to what the
+    template can render, see the module docstring). With ``max_length`` the conversation is cut after the
+    last assistant turn that fits whole (else at ``max_length``) and the removed tokens are counted.
+    ``tools`` (tool schemas) are passed to the template.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("encode_conversation needs a fast (tokenizers-backed) tokenizer for its offsets")
-    template = resolve_chat_template(tokenizer, chat_template)
-    text, spans = assistant_char_spans(tokenizer, messages, template, tools)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_iter = iter(spans)
-    span = next(span_iter, None)
-    covered = 0  # each token owns the characters since the end of the previous one
-    for idx, (_, end) in enumerate(enc["offset_mapping"]):
-        s, e, covered = covered, max(end, covered), max(end, covered)
-        while span is not None and s >= span[1]:
-            span = next(span_iter, None)
-        if span is None:
-            break
-        if s == e or e <= span[0]:
-            continue
-        if s < span[0] or e > span[1]:
-            raise TemplateSplitError(
-                f"token {idx} ({text[s:e]!r}) straddles the boundary of the assistant span "
-                f"{text[span[0]:span[1]][:40]!r}...: the tokenizer merges prompt and answer characters, "
-                "so this template cannot be split at token boundaries"
-            )
-        labels[idx] = input_ids[idx]
+    ct = bind_template(tokenizer, resolve_chat_template(tokenizer, chat_template))
+    (result,) = encode_many(tokenizer, ct, [(messages, tools)])
+    if "error" in result:
+        raise result["error"]
+    input_ids, labels, notes = result["input_ids"], result["labels"], result["adaptations"]
     num_truncated = 0
-    if max_length is not None and len(input_ids) > max_length:
-        num_truncated = len(input_ids) - max_length
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "labels": labels, "num_truncated_tokens": num_truncated}
+    if max_length is not None:
+        input_ids, labels, num_truncated = truncate_at_turns(input_ids, labels, result["span_ends"], max_length)
+    return {"input_ids": input_ids, "labels": labels, "num_truncated_tokens": num_truncated, "adaptations": notes}
