@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, get_args, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from sftdist.errors import ConfigError
 
@@ -35,14 +36,43 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = "???"  # jsonl, json or parquet file, or a saved Hugging Face dataset directory
+    format: str = "auto"  # auto | messages | alpaca | sharegpt
+    weight: float = 1.0  # sampling weight: 2.0 uses each record twice, 0.5 a seeded half of them
+    name: Optional[str] = None  # label in reports and meta.source; default: the file name without suffix
+
+
+@dataclass
+class FiltersConfig:
+    exact_dedup: bool = True  # drop repeats of a conversation (lower-cased, white space collapsed)
+    near_dedup: bool = False  # drop near-repeats (MinHash over word 5-grams, LSH), first one kept
+    near_dedup_threshold: float = 0.85  # estimated Jaccard similarity at or above which two records are near-repeats
+    repetition: bool = True  # drop responses dominated by repeated n-grams (degenerate loops)
+    repetition_max_fraction: float = 0.5  # the share of a response's word 3-grams that repeat, above which it is dropped
+    short_response: bool = False  # drop records whose shortest trained response is too short
+    min_response_chars: int = 2  # with short_response: fewer non-space characters is too short
+    decontaminate: Optional[str] = None  # eval data file (any supported format): drop records sharing an n-gram with it
+    decontaminate_ngram: int = 13  # word n-gram length for decontamination (13 as in the GPT-3 paper)
+
+
+@dataclass
 class DataConfig:
     name: str = "demo"  # a label for logs and W&B
-    path: Optional[str] = None  # jsonl or json file of records; unset generates the demo conversations
-    format: str = "auto"  # auto | messages
+    path: Optional[str] = None  # one source (file or dataset dir); unset (and no sources) generates the demo
+    format: str = "auto"  # format of data.path: auto | messages | alpaca | sharegpt
+    sources: List[SourceConfig] = field(default_factory=list)  # several sources with weights, instead of path
+    prepared: Optional[str] = None  # a directory written by sftdist-prepare: train on it, skip preparation
     chat_template: Optional[str] = None  # Jinja file that replaces the tokenizer's chat template
     packing: bool = False  # false pads each micro-batch (packing arrives with varlen attention)
-    max_length: int = 1024  # longest sample in tokens; longer conversations are dropped and counted
-    demo_size: int = 2000  # conversations generated for the demo when path is unset
+    max_length: int = 1024  # longest sample in tokens; longer conversations follow data.truncation
+    truncation: str = "drop"  # drop: reject over-long conversations; truncate: keep what fits (turn-aware)
+    max_rejected_fraction: float = 0.05  # stop before training when more of the records are invalid
+    num_proc: int = 0  # processes that encode; 0 picks by data size and cores
+    cache: bool = True  # reuse prepared data keyed by a fingerprint of files, tokenizer, template and settings
+    cache_dir: Optional[str] = None  # default: $SFTDIST_CACHE_DIR, else ~/.cache/sftdist
+    demo_size: int = 2000  # conversations generated for the demo when no path or sources are set
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
 
 
 @dataclass
@@ -128,6 +158,9 @@ def register_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=SFTConfig)
 
 
+FORMATS = ("auto", "messages", "alpaca", "sharegpt")
+
+
 def _choice(key: str, value: str, available: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
     """``planned`` values are valid keys' values that a later version implements: refused, and said so."""
     if value in planned:
@@ -160,7 +193,10 @@ def _validate_features(cfg: SFTConfig) -> None:
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     _choice("strategy.name", cfg.strategy.name, ("none",), planned=("ddp", "fsdp2", "zero3"))
     _choice("curriculum.name", cfg.curriculum.name, ("none",), planned=("three_phase",))
-    _choice("data.format", cfg.data.format, ("auto", "messages"), planned=("alpaca", "sharegpt"))
+    _choice("data.format", cfg.data.format, FORMATS)
+    _choice("data.truncation", cfg.data.truncation, ("drop", "truncate"))
+    for i, source in enumerate(cfg.data.sources):
+        _choice(f"data.sources[{i}].format", source.format, FORMATS)
     _choice("wandb.mode", cfg.wandb.mode, ("auto", "offline", "online", "disabled"))
     if cfg.data.packing:
         raise ConfigError(
@@ -204,16 +240,33 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
 
 
+def _validate_data(d: DataConfig) -> None:
+    for key in ("path", "chat_template", "prepared", "cache_dir"):
+        _not_empty(f"data.{key}", getattr(d, key))
+    if sum(x is not None and x != [] for x in (d.path, d.sources, d.prepared)) > 1:
+        raise ConfigError("set one of data.path, data.sources and data.prepared, not several")
+    for i, source in enumerate(d.sources):
+        _not_empty(f"data.sources[{i}].path", source.path)
+        _positive(f"data.sources[{i}].weight", source.weight)
+    _positive("data.max_length", d.max_length)
+    _positive("data.demo_size", d.demo_size)
+    _positive("data.num_proc", d.num_proc, allow_zero=True)
+    _between("data.max_rejected_fraction", d.max_rejected_fraction, 0.0, 1.0)
+    f = d.filters
+    _between("data.filters.near_dedup_threshold", f.near_dedup_threshold, 0.0, 1.0)
+    _between("data.filters.repetition_max_fraction", f.repetition_max_fraction, 0.0, 1.0)
+    _positive("data.filters.min_response_chars", f.min_response_chars, allow_zero=True)
+    _not_empty("data.filters.decontaminate", f.decontaminate)
+    _positive("data.filters.decontaminate_ngram", f.decontaminate_ngram)
+
+
 def validate(cfg: SFTConfig) -> SFTConfig:
     """Check what types cannot; raise ConfigError naming the key and value. Returns cfg."""
     _validate_features(cfg)
     _validate_train(cfg.train)
     _validate_model(cfg.model)
+    _validate_data(cfg.data)
     d = cfg.data
-    _not_empty("data.path", d.path)
-    _not_empty("data.chat_template", d.chat_template)
-    _positive("data.max_length", d.max_length)
-    _positive("data.demo_size", d.demo_size)
     if d.max_length > cfg.train.micro_batch_tokens:
         raise ConfigError(
             f"data.max_length={d.max_length} is larger than train.micro_batch_tokens={cfg.train.micro_batch_tokens}: "
@@ -252,8 +305,11 @@ def _reject_unknown_keys(node: Any, schema: type, prefix: str = "") -> None:
 
 def to_schema(cfg: DictConfig) -> SFTConfig:
     """Hydra's composed DictConfig -> the validated dataclass tree."""
-    _reject_unknown_keys(cfg, SFTConfig)
-    obj = OmegaConf.to_object(cfg)
+    try:
+        _reject_unknown_keys(cfg, SFTConfig)
+        obj = OmegaConf.to_object(cfg)
+    except (MissingMandatoryValue, ValidationError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
     if not isinstance(obj, SFTConfig):  # composed without the schema (e.g. a bare compose in a script)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig), cfg))
     return validate(obj)

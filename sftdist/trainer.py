@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from sftdist import __version__
 from sftdist.checkpoint import export_hf
 from sftdist.config import SFTConfig, TrainConfig
 from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
-from sftdist.data.pipeline import Sample, build_datasets, end_of_turn_ids
+from sftdist.data.pipeline import Sample, build_datasets
 from sftdist.errors import ConfigError
 from sftdist.loss import cross_entropy_sum, step_normalised_loss
 from sftdist.metrics import build_metrics_logger, check_wandb
@@ -98,8 +100,9 @@ class Trainer:
         t, r = self.cfg.train, self.data_report
         log.info("model: %s, %.2fM parameters, %s, %s on %s", self.cfg.model.name, self.num_params / 1e6,
                  self.cfg.precision, self.cfg.strategy.name, self.device)
-        log.info("data: %d records in, %d train, %d eval, rejected %s", r["records_in"], r["records_train"],
-                 r["records_eval"], r["rejected"] or "none")
+        log.info("data: %d records in, %d used (%d train, %d eval); rejected %s; filtered %s; truncated %d",
+                 r["records_in"], r["records_used"], r["records_train"], r["records_eval"], r["rejected"] or "none",
+                 r["filtered"] or "none", r["truncated"]["records"])
         log.info("plan: %d steps x %d samples (%.2f epochs), micro-batches of <= %d tokens",
                  t.max_steps, t.global_batch_size, self.sampler.epoch(t.max_steps - 1), t.micro_batch_tokens)
 
@@ -189,7 +192,8 @@ class Trainer:
         total, count = 0.0, 0
         size = self.cfg.train.global_batch_size
         for start in range(0, len(self.eval_set), size):
-            for mb in self._step_batches(self.eval_set[start:start + size]):
+            chunk = [self.eval_set[i] for i in range(start, min(start + size, len(self.eval_set)))]
+            for mb in self._step_batches(chunk):
                 mb = mb.to(self.device)
                 total += float(cross_entropy_sum(self._logits(mb), mb.targets))
                 count += mb.num_supervised
@@ -200,13 +204,15 @@ class Trainer:
         it came in, stopping generation where the training data's assistant turns end."""
         state_dict = self.strategy.full_state_dict(self.model)
         if self.strategy.is_main:
+            info = {"template_hash": self.data_report["template_hash"], "sftdist_version": __version__,
+                    "data_fingerprint": self.data_report["fingerprint"], "tokenizer_hash": self.data_report["tokenizer_hash"]}
             export_hf(self.model, state_dict, self.tokenizer, out_dir, dtype=checkpoint_dtype(self.cfg.model),
-                      eos_token_ids=self._stop_token_ids())
+                      eos_token_ids=self._stop_token_ids(), training_info=info)
         return out_dir
 
     def _stop_token_ids(self) -> list[int] | None:
         """The generation config's stop tokens plus the token that ends (nearly) every trained assistant turn."""
-        ends = end_of_turn_ids(self.train_set)
+        ends = Counter({int(k): v for k, v in self.data_report["end_of_turn_ids"].items()})
         if not ends:
             return None
         token, count = ends.most_common(1)[0]

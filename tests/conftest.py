@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
+# Prepared-data cache of this test session (subprocesses inherit it); never the user's ~/.cache.
+os.environ["SFTDIST_CACHE_DIR"] = tempfile.mkdtemp(prefix="sftdist-test-cache-")
 
 
 def pytest_collection_modifyitems(config, items):

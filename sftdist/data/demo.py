@@ -118,16 +118,21 @@ _BUILDERS = {"easy": _easy, "medium": _medium, "hard": _hard}
 
 
 def generate_demo_conversations(num: int, seed: int = 0) -> list[dict]:
-    """``num`` demo records ``{"messages": [...], "meta": {...}}``, a pure function of ``seed``.
+    """``num`` distinct demo records ``{"messages": [...], "meta": {...}}``, a pure function of ``seed``.
 
-    The buckets are drawn in equal proportions; ``meta`` carries source, task and difficulty.
+    The buckets are drawn in equal proportions; ``meta`` carries source, task and difficulty. A draw that
+    repeats an earlier conversation is drawn again, so deduplication leaves the demo whole.
     """
     rng = random.Random(seed)
-    records = []
-    for i in range(num):
+    records, seen = [], set()
+    while len(records) < num:
         difficulty = DIFFICULTIES[rng.randrange(3)]
         messages = _BUILDERS[difficulty](rng)
-        meta = {"source": "demo", "task": "arithmetic", "difficulty": difficulty, "id": f"demo-{seed}-{i}"}
+        key = "\n".join(m["content"] for m in messages).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        meta = {"source": "demo", "task": "arithmetic", "difficulty": difficulty, "id": f"demo-{seed}-{len(records)}"}
         records.append({"messages": messages, "meta": meta})
     return records
 

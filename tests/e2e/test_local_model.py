@@ -97,21 +97,3 @@ def test_generation_stops_where_the_trained_turns_end(tmp_path):
     stop = GenerationConfig.from_pretrained(str(tmp_path / "run" / "final")).eos_token_id
     ids = trainer.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert sorted(stop) == sorted(ids)
-
-
-def test_a_bad_record_is_named(tmp_path):
-    bad = {"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "x"},
-                        {"role": "assistant", "content": "y"}]}
-    data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(3, seed=1))
-    with data.open("a") as f:
-        f.write(json.dumps(bad) + "\n")
-    with pytest.raises(ValueError, match=r"chat.jsonl line 4: .*failed to render"):
-        Trainer(compose(f"output_dir={tmp_path / 'run'}", f"data.path={data}", "eval.every_steps=0",
-                        "wandb.mode=disabled"))
-
-
-def test_missing_model_directory_and_data_file_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.name_or_path='/nonexistent/model': no such directory"):
-        Trainer(compose(f"output_dir={tmp_path}", "model.name_or_path=/nonexistent/model", "wandb.mode=disabled"))
-    with pytest.raises(FileNotFoundError, match="data.path='/nonexistent/chat.jsonl': no such file"):
-        Trainer(compose(f"output_dir={tmp_path}", "data.path=/nonexistent/chat.jsonl", "wandb.mode=disabled"))

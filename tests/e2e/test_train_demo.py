@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ REQUIRED_METRICS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_p
                     "train/packing_efficiency"}
 # The loss of step 1 (before any update) of the default demo with seed 0 on this CPU build of torch.
 # It pins data generation, tokenizer, template masking, data order and model init together.
-GOLDEN_FIRST_LOSS = 6.1720
+GOLDEN_FIRST_LOSS = 6.1755
 
 
 def _train(tmp_path, *overrides):
@@ -115,11 +116,12 @@ def test_bf16_trains_close_to_fp32(tmp_path):
 
 
 def test_over_long_conversations_are_rejected_and_counted(tmp_path):
-    trainer, _ = _train(tmp_path, "train.max_steps=1", "eval.every_steps=0", "data.max_length=60", "data.demo_size=300")
+    trainer, _ = _train(tmp_path, "train.max_steps=1", "eval.every_steps=0", "data.max_length=60",
+                        "data.demo_size=300", "data.max_rejected_fraction=0.9")
     report = json.loads((tmp_path / "data_report.json").read_text())
-    assert report["rejected"]["too_long"] > 0 and len(report["rejected_examples"]["too_long"]) == 5
+    assert report["rejected"]["too_long"] > 0 and len(report["examples"]["too_long"]) == 5
     assert report["records_train"] + report["rejected"]["too_long"] == 300
-    assert max(len(s.input_ids) for s in trainer.train_set) <= 60
+    assert max(int(x) for x in trainer.train_set.lengths) <= 60
 
 
 def test_eval_steps_are_logged_even_off_the_log_cadence(tmp_path):
@@ -153,3 +155,19 @@ def test_a_global_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.global_batch_size=64 is larger than the 50 training records"):
         Trainer(compose(f"output_dir={tmp_path}", "wandb.mode=disabled", "data.demo_size=50",
                         "eval.every_steps=0", "train.global_batch_size=64"))
+
+
+def test_final_records_the_template_and_export_warns_when_it_changed(demo_run, tmp_path, caplog):
+    from sftdist.checkpoint import check_export_template
+    from sftdist.data.template import template_hash
+
+    out, trainer, _ = demo_run
+    info = json.loads((out / "final" / "sftdist_training.json").read_text())
+    assert info["template_hash"] == template_hash(trainer.chat_template) == trainer.data_report["template_hash"]
+    assert check_export_template(out / "final")
+    changed = tmp_path / "final"
+    shutil.copytree(out / "final", changed)
+    (changed / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with caplog.at_level("WARNING"):
+        assert not check_export_template(changed)
+    assert "is not the one the model was trained with" in caplog.text

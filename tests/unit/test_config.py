@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -56,7 +55,8 @@ def test_three_phase_yaml_holds_the_mission_schedule():
 # Every override key of DESIGN.md's contract exists from now on (some accept only their first value).
 CONTRACT_OVERRIDES = [
     "output_dir=/tmp/x", "model=tiny", "model.name_or_path=/tmp/m", "data=demo", "data.path=/tmp/d.jsonl",
-    "data.format=auto", "data.format=messages", "data.chat_template=/tmp/t.jinja", "strategy=none",
+    "data.format=auto", "data.format=messages", "data.format=alpaca", "data.format=sharegpt",
+    "data.truncation=truncate", "data.max_rejected_fraction=0.2", "data.chat_template=/tmp/t.jinja", "strategy=none",
     "train.max_steps=7", "train.global_batch_size=4", "train.micro_batch_tokens=2048", "train.lr=2e-5",
     "seed=3", "precision=fp32", "precision=bf16", "data.packing=false", "curriculum=none",
     "checkpoint.every_steps=0", "checkpoint.keep=3", "resume=auto", "resume=never",
@@ -81,7 +81,6 @@ def test_contract_override_keys_exist(override):
     ("strategy=ddp", "strategy.name='ddp' is not implemented yet"),
     ("curriculum=three_phase", "curriculum.name='three_phase' is not implemented yet"),
     ("data.packing=true", "data.packing=true is not implemented yet"),
-    ("data.format=alpaca", "data.format='alpaca' is not implemented yet"),
     ("resume=/tmp/ckpt", "resume='/tmp/ckpt': resuming from a checkpoint is not implemented yet"),
     ("checkpoint.every_steps=10", "checkpoint.every_steps=10: intermediate checkpoints are not implemented yet"),
 ])

@@ -1,0 +1,152 @@
+"""``sftdist-inspect``: see what the model will be trained on.
+
+    sftdist-inspect data.path=chat.jsonl model.name_or_path=/models/m     # same overrides as sftdist-train
+    sftdist-inspect prepared/chat --samples 5 --source glaive              # a directory from sftdist-prepare
+
+Prints the data audit (records in, used, rejected and filtered by reason with the first offenders,
+truncations, template adaptations, the supervised-token fraction per source and role, the chat-template
+hash) and then a few samples with the trained tokens highlighted: green on a terminal, ``[[...]]`` otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from sftdist.cli import compose, fail, setup_logging
+from sftdist.errors import ConfigError, InputError
+
+_GREEN, _RESET = "\033[1;32m", "\033[0m"
+
+
+def role_token_counts(ct: Any, tokenizer: Any, conv: dict, labels: list[int]) -> dict[str, list[int]]:
+    """{role: [tokens, trained tokens]} of one encoded conversation; the role of a token is that of the
+    message whose rendered region holds it ("template" for text outside every message, e.g. a BOS)."""
+    messages, tools, _ = ct.adapt(conv["messages"], conv["tools"])
+    bounds = [len(ct.render(messages[:j], False, tools)) if j else 0 for j in range(len(messages) + 1)]
+    text = ct.render(messages, False, tools)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    j = 0
+    for (start, end), label in zip(offsets, labels):
+        while j < len(messages) and start >= bounds[j + 1]:
+            j += 1
+        role = messages[j]["role"] if j < len(messages) and start >= bounds[j] else "template"
+        counts[role][0] += 1
+        counts[role][1] += label != -100
+    return counts
+
+
+def render_sample(tokenizer: Any, input_ids: list[int], labels: list[int], color: bool) -> str:
+    """The sample's text with its trained tokens marked."""
+    parts, current, trained = [], [], False
+    for token, label in zip(input_ids, labels):
+        if (label != -100) != trained and current:
+            parts.append((trained, tokenizer.decode(current)))
+            current = []
+        trained = label != -100
+        current.append(token)
+    if current:
+        parts.append((trained, tokenizer.decode(current)))
+    open_, close = (_GREEN, _RESET) if color else ("[[", "]]")
+    return "".join(f"{open_}{text}{close}" if t else text for t, text in parts)
+
+
+def format_audit(report: dict, roles: dict[str, dict[str, list[int]]]) -> str:
+    lines = [f"records in {report['records_in']}, used {report['records_used']}",
+             f"chat template sha256:{report['template_hash']}  tokenizer {report['tokenizer_hash']}  "
+             f"fingerprint {report['fingerprint']}"]
+    for kind in ("rejected", "filtered"):
+        for reason, n in report[kind].items():
+            first = "; ".join(report["examples"].get(reason, [])[:3])
+            lines.append(f"{kind} {reason}: {n}  (first: {first})")
+    t = report["truncated"]
+    lines.append(f"truncated: {t['records']} records, {t['tokens']} tokens removed "
+                 f"(data.truncation={report['settings']['truncation']}, data.max_length={report['settings']['max_length']})")
+    if report["adaptations"]:
+        lines.append("adapted to the template: " + ", ".join(f"{k} in {v} records" for k, v in report["adaptations"].items()))
+    lines.append(f"{'source':<20} {'role':<10} {'tokens':>10} {'trained':>10} {'fraction':>9}")
+    for source, by_role in roles.items():
+        for role, (tokens, trained) in sorted(by_role.items()):
+            lines.append(f"{source:<20} {role:<10} {tokens:>10} {trained:>10} {trained / max(1, tokens):>9.3f}")
+    return "\n".join(lines)
+
+
+def _load(target: list[str]) -> tuple[Any, dict, Any, str]:
+    """(table, report, tokenizer, template) from a prepared directory or from training overrides."""
+    from sftdist.data.prepared import MANIFEST, load_prepared
+
+    if len(target) == 1 and (Path(target[0]) / MANIFEST).is_file():
+        from transformers import AutoTokenizer
+
+        table, manifest = load_prepared(target[0])
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(target[0]) / "tokenizer"))
+        from sftdist.data.template import resolve_chat_template
+
+        return table, manifest["report"], tokenizer, resolve_chat_template(tokenizer)
+    from sftdist.config import to_schema
+    from sftdist.data.pipeline import prepare
+    from sftdist.model import build_tokenizer
+
+    cfg = to_schema(compose(target))
+    cfg.data.max_rejected_fraction = 1.0  # show every rejection instead of stopping at the first threshold
+    tokenizer, template = build_tokenizer(cfg.model, cfg.data)
+    table, report = prepare(cfg.data, tokenizer, template, cfg.seed)
+    return table, report, tokenizer, template
+
+
+def inspect_data(target: list[str], samples: int, source: str | None, color: bool, audit_records: int) -> str:
+    from sftdist.data.template import bind_template
+
+    table, report, tokenizer, template = _load(target)
+    ct = bind_template(tokenizer, template)
+    roles: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    seen: dict[str, int] = defaultdict(int)
+    shown, out = 0, []
+    for row in table:
+        name = row["source"]
+        if source is not None and name != source:
+            continue
+        if seen[name] < audit_records:
+            seen[name] += 1
+            for role, (n, k) in role_token_counts(ct, tokenizer, json.loads(row["conv"]), row["labels"]).items():
+                roles[name][role][0] += n
+                roles[name][role][1] += k
+        if shown < samples:
+            shown += 1
+            out.append(f"== sample {shown} ({name}, {row['length']} tokens, {row['num_supervised']} trained) ==\n"
+                       + render_sample(tokenizer, row["input_ids"], row["labels"], color))
+        if shown >= samples and all(v >= audit_records for v in seen.values()) and len(seen) == len(report["sources"]):
+            break
+    if source is not None and not seen:
+        raise ConfigError(f"--source {source!r}: no such source (sources: {', '.join(report['sources'])})")
+    return "== data audit ==\n" + format_audit(report, roles) + "\n\n" + "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sftdist-inspect", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", nargs="*", help="a prepared directory, or sftdist-train overrides (key=value ...)")
+    parser.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
+    parser.add_argument("--source", default=None, help="only this source")
+    parser.add_argument("--audit-records", type=int, default=500, help="records per source for the role audit")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    args = parser.parse_args(argv)
+    setup_logging()
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    from hydra.errors import HydraException
+
+    try:
+        print(inspect_data(args.target, args.samples, args.source, color, args.audit_records))
+    except HydraException as err:
+        fail("sftdist-inspect", "config error", err)
+    except (InputError, FileNotFoundError) as err:
+        fail("sftdist-inspect", "error", err)
+
+
+if __name__ == "__main__":
+    main()
