@@ -7,7 +7,8 @@ import string
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SHARED = REPO.parent / "shared"  # the workplace's shared data; tests that need it skip without it
+TEST_DATA = REPO / "tests" / "data"  # small vendored copies (see tests/data/README.md)
 
 
 def compose(*overrides: str):
@@ -39,8 +40,8 @@ def tiny_tokenizer(specials: list[str], *, bos: str | None = None, eos: str | No
     if metaspace:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-        glaive = SHARED / "data" / "glaive_toolcall_en_demo.json"  # characters a SentencePiece vocab would cover
-        alphabet = sorted(set(string.printable) | {"\u2581"} | (set(glaive.read_text()) if glaive.is_file() else set()))
+        glaive = TEST_DATA / "glaive_toolcall_40.json"  # characters a SentencePiece vocab would cover
+        alphabet = sorted(set(string.printable) | {"\u2581"} | set(glaive.read_text()))
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()

@@ -53,8 +53,6 @@ def time_sftdist(path: Path, tokenizer, num_proc: int) -> tuple[float, int]:
 
 def time_tokenize_only(path: Path, tokenizer) -> float:
     """The floor under any preparation: one batch tokenization (all cores) of the rendered texts."""
-    import datasets  # noqa: F401  (same imports as the others)
-
     dataset = trl_dataset(path)
     texts = [tokenizer.apply_chat_template(list(r["messages"]), tools=json.loads(r["tools"]) if r["tools"] else None,
                                            tokenize=False) for r in dataset]

@@ -1,7 +1,7 @@
 """Assistant-only masks on real chat templates, with no per-template code in sftdist.
 
-The six templates of ../shared/chat_templates (skipped with the reason when that folder is absent) and
-several others written here, each with a tiny BPE tokenizer that knows its special tokens. A mask is
+The six templates of ../shared/chat_templates (copies in tests/data, checked against the originals where
+they are present) and several others written here, each with a tiny BPE tokenizer that knows its special tokens. A mask is
 checked against what the test knows about the template (its end-of-turn marker) and against the text of
 every message: each answer and its end-of-turn marker are trained on; no system, user or tool text, and
 no generation prompt, ever is. Mutated masks (a user token trained on, the end-of-turn marker missing)
@@ -14,13 +14,14 @@ import json
 
 import pytest
 
-from helpers import SHARED, tiny_tokenizer
+from helpers import SHARED, TEST_DATA, tiny_tokenizer
 from sftdist.data import IGNORE_INDEX, encode_conversation
 from sftdist.data.demo import generate_demo_conversations
 from sftdist.data.formats import normalise
 from sftdist.data.template import bind_template
 
-TEMPLATES_DIR = SHARED / "chat_templates"
+TEMPLATES_DIR = TEST_DATA / "chat_templates"
+GLAIVE = TEST_DATA / "glaive_toolcall_40.json"
 
 # name -> (special tokens, bos, eos, end-of-turn marker the answers must end with, metaspace?)
 SHARED_TEMPLATES = {
@@ -78,8 +79,6 @@ def _cases():
 def _setup(name: str):
     if name in SHARED_TEMPLATES:
         path = TEMPLATES_DIR / f"{name}.jinja"
-        if not path.is_file():
-            pytest.skip(f"{path} is absent (the shared chat templates are not part of the project)")
         template, (specials, bos, eos, eot, metaspace) = path.read_text().strip(), SHARED_TEMPLATES[name]
     else:
         template, (specials, bos, eos, eot, metaspace) = OTHER_TEMPLATES[name]
@@ -133,10 +132,7 @@ def test_multi_turn_masks(name):
 
 
 def _glaive():
-    path = SHARED / "data" / "glaive_toolcall_en_demo.json"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (the shared data is not part of the project)")
-    return [normalise(r, "sharegpt") for r in json.loads(path.read_text())[:40]]
+    return [normalise(r, "sharegpt") for r in json.loads(GLAIVE.read_text())]
 
 
 @pytest.mark.parametrize("name", _cases())
@@ -157,9 +153,16 @@ def test_tool_calls_are_trained_and_tool_results_never(name):
     assert num_calls > 10
 
 
+def test_the_vendored_copies_match_the_shared_originals():
+    if not (SHARED / "chat_templates").is_dir():
+        pytest.skip(f"{SHARED} is absent: nothing to compare the copies in tests/data with")
+    for name in SHARED_TEMPLATES:
+        assert (TEMPLATES_DIR / f"{name}.jinja").read_text() == (SHARED / "chat_templates" / f"{name}.jinja").read_text()
+    original = json.loads((SHARED / "data" / "glaive_toolcall_en_demo.json").read_text())
+    assert json.loads(GLAIVE.read_text()) == original[:40]
+
+
 def test_capabilities_are_probed_from_the_template():
-    if not TEMPLATES_DIR.is_dir():
-        pytest.skip(f"{TEMPLATES_DIR} is absent")
     caps = {}
     for name in ("chatml", "qwen2.5-instruct", "mistral-instruct", "llama-3-instruct"):
         tokenizer, _ = _setup(name)
@@ -215,9 +218,7 @@ def test_rendering_equals_apply_chat_template_and_both_label_paths_agree(name):
     tokenizer, _ = _setup(name)
     ct = bind_template(tokenizer, tokenizer.chat_template)
     convs = [(m, None) for m in _multi_turn_conversations()]
-    glaive = SHARED / "data" / "glaive_toolcall_en_demo.json"
-    if glaive.is_file():
-        convs += [(c["messages"], c["tools"]) for c in (normalise(r, "sharegpt") for r in json.loads(glaive.read_text())[:15])]
+    convs += [(c["messages"], c["tools"]) for c in _glaive()[:15]]
     checked_fast = 0
     for messages, tools in convs:
         adapted, tools, _ = ct.adapt(messages, tools)
