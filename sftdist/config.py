@@ -24,6 +24,7 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # local Hugging Face model directory; unset builds the tiny demo model
     tokenizer: Optional[str] = None  # tokenizer directory; default: name_or_path, else the bundled demo tokenizer
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    attn_impl: str = "auto"  # packed attention: auto | flash_attn | torch_varlen | flex | sdpa
     # Architecture of the tiny Llama-shaped demo model (ignored when name_or_path is set).
     hidden_size: int = 256
     num_layers: int = 4
@@ -64,7 +65,7 @@ class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)  # several sources with weights, instead of path
     prepared: Optional[str] = None  # a directory written by sftdist-prepare: train on it, skip preparation
     chat_template: Optional[str] = None  # Jinja file that replaces the tokenizer's chat template
-    packing: bool = False  # false pads each micro-batch (packing arrives with varlen attention)
+    packing: bool = True  # true: whole samples packed into rows, varlen attention; false: padded rows
     max_length: int = 1024  # longest sample in tokens; longer conversations follow data.truncation
     truncation: str = "drop"  # drop: reject over-long conversations; truncate: keep what fits (turn-aware)
     max_rejected_fraction: float = 0.05  # stop before training when more of the records are invalid
@@ -198,11 +199,7 @@ def _validate_features(cfg: SFTConfig) -> None:
     for i, source in enumerate(cfg.data.sources):
         _choice(f"data.sources[{i}].format", source.format, FORMATS)
     _choice("wandb.mode", cfg.wandb.mode, ("auto", "offline", "online", "disabled"))
-    if cfg.data.packing:
-        raise ConfigError(
-            "data.packing=true is not implemented yet in this version (it arrives with varlen attention); "
-            "available now: data.packing=false (padded micro-batches)"
-        )
+    _choice("model.attn_impl", cfg.model.attn_impl, ("auto", "flash_attn", "torch_varlen", "flex", "sdpa"))
     if cfg.resume not in ("auto", "never"):
         raise ConfigError(
             f"resume={cfg.resume!r}: resuming from a checkpoint is not implemented yet in this version; "

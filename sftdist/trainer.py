@@ -31,6 +31,7 @@ from sftdist.loss import cross_entropy_sum, step_normalised_loss
 from sftdist.metrics import build_metrics_logger, check_wandb
 from sftdist.model import (build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters,
                            pad_token_id)
+from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
 from sftdist.parallel import build_strategy
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class Trainer:
             raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's "
                               f"max_position_embeddings={limit}; lower data.max_length")
         self.num_params = num_parameters(model)
+        self.attention = "sdpa (padded)"
+        if cfg.data.packing:
+            self.attention = resolve_backend(cfg.model.attn_impl, self.device)
+            apply_packed_attention(model, self.attention)
         self.model = self.strategy.wrap(model)
         self.optimizer = build_optimizer(self.model, cfg.train)
         if self.strategy.is_main:  # only once the inputs proved good: a failed start leaves no trace
@@ -98,8 +103,8 @@ class Trainer:
 
     def _log_plan(self) -> None:
         t, r = self.cfg.train, self.data_report
-        log.info("model: %s, %.2fM parameters, %s, %s on %s", self.cfg.model.name, self.num_params / 1e6,
-                 self.cfg.precision, self.cfg.strategy.name, self.device)
+        log.info("model: %s, %.2fM parameters, %s, %s on %s, attention %s", self.cfg.model.name,
+                 self.num_params / 1e6, self.cfg.precision, self.cfg.strategy.name, self.device, self.attention)
         log.info("data: %d records in, %d used (%d train, %d eval); rejected %s; filtered %s; truncated %d",
                  r["records_in"], r["records_used"], r["records_train"], r["records_eval"], r["rejected"] or "none",
                  r["filtered"] or "none", r["truncated"]["records"])
@@ -113,10 +118,13 @@ class Trainer:
 
     def _logits(self, mb: MicroBatch) -> torch.Tensor:
         with self._autocast():
+            if mb.packed:
+                return self.model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
+                                  **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen)).logits
             return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
 
     def _step_batches(self, samples: list[Sample]) -> list[MicroBatch]:
-        return build_micro_batches(samples, self.cfg.train.micro_batch_tokens, self.pad_id)
+        return build_micro_batches(samples, self.cfg.train.micro_batch_tokens, self.pad_id, self.cfg.data.packing)
 
     def fit(self) -> dict[str, Any]:
         """Train for train.max_steps steps, export final/, and return the last step's metrics."""

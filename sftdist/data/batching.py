@@ -2,8 +2,16 @@
 
 A step takes ``global_batch_size`` samples from a stream that is a pure function of the seed (each
 epoch a fresh permutation), so the samples of step ``n`` never depend on the world size or on the
-token budget. Those samples are then cut into micro-batches of at most ``micro_batch_tokens`` tokens,
-padding included; the number of micro-batches (gradient accumulation) follows from the data.
+token budget. Those samples are then cut into micro-batches of at most ``micro_batch_tokens`` tokens;
+the number of micro-batches (gradient accumulation) follows from the data.
+
+Packed micro-batches (``data.packing=true``): best-fit decreasing over the whole step, each micro-batch one
+row of whole samples, budget 12 tokens, lengths 5, 4, 3, 2, 6::
+
+    micro-batch 0: [e e e e e e a a a a a .]   6 + 5 = 11 <= 12 (a fits best after e)
+    position_ids:  [0 1 2 3 4 5 0 1 2 3 4]     restart at each sample
+    cu_seqlens:    [0, 6, 11]                  sample boundaries, for the attention backend
+    micro-batch 1: [b b b b c c c d d]         4 + 3 + 2 = 9
 
 Padded micro-batches (``data.packing=false``), longest first, budget 12 tokens, lengths 5, 4, 3, 2::
 
@@ -18,6 +26,7 @@ no target ever crosses from one sample into another, padded or packed.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,18 +77,62 @@ def plan_padded(lengths: list[int], micro_batch_tokens: int) -> list[list[int]]:
     return groups
 
 
+def plan_packed(lengths: list[int], micro_batch_tokens: int) -> list[list[int]]:
+    """Best-fit decreasing: each sample, longest first, goes to the micro-batch it fills best (the least room
+    left that still fits it; ties to the older one), else opens a new one. Never splits a sample."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, bin index), kept sorted
+    for i in order:
+        if lengths[i] > micro_batch_tokens:
+            raise ValueError(f"a sample of {lengths[i]} tokens exceeds train.micro_batch_tokens={micro_batch_tokens}")
+        k = bisect.bisect_left(room, (lengths[i], -1))
+        if k == len(room):
+            bins.append([i])
+            left, b = micro_batch_tokens - lengths[i], len(bins) - 1
+        else:
+            left, b = room.pop(k)
+            bins[b].append(i)
+            left -= lengths[i]
+        bisect.insort(room, (left, b))
+    return bins
+
+
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # (R, L) long
+    input_ids: torch.Tensor  # (R, L) long; packed: R = 1
     targets: torch.Tensor  # (R, L) long, next-token targets, -100 where not supervised
-    attention_mask: torch.Tensor  # (R, L) long, 1 on real tokens
+    attention_mask: torch.Tensor | None  # (R, L) long, 1 on real tokens; None when packed
     num_tokens: int  # real (non-pad) tokens
     num_supervised: int  # targets != -100
-    num_slots: int  # R * L
+    num_slots: int  # padded: R * L; packed: the micro-batch token budget it fills
+    position_ids: torch.Tensor | None = None  # (1, L) packed: restarting at each sample
+    cu_seqlens: torch.Tensor | None = None  # (N + 1,) int32 packed: sample boundaries
+    max_seqlen: int = 0  # packed: the longest sample
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch(self.input_ids.to(device), self.targets.to(device), self.attention_mask.to(device),
-                          self.num_tokens, self.num_supervised, self.num_slots)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), self.num_tokens,
+                          self.num_supervised, self.num_slots, move(self.position_ids), move(self.cu_seqlens),
+                          self.max_seqlen)
+
+
+def collate_packed(samples: list[Sample], micro_batch_tokens: int) -> MicroBatch:
+    """One row of whole samples; targets shifted within each sample, positions restarting at each."""
+    lengths = [len(s.input_ids) for s in samples]
+    input_ids = torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.long)[None]
+    targets = torch.tensor([t for s in samples for t in [*s.labels[1:], IGNORE_INDEX]], dtype=torch.long)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu_seqlens = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+    return MicroBatch(input_ids, targets, None, num_tokens=input_ids.numel(),
+                      num_supervised=int((targets != IGNORE_INDEX).sum()), num_slots=micro_batch_tokens,
+                      position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
 
 
 def collate_padded(samples: list[Sample], pad_id: int) -> MicroBatch:
@@ -97,7 +150,11 @@ def collate_padded(samples: list[Sample], pad_id: int) -> MicroBatch:
                       num_supervised=int((targets != IGNORE_INDEX).sum()), num_slots=input_ids.numel())
 
 
-def build_micro_batches(samples: list[Sample], micro_batch_tokens: int, pad_id: int) -> list[MicroBatch]:
-    """The micro-batches of one optimizer step."""
-    groups = plan_padded([len(s.input_ids) for s in samples], micro_batch_tokens)
-    return [collate_padded([samples[i] for i in group], pad_id) for group in groups]
+def build_micro_batches(samples: list[Sample], micro_batch_tokens: int, pad_id: int,
+                        packing: bool = False) -> list[MicroBatch]:
+    """The micro-batches of one optimizer step: packed (best-fit decreasing) or padded (longest first)."""
+    lengths = [len(s.input_ids) for s in samples]
+    if packing:
+        return [collate_packed([samples[i] for i in group], micro_batch_tokens)
+                for group in plan_packed(lengths, micro_batch_tokens)]
+    return [collate_padded([samples[i] for i in group], pad_id) for group in plan_padded(lengths, micro_batch_tokens)]

@@ -12,6 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import compose, read_metrics
+from sftdist.data.batching import collate_packed
+from sftdist.data.pipeline import Sample
 from sftdist.errors import ConfigError
 from sftdist.trainer import Trainer, lr_at
 
@@ -73,9 +75,12 @@ def test_final_is_a_hugging_face_directory_with_the_trained_weights(demo_run):
                                            add_generation_prompt=True)
     assert prompt == "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    trained = trainer.strategy.full_state_dict(trainer.model)
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
     trainer.model.eval()
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, trainer.model(ids).logits)
+    with torch.no_grad():  # the trainer's model runs packed attention; one sample is a packed row of one
+        packed = collate_packed([Sample(ids[0].tolist(), [-100] * ids.shape[1], {})], 64)
+        assert torch.allclose(model(ids).logits, trainer._logits(packed), atol=1e-5)
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
@@ -94,15 +99,23 @@ def _max_relative_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
 
 
-def test_micro_batch_budget_does_not_change_the_update(tmp_path):
-    """Invariant 1 on one process: 3 steps with 1 micro-batch per step or many give the same weights."""
-    common = ("train.max_steps=3", "eval.every_steps=0", "train.global_batch_size=12", "data.max_length=256")
-    one, r1 = _train(tmp_path / "one", *common, "train.micro_batch_tokens=4096")
-    many, r2 = _train(tmp_path / "many", *common, "train.micro_batch_tokens=256")
-    assert r1["train/micro_batches"] == 1 and r2["train/micro_batches"] >= 4
-    w1, w2 = one.strategy.full_state_dict(one.model), many.strategy.full_state_dict(many.model)
+@pytest.mark.parametrize("variant", [("data.packing=true", "train.micro_batch_tokens=256"),
+                                     ("data.packing=false", "train.micro_batch_tokens=4096"),
+                                     ("data.packing=false", "train.micro_batch_tokens=256")],
+                         ids=["packed-small-budget", "padded", "padded-small-budget"])
+def test_packing_and_the_micro_batch_budget_do_not_change_the_update(tmp_path, variant):
+    """Invariant 1 on one process: 3 steps packed in one micro-batch per step, or packed in many, or padded,
+    give the same weights up to summation order."""
+    common = ("train.max_steps=3", "eval.every_steps=0", "train.global_batch_size=12", "data.max_length=256",
+              "data.demo_size=300")
+    one, r1 = _train(tmp_path / "one", *common, "data.packing=true", "train.micro_batch_tokens=4096")
+    other, r2 = _train(tmp_path / "other", *common, *variant)
+    assert r1["train/micro_batches"] == 1 and one.attention == "sdpa"
+    if variant[1].endswith("256"):
+        assert r2["train/micro_batches"] >= 4
+    w1, w2 = one.strategy.full_state_dict(one.model), other.strategy.full_state_dict(other.model)
     assert _max_relative_difference(w2, w1) < 1e-5  # summation order (FACTS: ~3e-6); wrong normalisations ~1e-2
-    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "many")
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "other")
     for a, b in zip(m1, m2):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
         assert a["train/supervised_tokens"] == b["train/supervised_tokens"]
