@@ -56,7 +56,7 @@ def render_sample(tokenizer: Any, input_ids: list[int], labels: list[int], color
     return "".join(f"{open_}{text}{close}" if t else text for t, text in parts)
 
 
-def format_audit(report: dict, roles: dict[str, dict[str, list[int]]]) -> str:
+def format_audit(report: dict, roles: dict[str, dict[str, list[int]]], audit_records: int) -> str:
     lines = [f"records in {report['records_in']}, used {report['records_used']}",
              f"chat template sha256:{report['template_hash']}  tokenizer {report['tokenizer_hash']}  "
              f"fingerprint {report['fingerprint']}"]
@@ -69,6 +69,7 @@ def format_audit(report: dict, roles: dict[str, dict[str, list[int]]]) -> str:
                  f"(data.truncation={report['settings']['truncation']}, data.max_length={report['settings']['max_length']})")
     if report["adaptations"]:
         lines.append("adapted to the template: " + ", ".join(f"{k} in {v} records" for k, v in report["adaptations"].items()))
+    lines.append(f"supervised tokens by role (the first {audit_records} records of each source):")
     lines.append(f"{'source':<20} {'role':<10} {'tokens':>10} {'trained':>10} {'fraction':>9}")
     for source, by_role in roles.items():
         for role, (tokens, trained) in sorted(by_role.items()):
@@ -78,23 +79,30 @@ def format_audit(report: dict, roles: dict[str, dict[str, list[int]]]) -> str:
 
 def _load(target: list[str]) -> tuple[Any, dict, Any, str]:
     """(table, report, tokenizer, template) from a prepared directory or from training overrides."""
-    from sftdist.data.prepared import MANIFEST, load_prepared
+    from sftdist.config import to_schema
+    from sftdist.data.prepared import MANIFEST, check_compatible, load_prepared
+    from sftdist.data.template import resolve_chat_template
 
-    if len(target) == 1 and (Path(target[0]) / MANIFEST).is_file():
+    if len(target) == 1 and "=" not in target[0]:
+        directory = Path(target[0])
+        if not (directory / MANIFEST).is_file():
+            raise ConfigError(f"{target[0]!r} is not a prepared-data directory (no {MANIFEST}); give one written by "
+                              "sftdist-prepare, or sftdist-train overrides such as data.path=FILE")
         from transformers import AutoTokenizer
 
-        table, manifest = load_prepared(target[0])
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(target[0]) / "tokenizer"))
-        from sftdist.data.template import resolve_chat_template
-
+        table, manifest = load_prepared(directory)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
         return table, manifest["report"], tokenizer, resolve_chat_template(tokenizer)
-    from sftdist.config import to_schema
     from sftdist.data.pipeline import prepare
     from sftdist.model import build_tokenizer
 
     cfg = to_schema(compose(target))
-    cfg.data.max_rejected_fraction = 1.0  # show every rejection instead of stopping at the first threshold
     tokenizer, template = build_tokenizer(cfg.model, cfg.data)
+    if cfg.data.prepared is not None:
+        table, manifest = load_prepared(cfg.data.prepared)
+        check_compatible(manifest, cfg.data.prepared, tokenizer, template, cfg.data.max_length)
+        return table, manifest["report"], tokenizer, template
+    cfg.data.max_rejected_fraction = 1.0  # show every rejection instead of stopping at the first threshold
     table, report = prepare(cfg.data, tokenizer, template, cfg.seed)
     return table, report, tokenizer, template
 
@@ -124,7 +132,7 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
             break
     if source is not None and not seen:
         raise ConfigError(f"--source {source!r}: no such source (sources: {', '.join(report['sources'])})")
-    return "== data audit ==\n" + format_audit(report, roles) + "\n\n" + "\n\n".join(out)
+    return "== data audit ==\n" + format_audit(report, roles, audit_records) + "\n\n" + "\n\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -229,6 +229,11 @@ class Trainer:
                         "model may not learn to stop; check the chat template's end-of-turn marker",
                         self.tokenizer.convert_ids_to_tokens(token), 100 * count / sum(ends.values()))
             return None
+        if token not in self.tokenizer.all_special_ids and token not in self.tokenizer.added_tokens_decoder:
+            log.warning("the trained assistant turns end with %r, which is not a special token: generation cannot "
+                        "stop on it reliably; make the template's end-of-turn marker a special token",
+                        self.tokenizer.convert_ids_to_tokens(token))
+            return None
         current = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         current = [] if current is None else [current] if isinstance(current, int) else list(current)
         if token not in current:

@@ -6,7 +6,8 @@ record order; 4-5 look at one record and run where it is encoded):
 1. ``contaminated``: shares a word n-gram (13 by default, as in the GPT-3 paper) with the eval data of
    ``data.filters.decontaminate`` (all its message texts, lower-cased words). Eval items shorter than the n-gram
    cannot match and are counted in the report.
-2. ``exact_duplicate``: the same conversation as an earlier record, after lower-casing and collapsing white space.
+2. ``exact_duplicate``: the same conversation (and tool schemas) as an earlier record, after lower-casing and
+   collapsing white space.
 3. ``near_duplicate``: MinHash (128 permutations) over word 5-grams, LSH with 16 bands of 8 rows; a record whose
    estimated Jaccard similarity with an earlier kept record reaches ``near_dedup_threshold`` is removed.
 4. ``repetitive_response``: a trained response of at least 10 word 3-grams of which more than
@@ -133,7 +134,8 @@ class RecordFilter:
         if self.decontaminator is not None and self.decontaminator(text):
             return "contaminated"
         if self.cfg.exact_dedup:
-            key = hash(" ".join(text.lower().split()))  # 64-bit: a false match is ~n**2 / 2**64 unlikely
+            tools = json.dumps(conv["tools"], sort_keys=True) if conv.get("tools") else ""
+            key = hash(" ".join(text.lower().split()) + tools)  # 64-bit: a false match is ~n**2 / 2**64 unlikely
             if key in self._seen:
                 return "exact_duplicate"
             self._seen.add(key)

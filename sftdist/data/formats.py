@@ -29,6 +29,7 @@ from typing import Any
 FORMATS = ("messages", "alpaca", "sharegpt")
 ROLES = ("system", "user", "assistant", "tool")
 META_KEYS = ("source", "task", "lang", "difficulty")
+_KEPT_STRINGS = ("name", "tool_call_id", "reasoning_content", "reasoning", "thinking")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
@@ -100,11 +101,12 @@ def _from_messages(record: dict) -> list[dict]:
     for j, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _Reject("not_an_object", f"messages[{j}] is not an object")
+        message = {k: v for k, v in message.items() if v is not None}  # null = absent (Arrow fills missing keys)
         role = message.get("role")
         if role not in ROLES:
             raise _Reject("unknown_role", f"messages[{j}].role={role!r} is not one of {', '.join(ROLES)}")
         clean = {"role": role}
-        calls = message.get("tool_calls")
+        calls = message.get("tool_calls") or None  # [] is no call
         if calls is not None:
             if role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
                 raise _Reject("bad_tool_calls", f"messages[{j}].tool_calls must be a list of objects on an assistant turn")
@@ -115,9 +117,9 @@ def _from_messages(record: dict) -> list[dict]:
             if message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
                 raise _Reject("bad_weight", f"messages[{j}].weight={message['weight']!r} must be 0 or 1")
             clean["weight"] = int(message["weight"])
-        for key in ("name", "tool_call_id"):
-            if isinstance(message.get(key), str):
-                clean[key] = message[key]
+        for key in _KEPT_STRINGS:  # tool names and ids; reasoning, which templates render (or strip) themselves
+            if key in message:
+                clean[key] = _string(message[key], f"messages[{j}].{key}", required=True)
         out.append(clean)
     return out
 

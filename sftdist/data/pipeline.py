@@ -29,7 +29,7 @@ from sftdist.data.filters import RecordFilter
 from sftdist.data.formats import Rejected, normalise
 from sftdist.data.prepared import (cache_root, check_compatible, fingerprint, load_prepared, make_manifest,
                                    save_prepared, tokenizer_hash)
-from sftdist.data.sources import Source, iter_records, resolve_format, sources_from_config
+from sftdist.data.sources import Source, source_weights, sources_from_config, with_format
 from sftdist.data.encode import build_table, encode_all
 from sftdist.data.template import IGNORE_INDEX, template_hash
 from sftdist.errors import DataError
@@ -60,10 +60,12 @@ class _Tally:
         self.examples: dict[str, list[str]] = defaultdict(list)
         self.by_source: dict[str, Counter] = defaultdict(Counter)
         self.formats: dict[str, str | None] = {}
+        self.reasons_by_source: dict[str, Counter] = defaultdict(Counter)
 
     def add(self, kind: str, reason: str, where: str, detail: str, source: str) -> None:
         self.counts[kind][reason] += 1
         self.by_source[source][kind] += 1
+        self.reasons_by_source[source][reason] += 1
         if len(self.examples[reason]) < _MAX_EXAMPLES:
             self.examples[reason].append(f"{where}: {detail}" if detail else where)
 
@@ -72,13 +74,17 @@ def _read(sources: list[Source], record_filter: RecordFilter, tally: _Tally) -> 
     """(source, where, canonical conversation) of each record that parses, validates and passes the filters
     that compare records; the others are counted."""
     for source in sources:
-        fmt = None
-        for where, raw in iter_records(source):
+        for where, raw, fmt in with_format(source):
             tally.by_source[source.name]["records_in"] += 1
             if isinstance(raw, Rejected):
                 tally.add("rejected", raw.reason, where, raw.detail, source.name)
                 continue
-            fmt = fmt or resolve_format(source, raw)
+            if fmt is None:
+                keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+                tally.add("rejected", "unknown_format", where, f"no record of {source.name} looks like messages, "
+                          f"alpaca or sharegpt (keys: {keys}); set data.format", source.name)
+                continue
+            tally.formats[source.name] = fmt
             conv = normalise(raw, fmt)
             if isinstance(conv, Rejected):
                 tally.add("rejected", conv.reason, where, conv.detail, source.name)
@@ -89,7 +95,6 @@ def _read(sources: list[Source], record_filter: RecordFilter, tally: _Tally) -> 
                 tally.add("filtered", reason, where, "", source.name)
                 continue
             yield source.name, where, conv
-        tally.formats[source.name] = fmt
 
 
 def _chunks(records: Iterator[tuple[str, str, dict]], size: int, kept: list) -> Iterator[list[dict]]:
@@ -117,12 +122,12 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def _check_rejections(tally: _Tally, records_in: int, limit: float) -> None:
-    rejected = tally.counts["rejected"]
+def check_rejections(rejected: dict[str, int], examples: dict[str, list[str]], records_in: int, limit: float) -> None:
+    """Stop when more than ``limit`` of the records were rejected, naming reasons and the first records."""
     total = sum(rejected.values())
     if records_in and total / records_in > limit:
-        reasons = "; ".join(f"{reason}: {n} (first: {', '.join(e.split(': ')[0] for e in tally.examples[reason][:3])})"
-                            for reason, n in rejected.most_common())
+        reasons = "; ".join(f"{reason}: {n} (first: {', '.join(e.split(': ')[0] for e in examples[reason][:3])})"
+                            for reason, n in Counter(rejected).most_common())
         hint = (" Over-long records: raise data.max_length or set data.truncation=truncate."
                 if "too_long" in rejected else "")
         raise DataError(f"{total} of {records_in} records ({100 * total / records_in:.1f}%) were rejected, more than "
@@ -157,7 +162,9 @@ def _prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple
     if cfg.cache and cached.is_dir():
         table, manifest = load_prepared(cached)
         log.info("data: prepared samples from the cache (%s)", cached)
-        return table, manifest["report"]
+        report = manifest["report"]  # the threshold is this run's, not the one the cache was written with
+        check_rejections(report["rejected"], report["examples"], report["records_in"], cfg.max_rejected_fraction)
+        return table, {**report, "settings": {**report["settings"], "max_rejected_fraction": cfg.max_rejected_fraction}}
 
     tally = _Tally()
     eval_texts = _decontamination_texts(cfg.filters.decontaminate) if cfg.filters.decontaminate else None
@@ -172,7 +179,7 @@ def _prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple
             tally.add("filtered", filtered, where, "", source)
         elif reason:
             tally.add("rejected", reason, where, detail, source)
-    _check_rejections(tally, records_in, cfg.max_rejected_fraction)
+    check_rejections(tally.counts["rejected"], tally.examples, records_in, cfg.max_rejected_fraction)
     convs = [c for _, _, c in kept]
     usable = [i for i, (s, f) in enumerate(zip(encoded["status"], encoded["filtered"])) if not s and not f]
     if not usable:
@@ -184,18 +191,16 @@ def _prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple
         "conv": [json.dumps(c, ensure_ascii=False, default=str) for c in convs]}, digest)
     report = _report(cfg, sources, tally, table, encoded, records_in, digest, tokenizer, template, record_filter)
     if cfg.cache:
-        save_prepared(table, make_manifest(report), cached)
+        save_prepared(table, make_manifest(report), cached, replace=False)
         table, _ = load_prepared(cached)  # memory-mapped from here on
     return table, report
 
 
 def _decontamination_texts(path: str) -> list[str]:
-    source = Source(os.path.basename(path), "auto", 1.0, path)
-    texts, fmt = [], None
-    for _, raw in iter_records(source):
-        if isinstance(raw, Rejected):
+    texts = []
+    for _, raw, fmt in with_format(Source(os.path.basename(path), "auto", 1.0, path)):
+        if isinstance(raw, Rejected) or fmt is None:
             continue
-        fmt = fmt or resolve_format(source, raw)
         conv = normalise(raw, fmt)
         if not isinstance(conv, Rejected):
             texts.append("\n".join(m["content"] for m in conv["messages"]))
@@ -219,6 +224,7 @@ def _report(cfg: DataConfig, sources: list[Source], tally: _Tally, table: Any, c
         per_source[s.name] = {
             "path": s.path, "format": tally.formats.get(s.name), "weight": s.weight, "records_in": c["records_in"],
             "records_used": int(mask.sum()), "rejected": c["rejected"], "filtered": c["filtered"],
+            "reasons": dict(tally.reasons_by_source[s.name].most_common()),
             "num_tokens": int(lengths[mask].sum()), "num_supervised_tokens": int(supervised[mask].sum()),
             "supervised_fraction": round(float(supervised[mask].sum() / max(1, lengths[mask].sum())), 4)}
     report = {
@@ -294,13 +300,16 @@ def split_and_weight(table: Any, weights: dict[str, float], num_eval: int,
 def build_datasets(cfg: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, template: str,
                    seed: int) -> tuple[EncodedSet, EncodedSet, dict]:
     """(train samples, eval samples, report) for a run: from data.prepared, the cache, or prepared now."""
-    if cfg.prepared is not None:
+    if cfg.prepared is not None:  # weights as sftdist-prepare was configured
         table, manifest = load_prepared(cfg.prepared)
         check_compatible(manifest, cfg.prepared, tokenizer, template, cfg.max_length)
         report = manifest["report"]
-    else:
+        weights = {name: s["weight"] for name, s in report["sources"].items()}
+    else:  # weights are not part of the fingerprint: this run's
         table, report = prepare(cfg, tokenizer, template, seed)
-    weights = {name: s["weight"] for name, s in report["sources"].items()}
+        weights = source_weights(cfg)
+        report = {**report, "sources": {k: {**v, "weight": weights.get(k, v["weight"])}
+                                        for k, v in report["sources"].items()}}
     num_eval = eval_cfg.holdout_records if eval_cfg.every_steps > 0 else 0
     train_rows, eval_rows = split_and_weight(table, weights, num_eval, seed)
     report = {**report, "records_train": int(len(np.unique(train_rows))), "records_eval": int(len(eval_rows)),

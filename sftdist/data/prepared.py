@@ -45,7 +45,13 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 def fingerprint(sources: list, tokenizer: Any, template: str, cfg: DataConfig) -> str:
     """A digest of everything that determines the prepared samples."""
+    import jinja2
+    import tokenizers
+    import transformers
+
     h = hashlib.sha256(f"sftdist-prepared-v{PIPELINE_VERSION}".encode())
+    # rendering and tokenization can change with these libraries
+    h.update(f"{transformers.__version__} {tokenizers.__version__} {jinja2.__version__}".encode())
     for source in sources:
         h.update(json.dumps([source.name, source.format]).encode())
         if source.path is not None:
@@ -75,10 +81,13 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(root).expanduser() / "prepared"
 
 
-def save_prepared(table: Any, manifest: dict, directory: Path) -> Path:
+def save_prepared(table: Any, manifest: dict, directory: Path, replace: bool = True) -> Path:
     """Write atomically: a temporary sibling, then a rename (a concurrent or crashed writer leaves no half).
-    An existing directory is replaced only if it is a prepared directory itself (or empty)."""
+    An existing directory is replaced only if it is a prepared directory itself (or empty); with
+    ``replace=False`` (the content-addressed cache) an existing one is kept as it is."""
     directory = Path(directory)
+    if not replace and directory.is_dir():
+        return directory
     if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
         raise ConfigError(f"{directory} exists and is not a prepared-data directory: refusing to replace it; "
                           "choose another output_dir")
@@ -87,6 +96,9 @@ def save_prepared(table: Any, manifest: dict, directory: Path) -> Path:
     table.save_to_disk(str(tmp))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if directory.exists():
+        if not replace:  # another process wrote the same content meanwhile
+            shutil.rmtree(tmp)
+            return directory
         shutil.rmtree(directory)
     tmp.rename(directory)
     return directory

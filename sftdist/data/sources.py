@@ -44,6 +44,15 @@ def sources_from_config(cfg: DataConfig, seed: int) -> list[Source]:
     return [Source("demo", "messages", 1.0, None, generate_demo_conversations(cfg.demo_size, seed=seed))]
 
 
+def source_weights(cfg: DataConfig) -> dict[str, float]:
+    """{source name: sampling weight} of the configuration, without reading anything."""
+    if cfg.path is not None:
+        return {_name(cfg.path): 1.0}
+    if cfg.sources:
+        return {s.name or _name(s.path): s.weight for s in cfg.sources}
+    return {"demo": 1.0}
+
+
 def _must_exist(key: str, path: str) -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
@@ -64,15 +73,12 @@ def iter_records(source: Source) -> Iterator[tuple[str, Any]]:
         yield from _iter_dataset_dir(path)
     elif not path.is_file():
         raise FileNotFoundError(f"data.path={source.path!r}: no such file or directory")
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
         yield from _iter_jsonl(path)
-    elif path.suffix == ".json":
+    elif path.suffix.lower() == ".json":
         yield from _iter_json(path)
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {i}", row
+    elif path.suffix.lower() == ".parquet":
+        yield from _iter_parquet(path)
     else:
         raise DataError(f"data.path={source.path!r}: unsupported file type {path.suffix!r} "
                         "(use .jsonl, .json, .parquet or a saved datasets directory)")
@@ -90,14 +96,19 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
-                yield where, Rejected("invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
+                record = Rejected("invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
+            except RecursionError:
+                record = Rejected("invalid_json", "JSON nested too deeply to read")
+            yield where, record
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError as err:
+        raise DataError(f"{path}: JSON nested too deeply to read") from err
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
@@ -107,6 +118,27 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: a .json data file must hold a list of records, not {type(data).__name__}")
     for i, record in enumerate(data):
         yield f"{path} record {i}", record
+
+
+def _without_nulls(value: Any) -> Any:
+    """Arrow gives every struct the union of all records' keys, filling the missing ones with null: drop them."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from err
+    for i, row in enumerate(rows):
+        yield f"{path} row {i}", _without_nulls(row)
 
 
 def _iter_dataset_dir(path: Path) -> Iterator[tuple[str, Any]]:
@@ -121,16 +153,24 @@ def _iter_dataset_dir(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"data.path={str(path)!r}: a DatasetDict without a 'train' split ({list(ds)})")
         ds = ds["train"]
     for i, row in enumerate(ds):
-        yield f"{path} row {i}", row
+        yield f"{path} row {i}", _without_nulls(row)
 
 
-def resolve_format(source: Source, first: Any) -> str:
-    """The source's format: as configured, or detected from its first parsable record."""
+def with_format(source: Source) -> Iterator[tuple[str, Any, str | None]]:
+    """(where, raw record or Rejected, format) of every record. With ``auto`` the format is the one of the
+    first record whose shape says it; the records before it are held back until then (None: no record says)."""
     if source.format != "auto":
-        return source.format
-    detected = detect_format(first)
-    if detected is None:
-        keys = sorted(first) if isinstance(first, dict) else type(first).__name__
-        raise DataError(f"{source.path or source.name}: cannot tell the format from its first record (keys: {keys}); "
-                        "set data.format (or the source's format) to messages, alpaca or sharegpt")
-    return detected
+        yield from ((where, raw, source.format) for where, raw in iter_records(source))
+        return
+    held: list[tuple[str, Any]] = []
+    fmt = None
+    for where, raw in iter_records(source):
+        if fmt is None and not isinstance(raw, Rejected):
+            fmt = detect_format(raw)
+        if fmt is None:
+            held.append((where, raw))
+            continue
+        yield from ((w, r, fmt) for w, r in held)
+        held = []
+        yield where, raw, fmt
+    yield from ((w, r, None) for w, r in held)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,19 @@ def load_chat_template(path: str | None) -> str | None:
     text = file.read_text(encoding="utf-8")
     if not text.strip():
         raise ConfigError(f"data.chat_template={path!r}: the file is empty")
+    _compile(text, f"data.chat_template={path!r}")
     return text
+
+
+def _compile(template: str, where: str) -> Any:
+    """The template compiled in apply_chat_template's Jinja environment; a syntax error names ``where``."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        return _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise ConfigError(f"{where}: the chat template does not parse: {err.message} (line {err.lineno})") from err
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str:
@@ -88,11 +101,10 @@ class ChatTemplate:
     (empty prefixes included), knows what it can render, and adapts conversations to it."""
 
     def __init__(self, tokenizer: Any, template: str):
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
         self.template = template
         self.hash = template_hash(template)
-        self._compiled = _compile_jinja_template(template)  # the Jinja environment apply_chat_template uses
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        self._compiled = _compile(template, f"the chat template of {name!r}")  # apply_chat_template's environment
         self._kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self.caps = self._probe()
 
@@ -100,6 +112,8 @@ class ChatTemplate:
         """The text ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)`` renders (a test holds
         the two equal), for empty conversations too. Keys whose value is None are dropped, as it does."""
         messages = [{k: v for k, v in m.items() if v is not None and k != "weight"} for m in messages]
+        if any(k in m for m in messages for k in _REASONING_FIELDS):
+            messages = _alias_reasoning(messages)
         try:
             return self._compiled.render(messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self._kwargs)
@@ -154,8 +168,10 @@ class ChatTemplate:
         if not caps.system and out and out[0]["role"] == "system":
             system = out.pop(0)["content"]
             first_user = next((m for m in out if m["role"] == "user"), None)
-            if first_user is not None:
-                first_user["content"] = f"{system}\n\n{first_user['content']}" if system else first_user["content"]
+            if first_user is None:  # nothing to fold it into: it becomes the user turn
+                out.insert(0, {"role": "user", "content": system})
+            elif system:
+                first_user["content"] = f"{system}\n\n{first_user['content']}"
             notes.append("system_in_user")
         if not caps.consecutive_user:
             merged: list[dict] = []
@@ -170,6 +186,16 @@ class ChatTemplate:
 
 
 _TEMPLATES: dict[tuple, ChatTemplate] = {}
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(messages: list[dict]) -> list[dict]:
+    """As apply_chat_template does: the reasoning under each name templates read (thinking, reasoning_content)."""
+    try:
+        from transformers.utils.chat_template_utils import _alias_reasoning_fields
+    except ImportError:  # a transformers without the aliasing renders the fields as given
+        return messages
+    return _alias_reasoning_fields(messages)
 
 
 def bind_template(tokenizer: Any, template: str) -> ChatTemplate:
@@ -247,14 +273,22 @@ def labels_from_offsets(text: str, spans: list[tuple[int, int]], input_ids: list
 
 
 def backend_tokenizer(tokenizer: Any) -> Any:
-    """The fast tokenizer's Rust tokenizer, with no truncation or padding left set on it (transformers sets
-    both anew on every call anyway): its ``encode_batch`` ids equal ``tokenizer(text)["input_ids"]``."""
-    backend = tokenizer.backend_tokenizer
-    if backend.truncation is not None:
+    """A copy of the fast tokenizer's Rust tokenizer for labelling: no truncation, no padding, and no
+    post-processor. With ``add_special_tokens=False`` a post-processor changes no id, only offsets (ByteLevel's
+    ``trim_offsets`` shortens them), and untrimmed offsets are what shows a token crossing a span boundary."""
+    backend = _BACKENDS.get(tokenizer)
+    if backend is None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.post_processor = None
         backend.no_truncation()
-    if backend.padding is not None:
         backend.no_padding()
+        _BACKENDS[tokenizer] = backend
     return backend
+
+
+_BACKENDS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
 def render_many(ct: "ChatTemplate", convs: list[tuple[list[dict], list[dict] | None]]) -> list[tuple]:

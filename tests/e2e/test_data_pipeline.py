@@ -186,6 +186,11 @@ def test_prepare_once_then_train_and_inspect_the_prepared_directory(tmp_path):
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "records in 200, used 200" in shown.stdout and "[[" in shown.stdout
     assert "assistant" in shown.stdout and "user " in shown.stdout
+    as_override = _sftdist("sftdist-inspect", f"data.prepared={prepared}", "--samples", "1", cwd=tmp_path)
+    assert as_override.returncode == 0, as_override.stderr[-2000:]
+    assert "records in 200, used 200" in as_override.stdout
+    missing = _sftdist("sftdist-inspect", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert missing.returncode == 2 and "is not a prepared-data directory" in missing.stderr
 
 
 @pytest.mark.parametrize("name,fmt", [("alpaca_en_demo.json", "alpaca"), ("glaive_toolcall_en_demo.json", "sharegpt"),
@@ -210,3 +215,32 @@ def test_inspect_shows_every_rejection_where_training_would_stop(tmp_path):
     assert "rejected invalid_json: 4" in shown.stdout and "chat.jsonl line 4: invalid JSON" in shown.stdout
     bad = _sftdist("sftdist-inspect", "data.foo=1", cwd=tmp_path)
     assert bad.returncode == 2 and "sftdist-inspect: config error" in bad.stderr
+
+
+def test_a_cache_written_with_a_lax_threshold_still_stops_a_strict_run(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(GOOD[:3] + [BAD["invalid_json"]] * 4) + "\n")
+    lax = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), max_length=256, max_rejected_fraction=1.0)
+    _, report = prepare(lax, TOKENIZER, TEMPLATE, seed=0)  # e.g. sftdist-inspect, which shows every rejection
+    assert report["rejected"] == {"invalid_json": 4}
+    strict = DataConfig(**{**lax.__dict__, "max_rejected_fraction": 0.05})
+    with pytest.raises(DataError, match=r"4 of 7 records .* invalid_json: 4 \(first: .*data.jsonl line 4"):
+        prepare(strict, TOKENIZER, TEMPLATE, seed=0)
+
+
+def test_source_weights_are_this_runs_even_from_the_cache(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(GOOD[:40]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(GOOD[40:80]) + "\n")
+
+    def rows(weight_a):
+        cfg = DataConfig(sources=[SourceConfig(path=str(tmp_path / "a.jsonl"), weight=weight_a),
+                                  SourceConfig(path=str(tmp_path / "b.jsonl"), weight=1.0)],
+                         cache_dir=str(tmp_path / "cache"))
+        train, _, report = build_datasets(cfg, EvalConfig(every_steps=0), TOKENIZER, TEMPLATE, 0)
+        names = np.asarray(train.table["source"])
+        return sum(names[r] == "a" for r in train.rows), report
+
+    once, report = rows(1.0)
+    thrice, report_cached = rows(3.0)  # same fingerprint: the cache is hit
+    assert report_cached["fingerprint"] == report["fingerprint"]
+    assert (once, thrice) == (40, 120) and report_cached["sources"]["a"]["weight"] == 3.0

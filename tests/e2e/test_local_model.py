@@ -97,3 +97,22 @@ def test_generation_stops_where_the_trained_turns_end(tmp_path):
     stop = GenerationConfig.from_pretrained(str(tmp_path / "run" / "final")).eos_token_id
     ids = trainer.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert sorted(stop) == sorted(ids)
+
+
+def test_a_plain_end_of_turn_token_never_becomes_a_stop_token(caplog):
+    """Turns that end in an ordinary token (a marker the tokenizer splits, say): stopping there would cut
+    generations wherever that token appears, so export keeps the model's own stop tokens and warns."""
+    from types import SimpleNamespace
+
+    from sftdist.data.demo import load_demo_tokenizer
+
+    tokenizer = load_demo_tokenizer()
+    plain, special = tokenizer.convert_tokens_to_ids(["\u010a", "<|im_end|>"])  # "\n" in byte-level BPE
+    assert plain not in tokenizer.all_special_ids and plain != tokenizer.unk_token_id
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    fake = SimpleNamespace(tokenizer=tokenizer, model=model, data_report={"end_of_turn_ids": {str(plain): 9}})
+    with caplog.at_level("WARNING"):
+        assert Trainer._stop_token_ids(fake) is None
+    assert "which is not a special token" in caplog.text
+    fake.data_report = {"end_of_turn_ids": {str(special): 9, str(plain): 1}}
+    assert Trainer._stop_token_ids(fake) == [special]

@@ -8,7 +8,7 @@ import pytest
 
 from sftdist.config import DataConfig, SourceConfig
 from sftdist.data.formats import Rejected
-from sftdist.data.sources import Source, iter_records, resolve_format, sources_from_config
+from sftdist.data.sources import Source, iter_records, sources_from_config, with_format
 from sftdist.errors import DataError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -62,11 +62,29 @@ def test_missing_unsupported_and_not_a_dataset(tmp_path):
         _records(tmp_path / "empty_dir")
 
 
-def test_format_is_detected_from_the_first_record_or_refused():
-    assert resolve_format(Source("s", "auto"), {"instruction": "x", "output": "y"}) == "alpaca"
-    assert resolve_format(Source("s", "sharegpt"), {"instruction": "x"}) == "sharegpt"
-    with pytest.raises(DataError, match="cannot tell the format"):
-        resolve_format(Source("s", "auto", path="f.jsonl"), {"text": "x"})
+def test_format_is_detected_from_the_first_record_that_shows_it(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "stray"}\n[1, 2]\n{"instruction": "x", "output": "y"}\n{"text": "later"}\n')
+    assert [fmt for _, _, fmt in with_format(Source("s", "auto", 1.0, str(path)))] == ["alpaca"] * 4
+    assert [fmt for _, _, fmt in with_format(Source("s", "sharegpt", 1.0, str(path)))] == ["sharegpt"] * 4
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert [fmt for _, _, fmt in with_format(Source("s", "auto", 1.0, str(path)))] == [None, None]
+
+
+def test_arrow_null_filled_keys_are_absent_and_deep_json_is_a_counted_line(tmp_path):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1}]},
+            {"messages": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yes"}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))  # Arrow adds weight: null to row 2
+    (_, _), (_, second) = _records(tmp_path / "d.parquet")
+    assert second["messages"][1] == {"role": "assistant", "content": "yes"}
+    (tmp_path / "deep.jsonl").write_text("[" * 100000 + "]" * 100000 + "\n")
+    ((_, deep),) = _records(tmp_path / "deep.jsonl")
+    assert deep.reason == "invalid_json"
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        _records(tmp_path / "broken.parquet")
 
 
 def test_sources_from_config(tmp_path, monkeypatch):

@@ -126,3 +126,58 @@ def test_tools_reach_the_template(demo_tokenizer):
                               tools=[{"name": "calc"}, {"name": "search"}])
     assert demo_tokenizer.decode(enc["input_ids"]).startswith("<|im_start|>system\nTools: calc,search<|im_end|>")
     assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == ["2 + 3 = 5\n#### 5<|im_end|>"]
+
+
+def test_a_merged_newline_and_space_is_refused_whatever_the_offsets_trimming():
+    """GPT-NeoX-style tokenizers trim white space from offsets: the token '\\n ' (the prompt's newline and the
+    answer's first space) then looks as if it ended before the answer. It must still be refused."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    for trim in (True, False):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=trim)
+        tok.train_from_iterator(["assistant\n  Hello world"] * 50, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                            chat_template=CONVERSATION_TEMPLATE)
+        with pytest.raises(TemplateSplitError, match="straddles the boundary"):
+            encode_conversation(tokenizer, [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "  Hello world"}])
+
+
+CONVERSATION_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+THINKING_TEMPLATE = (  # reads `thinking` (gpt-oss style); records carry `reasoning_content`
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and m.thinking %}<think>{{ m.thinking }}</think>{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_reasoning_reaches_the_template_under_the_name_it_reads_and_is_supervised(demo_tokenizer):
+    from sftdist.data.formats import normalise
+
+    record = {"messages": [{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]}
+    conv = normalise(record, "messages")
+    assert conv["messages"][1]["reasoning_content"] == "two and two"  # kept by normalisation
+    enc = encode_conversation(demo_tokenizer, conv["messages"], chat_template=THINKING_TEMPLATE)
+    assert "<think>two and two</think>4" in demo_tokenizer.decode(enc["input_ids"])
+    supervised = demo_tokenizer.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX])
+    assert supervised == "<think>two and two</think>4<|im_end|>"
+
+
+def test_a_template_file_that_does_not_parse_is_named(tmp_path):
+    from sftdist.data.template import load_chat_template
+    from sftdist.errors import ConfigError
+
+    path = tmp_path / "broken.jinja"
+    path.write_text("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(ConfigError, match=r"data.chat_template='.*broken.jinja': the chat template does not parse"):
+        load_chat_template(str(path))
