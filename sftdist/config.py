@@ -90,11 +90,24 @@ class TrainConfig:
     adam_eps: float = 1.0e-8
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
     log_every_steps: int = 1  # metrics cadence (the first and last steps are always logged)
+    peak_tflops: Optional[float] = None  # per-GPU peak for train/mfu; default: known GPUs' dense bf16 peak
 
 
 @dataclass
 class StrategyConfig:
     name: str = "none"  # none | ddp | fsdp2 | zero3
+    timeout_minutes: int = 60  # collective timeout (rank 0 prepares the data while the others wait)
+    # fsdp2 (torch.distributed.fsdp.fully_shard per decoder layer and the root)
+    reshard_after_forward: bool = True  # free gathered layer weights after forward (ZeRO-3-like); false: ZeRO-2-like
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state on CPU
+    # zero3 (DeepSpeed stage 3; its config generated from these, deepspeed_config merged on top)
+    overlap_comm: bool = True  # overlap gradient reduction with backward
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduce bucket
+    prefetch_bucket_size: int = 50_000_000  # elements of parameters prefetched ahead of use
+    param_persistence_threshold: int = 100_000  # parameters smaller than this stay gathered
+    offload_optimizer: bool = False  # optimizer state and fp32 master weights on CPU
+    offload_params: bool = False  # parameters on CPU between uses
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON whose keys override the generated config
 
 
 @dataclass
@@ -192,7 +205,8 @@ def _validate_features(cfg: SFTConfig) -> None:
     """Choices, including values that a later version implements."""
     _choice("precision", cfg.precision, ("fp32", "bf16"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    _choice("strategy.name", cfg.strategy.name, ("none",), planned=("ddp", "fsdp2", "zero3"))
+    _choice("strategy.name", cfg.strategy.name, ("none", "ddp", "fsdp2", "zero3"))
+    _validate_strategy(cfg.strategy)
     _choice("curriculum.name", cfg.curriculum.name, ("none",), planned=("three_phase",))
     _choice("data.format", cfg.data.format, FORMATS)
     _choice("data.truncation", cfg.data.truncation, ("drop", "truncate"))
@@ -212,10 +226,32 @@ def _validate_features(cfg: SFTConfig) -> None:
         )
 
 
+_STRATEGY_ONLY = {"reshard_after_forward": "fsdp2", "cpu_offload": "fsdp2", "overlap_comm": "zero3",
+                  "reduce_bucket_size": "zero3", "prefetch_bucket_size": "zero3",
+                  "param_persistence_threshold": "zero3", "offload_optimizer": "zero3", "offload_params": "zero3",
+                  "deepspeed_config": "zero3"}
+
+
+def _validate_strategy(s: StrategyConfig) -> None:
+    """An option of another strategy, set away from its default, would be silently ignored: refuse it."""
+    _positive("strategy.timeout_minutes", s.timeout_minutes)
+    defaults = StrategyConfig()
+    for key, owner in _STRATEGY_ONLY.items():
+        if s.name != owner and getattr(s, key) != getattr(defaults, key):
+            raise ConfigError(f"strategy.{key}={getattr(s, key)!r} applies to strategy={owner} only "
+                              f"(this run uses strategy={s.name})")
+    for key in ("reduce_bucket_size", "prefetch_bucket_size"):
+        _positive(f"strategy.{key}", getattr(s, key))
+    _positive("strategy.param_persistence_threshold", s.param_persistence_threshold, allow_zero=True)
+    _not_empty("strategy.deepspeed_config", s.deepspeed_config)
+
+
 def _validate_train(t: TrainConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_tokens", "log_every_steps"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.lr", t.lr)
+    if t.peak_tflops is not None:
+        _positive("train.peak_tflops", t.peak_tflops)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
     _positive("train.adam_eps", t.adam_eps)

@@ -23,7 +23,13 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
                            reduction="sum")
 
 
-def step_normalised_loss(logits: torch.Tensor, targets: torch.Tensor, num_step_tokens: int) -> torch.Tensor:
-    """This micro-batch's share of the step loss: its CE sum / supervised tokens in the whole step."""
+def step_normalised_loss(ce_sum: torch.Tensor, num_step_tokens: int, grad_divisor: int = 1) -> torch.Tensor:
+    """This micro-batch's share of the step loss, as handed to backward.
+
+    ``ce_sum``: the micro-batch's CE sum (:func:`cross_entropy_sum`); ``num_step_tokens``: supervised tokens
+    in the whole optimizer step, all micro-batches of all ranks; ``grad_divisor``: what the strategy's gradient
+    reduction divides by (the world size for DDP, FSDP2 and ZeRO-3, which average over ranks). Summed over the
+    micro-batches and reduced, the gradients are those of the step's token-mean loss on any topology.
+    """
     assert num_step_tokens > 0, "an optimizer step without a supervised token"
-    return cross_entropy_sum(logits, targets) / num_step_tokens
+    return ce_sum * (grad_divisor / num_step_tokens)

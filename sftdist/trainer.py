@@ -29,6 +29,7 @@ from sftdist.data.pipeline import Sample, build_datasets
 from sftdist.errors import ConfigError
 from sftdist.loss import cross_entropy_sum, step_normalised_loss
 from sftdist.metrics import build_metrics_logger, check_wandb
+from sftdist.metrics.flops import ModelDims, peak_tflops
 from sftdist.model import (build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters,
                            pad_token_id)
 from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
@@ -60,16 +61,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 class Trainer:
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
-        self.strategy = build_strategy(cfg.strategy, cfg.device)
+        check_wandb(cfg.wandb)
+        self.strategy = build_strategy(cfg)
         self.device = self.strategy.device
         self.output_dir = Path(cfg.output_dir)
-        check_wandb(cfg.wandb)
+        world = self.strategy.world_size
+        if cfg.train.global_batch_size % world:
+            raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
+                              f"{world} processes (world size): make it a multiple of {world}")
         torch.manual_seed(cfg.seed)
 
         self.tokenizer, self.chat_template = build_tokenizer(cfg.model, cfg.data)
         self.pad_id = pad_token_id(self.tokenizer)
-        self.train_set, self.eval_set, self.data_report = build_datasets(
-            cfg.data, cfg.eval, self.tokenizer, self.chat_template, cfg.seed)
+        with self._main_first():  # rank 0 prepares (and caches) the data; the others then read the cache
+            self.train_set, self.eval_set, self.data_report = build_datasets(
+                cfg.data, cfg.eval, self.tokenizer, self.chat_template, cfg.seed)
         if cfg.train.global_batch_size > len(self.train_set):
             raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
                               f"{len(self.train_set)} training records: every step would repeat samples")
@@ -80,18 +86,27 @@ class Trainer:
             raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's "
                               f"max_position_embeddings={limit}; lower data.max_length")
         self.num_params = num_parameters(model)
+        self.dims = ModelDims.of(model)
+        self.peak_tflops = peak_tflops(self.device, cfg.train.peak_tflops)
         self.attention = "sdpa (padded)"
         if cfg.data.packing:
             self.attention = resolve_backend(cfg.model.attn_impl, self.device)
             apply_packed_attention(model, self.attention)
-        self.model = self.strategy.wrap(model)
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.train))
         if self.strategy.is_main:  # only once the inputs proved good: a failed start leaves no trace
             self._prepare_output_dir()
         self.sampler = StepSampler(len(self.train_set), cfg.train.global_batch_size, cfg.seed)
         self.metrics = build_metrics_logger(cfg.wandb, self.output_dir, OmegaConf.to_container(
             OmegaConf.structured(cfg)), self.strategy.is_main)
         self._log_plan()
+
+    @contextlib.contextmanager
+    def _main_first(self):
+        if not self.strategy.is_main:
+            self.strategy.barrier()
+        yield
+        if self.strategy.is_main:
+            self.strategy.barrier()
 
     def _prepare_output_dir(self) -> None:
         if (self.output_dir / "metrics.jsonl").exists():
@@ -103,8 +118,11 @@ class Trainer:
 
     def _log_plan(self) -> None:
         t, r = self.cfg.train, self.data_report
-        log.info("model: %s, %.2fM parameters, %s, %s on %s, attention %s", self.cfg.model.name,
-                 self.num_params / 1e6, self.cfg.precision, self.cfg.strategy.name, self.device, self.attention)
+        if not self.strategy.is_main:
+            return
+        log.info("model: %s, %.2fM parameters, %s, %s x %d on %s, attention %s", self.cfg.model.name,
+                 self.num_params / 1e6, self.cfg.precision, self.cfg.strategy.name, self.strategy.world_size,
+                 self.device.type, self.attention)
         log.info("data: %d records in, %d used (%d train, %d eval); rejected %s; filtered %s; truncated %d",
                  r["records_in"], r["records_used"], r["records_train"], r["records_eval"], r["rejected"] or "none",
                  r["filtered"] or "none", r["truncated"]["records"])
@@ -124,7 +142,9 @@ class Trainer:
             return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
 
     def _step_batches(self, samples: list[Sample]) -> list[MicroBatch]:
-        return build_micro_batches(samples, self.cfg.train.micro_batch_tokens, self.pad_id, self.cfg.data.packing)
+        """This rank's micro-batches of a step (the same number on every rank), balanced by training FLOPs."""
+        return build_micro_batches(samples, self.cfg.train.micro_batch_tokens, self.pad_id, self.cfg.data.packing,
+                                   self.strategy.rank, self.strategy.world_size, self.dims.flops)
 
     def fit(self) -> dict[str, Any]:
         """Train for train.max_steps steps, export final/, and return the last step's metrics."""
@@ -138,7 +158,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter()
-            micro_batches = self._step_batches([self.train_set[i] for i in self.sampler.indices(step)])
+            samples = [self.train_set[i] for i in self.sampler.indices(step)]
+            micro_batches = self._step_batches(samples)
             stats = self.train_step(micro_batches)
             if not math.isfinite(stats["loss"]):  # never train on, or export, a diverged model
                 raise FloatingPointError(f"step {step + 1}: the loss is {stats['loss']} (lr {lr:.3g}); "
@@ -149,11 +170,17 @@ class Trainer:
                 "train/lr": lr,
                 "train/grad_norm": stats["grad_norm"],
                 "train/tokens_per_s": stats["tokens"] / elapsed,
+                "train/step_s": elapsed,
                 "train/supervised_tokens": stats["supervised_tokens"],
                 "train/packing_efficiency": stats["tokens"] / stats["slots"],
                 "train/micro_batches": len(micro_batches),
                 "train/epoch": self.sampler.epoch(step),
             }
+            if self.peak_tflops:  # model FLOPs with attention from the actual document lengths
+                flops = self.dims.flops([len(s.input_ids) for s in samples])
+                metrics["train/mfu"] = flops / (elapsed * self.strategy.world_size * self.peak_tflops * 1e12)
+            if self.device.type == "cuda":
+                metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             last = step + 1 == t.max_steps
             if self.eval_set and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
                 metrics["eval/loss"] = self.evaluate()
@@ -171,28 +198,33 @@ class Trainer:
         self.metrics.close()
         if self.strategy.is_main:
             log.info("done: %d steps in %.1f s; final model in %s", t.max_steps, wall, final)
+        self.strategy.barrier()
+        self.strategy.close()
         return {**metrics, "wall_s": wall}
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
-        """One optimizer step over the step's micro-batches; the loss is normalised once, by the step's tokens."""
-        self.model.train()
-        num_step_tokens = self.strategy.sum_across_ranks(sum(mb.num_supervised for mb in micro_batches))
-        loss_sum = torch.zeros((), device=self.device)
-        for mb in micro_batches:
-            mb = mb.to(self.device)
-            loss = step_normalised_loss(self._logits(mb), mb.targets, int(num_step_tokens))
-            self.strategy.backward(loss)
-            loss_sum += loss.detach()
-        grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.max_grad_norm)
-        self.strategy.optimizer_step(self.optimizer)
-        return {
-            "loss": self.strategy.sum_across_ranks(float(loss_sum)),  # the true token mean of the step
-            "grad_norm": grad_norm,
-            "supervised_tokens": num_step_tokens,
-            "tokens": self.strategy.sum_across_ranks(sum(mb.num_tokens for mb in micro_batches)),
-            "slots": self.strategy.sum_across_ranks(sum(mb.num_slots for mb in micro_batches)),
-        }
+        """One optimizer step over this rank's micro-batches (the same count on every rank): gradients of
+        the step's token-mean loss over all ranks, then clip and step."""
+        stats = self.accumulate_gradients(micro_batches)
+        stats["grad_norm"] = self.strategy.optimizer_step(self.optimizer, self.cfg.train.max_grad_norm)
+        return stats
 
+    def accumulate_gradients(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """Forward and backward of every micro-batch; the loss is normalised once, by the supervised tokens
+        of the whole step on all ranks (one all-reduce, before any backward)."""
+        self.model.train()
+        (num_step_tokens,) = self.strategy.all_sum([sum(mb.num_supervised for mb in micro_batches)])
+        ce_total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, mb in enumerate(micro_batches):
+            mb = mb.to(self.device)
+            with self.strategy.micro_step(last=i == len(micro_batches) - 1):
+                ce = cross_entropy_sum(self._logits(mb), mb.targets)
+                self.strategy.backward(step_normalised_loss(ce, int(num_step_tokens), self.strategy.grad_divisor))
+            ce_total += ce.detach()
+        ce_sum, tokens, slots = self.strategy.all_sum([float(ce_total), sum(mb.num_tokens for mb in micro_batches),
+                                                       sum(mb.num_slots for mb in micro_batches)])
+        return {"loss": ce_sum / num_step_tokens,  # the true token mean of the step
+                "supervised_tokens": num_step_tokens, "tokens": tokens, "slots": slots}
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-mean cross-entropy over the held-out samples."""
@@ -205,7 +237,8 @@ class Trainer:
                 mb = mb.to(self.device)
                 total += float(cross_entropy_sum(self._logits(mb), mb.targets))
                 count += mb.num_supervised
-        return self.strategy.sum_across_ranks(total) / self.strategy.sum_across_ranks(count)
+        total, count = self.strategy.all_sum([total, count])
+        return total / count
 
     def export(self, out_dir: Path) -> Path:
         """The Hugging Face directory of the trained model (weights gathered by the strategy), in the dtype
@@ -214,7 +247,7 @@ class Trainer:
         if self.strategy.is_main:
             info = {"template_hash": self.data_report["template_hash"], "sftdist_version": __version__,
                     "data_fingerprint": self.data_report["fingerprint"], "tokenizer_hash": self.data_report["tokenizer_hash"]}
-            export_hf(self.model, state_dict, self.tokenizer, out_dir, dtype=checkpoint_dtype(self.cfg.model),
+            export_hf(self.strategy.unwrap(self.model), state_dict, self.tokenizer, out_dir, dtype=checkpoint_dtype(self.cfg.model),
                       eos_token_ids=self._stop_token_ids(), training_info=info)
         return out_dir
 
@@ -234,7 +267,7 @@ class Trainer:
                         "stop on it reliably; make the template's end-of-turn marker a special token",
                         self.tokenizer.convert_ids_to_tokens(token))
             return None
-        current = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        current = getattr(getattr(self.strategy.unwrap(self.model), "generation_config", None), "eos_token_id", None)
         current = [] if current is None else [current] if isinstance(current, int) else list(current)
         if token not in current:
             log.info("generation stops at %r too: it ends the trained assistant turns",

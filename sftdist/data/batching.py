@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -150,11 +151,58 @@ def collate_padded(samples: list[Sample], pad_id: int) -> MicroBatch:
                       num_supervised=int((targets != IGNORE_INDEX).sum()), num_slots=input_ids.numel())
 
 
-def build_micro_batches(samples: list[Sample], micro_batch_tokens: int, pad_id: int,
-                        packing: bool = False) -> list[MicroBatch]:
-    """The micro-batches of one optimizer step: packed (best-fit decreasing) or padded (longest first)."""
+def empty_micro_batch(pad_id: int, packed: bool) -> MicroBatch:
+    """A one-token micro-batch with nothing to learn: it runs the forward and backward a rank with no work
+    left must still run, so that every rank joins the same collectives (FSDP2's and ZeRO-3's gathers, DDP's
+    all-reduce); its loss and gradients are exactly zero."""
+    input_ids = torch.full((1, 1), pad_id, dtype=torch.long)
+    targets = torch.full((1, 1), IGNORE_INDEX, dtype=torch.long)
+    if packed:
+        return MicroBatch(input_ids, targets, None, num_tokens=0, num_supervised=0, num_slots=0,
+                          position_ids=torch.zeros((1, 1), dtype=torch.long),
+                          cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), max_seqlen=1)
+    return MicroBatch(input_ids, targets, torch.ones((1, 1), dtype=torch.long), num_tokens=0, num_supervised=0,
+                      num_slots=0)
+
+
+def assign_to_ranks(costs: list[float], world_size: int) -> list[list[int]]:
+    """Micro-batches (by index) for each rank: as even a count as possible (every rank runs
+    ceil(n / world_size) micro-steps, the short ones padded with empty micro-batches), and within that the
+    costliest first to the least loaded rank (longest-processing-time), so the ranks' work is balanced."""
+    cap = -(-len(costs) // world_size)
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0.0] * world_size
+    for g in sorted(range(len(costs)), key=lambda g: (-costs[g], g)):
+        r = min((r for r in range(world_size) if len(ranks[r]) < cap), key=lambda r: (loads[r], r))
+        ranks[r].append(g)
+        loads[r] += costs[g]
+    return ranks
+
+
+def token_cost(lengths: list[int]) -> float:
+    """Default cost of a micro-batch of samples of these lengths: its tokens."""
+    return float(sum(lengths))
+
+
+def build_micro_batches(samples: list[Sample], micro_batch_tokens: int, pad_id: int, packing: bool = False,
+                        rank: int = 0, world_size: int = 1,
+                        cost: Callable[[list[int]], float] = token_cost) -> list[MicroBatch]:
+    """This rank's micro-batches of one optimizer step.
+
+    The whole step is planned on every rank alike (packed: best-fit decreasing; padded: longest first), the
+    micro-batches are dealt to the ranks by ``cost`` (:func:`assign_to_ranks`), and a rank with fewer than
+    the others gets empty ones: every rank returns the same number of micro-batches.
+    """
     lengths = [len(s.input_ids) for s in samples]
+    groups = plan_packed(lengths, micro_batch_tokens) if packing else plan_padded(lengths, micro_batch_tokens)
+    if world_size == 1:
+        mine = groups
+    else:
+        dealt = assign_to_ranks([cost([lengths[i] for i in g]) for g in groups], world_size)
+        mine = [groups[g] for g in dealt[rank]]
     if packing:
-        return [collate_packed([samples[i] for i in group], micro_batch_tokens)
-                for group in plan_packed(lengths, micro_batch_tokens)]
-    return [collate_padded([samples[i] for i in group], pad_id) for group in plan_padded(lengths, micro_batch_tokens)]
+        out = [collate_packed([samples[i] for i in group], micro_batch_tokens) for group in mine]
+    else:
+        out = [collate_padded([samples[i] for i in group], pad_id) for group in mine]
+    steps = -(-len(groups) // world_size)
+    return out + [empty_micro_batch(pad_id, packing) for _ in range(steps - len(out))]

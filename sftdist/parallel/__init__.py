@@ -1,5 +1,5 @@
 """Strategies behind one interface (sftdist.parallel.base.Strategy); the only package that may import
-torch.distributed or deepspeed."""
+torch.distributed or deepspeed (deepspeed in parallel/deepspeed.py alone)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from sftdist.config import StrategyConfig
+from sftdist.config import SFTConfig
 from sftdist.parallel.base import Strategy
 
 
@@ -20,16 +20,31 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_strategy(cfg: StrategyConfig, device: str) -> Strategy:
-    if cfg.name == "none":
+def build_strategy(cfg: SFTConfig) -> Strategy:
+    """The strategy ``cfg.strategy.name`` names; distributed ones join (or start) the process group."""
+    name = cfg.strategy.name
+    if name == "none":
         from sftdist.parallel.single import SingleProcess
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1:  # N copies of one run writing one output_dir: never what was meant
             raise ValueError(f"strategy=none trains in one process, but this was launched with WORLD_SIZE="
-                             f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy")
-        return SingleProcess(resolve_device(device))
-    raise ValueError(f"strategy.name={cfg.name!r} is not implemented yet in this version")
+                             f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy "
+                             "(strategy=ddp|fsdp2|zero3)")
+        return SingleProcess(resolve_device(cfg.device))
+    if name == "ddp":
+        from sftdist.parallel.ddp import DDPStrategy
+
+        return DDPStrategy(cfg.strategy, cfg.device)
+    if name == "fsdp2":
+        from sftdist.parallel.fsdp2 import FSDP2Strategy
+
+        return FSDP2Strategy(cfg.strategy, cfg.device, cfg.precision)
+    if name == "zero3":
+        from sftdist.parallel.deepspeed import ZeRO3Strategy
+
+        return ZeRO3Strategy(cfg.strategy, cfg.device, cfg.precision, cfg.train.max_grad_norm)
+    raise ValueError(f"strategy.name={name!r}: not one of none, ddp, fsdp2, zero3")
 
 
 __all__ = ["Strategy", "build_strategy", "resolve_device"]

@@ -1,8 +1,23 @@
-"""The small interface every strategy implements; the training loop sees nothing else."""
+"""The small interface every strategy implements; the training loop sees nothing else.
+
+A step, whatever the strategy::
+
+    for i, mb in enumerate(this rank's micro-batches):      # the same count on every rank
+        with strategy.micro_step(last=i == n - 1):          # DDP: no gradient all-reduce until the last
+            loss = CE sum(mb) / supervised tokens of the step * strategy.grad_divisor
+            strategy.backward(loss)
+    grad_norm = strategy.optimizer_step(optimizer, max_grad_norm)   # clip, step, zero
+
+``grad_divisor`` is what the strategy's gradient reduction divides by (the data-parallel world size for
+DDP, FSDP2 and ZeRO-3, which all average): multiplying it back in makes the reduced gradient the gradient
+of the step's token-mean loss, on any number of ranks (sftdist.loss does the multiplication).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from typing import Callable, Iterator
 
 import torch
 
@@ -10,6 +25,7 @@ import torch
 class Strategy(ABC):
     """How the model is wrapped, how gradients are made and applied, and how weights are gathered."""
 
+    name: str = "none"
     rank: int = 0
     world_size: int = 1
     device: torch.device
@@ -19,26 +35,64 @@ class Strategy(ABC):
         """Rank 0: the one process that writes shared files (config, metrics, exports)."""
         return self.rank == 0
 
+    @property
+    def grad_divisor(self) -> int:
+        """What the gradient reduction divides the summed gradients by (1: it sums, or there is none)."""
+        return 1
+
     @abstractmethod
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Place (and, for distributed strategies, shard or replicate) the model; returns what to call."""
+    def setup(self, model: torch.nn.Module,
+              make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Place (and shard or replicate) the model, then build its optimizer: (what to call, optimizer)."""
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The Hugging Face model inside the wrapper (its config, generation config)."""
+        return model
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward; ``last`` is the step's last micro-batch."""
+        yield
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of ``loss`` (already normalised by the step's token count)."""
 
     @abstractmethod
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
-        """Global gradient norm before clipping; clips to ``max_norm`` unless it is 0."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+        """Clip to ``max_grad_norm`` (0: no clipping), apply and clear the gradients; the global gradient
+        norm before clipping."""
 
-    @abstractmethod
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Apply and then clear the accumulated gradients."""
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all ranks, in one collective."""
+        return [float(v) for v in values]
 
-    @abstractmethod
-    def sum_across_ranks(self, value: float) -> float:
-        """Sum of ``value`` over all ranks (the global supervised-token count, for one)."""
+    def barrier(self) -> None:
+        """Wait for every rank."""
 
     @abstractmethod
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The full, unsharded weights on CPU, for export (on rank 0; other ranks may get an empty dict)."""
+        """The full, unsharded weights on CPU, for export. Every rank must call it (it may gather); rank 0
+        gets the weights, the others may get an empty dict."""
+
+    @abstractmethod
+    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The full, reduced gradients by parameter name on CPU (after the step's backward, before the
+        optimizer step); every rank calls it and gets them. For tests and debugging."""
+
+    def close(self) -> None:
+        """Release the process group (when this strategy started it)."""
+
+
+def clip_and_norm(params: list[torch.nn.Parameter], max_grad_norm: float) -> float:
+    """Global gradient norm before clipping, clipping when ``max_grad_norm`` > 0; DTensor gradients
+    (FSDP2) give the norm over all shards."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)

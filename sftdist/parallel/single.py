@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from sftdist.parallel.base import Strategy
+from sftdist.parallel.base import Strategy, clip_and_norm
 
 
 class SingleProcess(Strategy):
+    name = "none"
+
     def __init__(self, device: torch.device):
         self.device = device
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
+    def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.device)
+        return model, make_optimizer(model)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
-        params = [p for p in model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+        norm = clip_and_norm([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    def sum_across_ranks(self, value: float) -> float:
-        return value
+        return norm
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}

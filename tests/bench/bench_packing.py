@@ -63,7 +63,7 @@ def gpu_throughput(steps: int = 20) -> None:
 
     from sftdist.data.batching import build_micro_batches
     from sftdist.data.pipeline import Sample
-    from sftdist.loss import step_normalised_loss
+    from sftdist.loss import cross_entropy_sum, step_normalised_loss
     from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
 
     tokenizer = build_tokenizer()
@@ -95,7 +95,7 @@ def gpu_throughput(steps: int = 20) -> None:
                     kwargs = ({"position_ids": mb.position_ids, **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen)}
                               if mb.packed else {"attention_mask": mb.attention_mask})
                     logits = model(input_ids=mb.input_ids, use_cache=False, **kwargs).logits
-                step_normalised_loss(logits, mb.targets, n).backward()
+                step_normalised_loss(cross_entropy_sum(logits, mb.targets), n).backward()
                 tokens += mb.num_tokens
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -41,7 +41,8 @@ def test_forty_demo_steps_learn_and_leave_the_contract_outputs(tmp_path):
     ("train.foo=1", "Key 'foo' not in 'TrainConfig'"),
     ("train.max_steps=abc", "full_key: train.max_steps"),
     ("precision=fp16", "sftdist-train: config error: precision='fp16' is not one of: fp32, bf16"),
-    ("strategy=fsdp2", "sftdist-train: config error: strategy.name='fsdp2' is not implemented yet"),
+    ("strategy=fsdp2", "sftdist-train: error: strategy=fsdp2 needs a process group, but this process was not "
+                       "started by torchrun"),
     ("data.path=/nonexistent.jsonl", "sftdist-train: error: data.path='/nonexistent.jsonl': no such file or directory"),
 ])
 def test_mistakes_fail_at_start_with_a_message_naming_the_key(tmp_path, override, message):

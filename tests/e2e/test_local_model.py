@@ -110,7 +110,8 @@ def test_a_plain_end_of_turn_token_never_becomes_a_stop_token(caplog):
     plain, special = tokenizer.convert_tokens_to_ids(["\u010a", "<|im_end|>"])  # "\n" in byte-level BPE
     assert plain not in tokenizer.all_special_ids and plain != tokenizer.unk_token_id
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
-    fake = SimpleNamespace(tokenizer=tokenizer, model=model, data_report={"end_of_turn_ids": {str(plain): 9}})
+    fake = SimpleNamespace(tokenizer=tokenizer, model=model, strategy=SimpleNamespace(unwrap=lambda m: m),
+                           data_report={"end_of_turn_ids": {str(plain): 9}})
     with caplog.at_level("WARNING"):
         assert Trainer._stop_token_ids(fake) is None
     assert "which is not a special token" in caplog.text

@@ -31,7 +31,7 @@ def test_step_loss_is_the_token_mean_of_the_step_not_a_mean_of_means():
     # Two micro-batches with very different supervised counts, as a short and a long batch would have.
     (l1, t1), (l2, t2) = _batch(1, 40, 13, 0.9, 1), _batch(3, 4, 13, 0.2, 2)
     n = int((t1 != -100).sum() + (t2 != -100).sum())
-    step = step_normalised_loss(l1, t1, n) + step_normalised_loss(l2, t2, n)
+    step = step_normalised_loss(cross_entropy_sum(l1, t1), n) + step_normalised_loss(cross_entropy_sum(l2, t2), n)
     pooled = torch.nn.functional.cross_entropy(
         torch.cat([l1.flatten(0, 1), l2.flatten(0, 1)]), torch.cat([t1.flatten(), t2.flatten()]), ignore_index=-100)
     assert torch.allclose(step, pooled, rtol=1e-6)

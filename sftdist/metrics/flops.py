@@ -1,0 +1,50 @@
+"""Training FLOPs from the actual documents, for ``train/mfu`` and for balancing micro-batches over ranks.
+
+Per token, the matmuls cost 6 N FLOPs forward and backward (N: parameters that multiply, the input embedding
+excluded; PaLM, appendix B). Causal attention adds, per layer and document of length n, 6 d n^2 (QK^T and AV,
+2 n^2 d multiply-adds each, halved by causality, times 3 for forward and backward) with d the query width:
+a packed row of short documents costs far less attention than one long document of the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Dense bf16 peak per GPU (TFLOP/s, no sparsity), from the vendors' data sheets; train.peak_tflops overrides.
+_PEAK_BF16_TFLOPS = (("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
+                     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0),
+                     ("A10", 125.0), ("4090", 165.0))
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    matmul_params: int  # N
+    layers: int
+    width: int  # query width (heads x head dim), usually the hidden size
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelDims":
+        config = model.config
+        total = sum(p.numel() for p in model.parameters())
+        embed = model.get_input_embeddings().weight
+        output = model.get_output_embeddings()
+        tied = output is not None and output.weight is embed
+        heads = getattr(config, "num_attention_heads")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(total - (0 if tied else embed.numel()), config.num_hidden_layers, heads * head_dim)
+
+    def flops(self, lengths: list[int]) -> float:
+        """Forward and backward FLOPs of training on documents of these lengths."""
+        return float(sum(6 * self.matmul_params * n + 6 * self.layers * self.width * n * n for n in lengths))
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """Per-device peak for MFU: the override, else a known GPU's dense bf16 peak, else None (no MFU)."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_BF16_TFLOPS if key in name), None)

@@ -1,0 +1,167 @@
+"""``strategy=zero3``: DeepSpeed ZeRO stage 3. The only module that imports deepspeed.
+
+The DeepSpeed config is generated from ours (precision, clipping, the strategy.* keys) and
+``strategy.deepspeed_config`` (a JSON file) is merged on top. Gradient accumulation is ours, not DeepSpeed's:
+the number of micro-batches in a step follows from the data, so DeepSpeed is told one micro-step per step
+(``gradient_accumulation_steps: 1``, which also means its ``backward`` never rescales the loss) and the step's
+boundary is set by hand before each micro-batch. ZeRO averages gradients over the ranks; ``grad_divisor``
+says so, and sftdist.loss compensates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from sftdist.config import StrategyConfig
+from sftdist.errors import ConfigError
+from sftdist.parallel.base import Strategy
+from sftdist.parallel.dist import all_sum, init_process_group
+
+# Derived from train.* (or owned by the loop): a user JSON may not set them.
+_OURS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+         "scheduler", "gradient_clipping", "fp16", "bf16")
+
+
+def _import_deepspeed() -> Any:
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ConfigError(f"strategy=zero3 needs DeepSpeed, which does not import here ({err}); install it with "
+                          "pip install 'sftdist[deepspeed]', or use strategy=fsdp2") from err
+    return deepspeed
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: StrategyConfig, precision: str, max_grad_norm: float) -> dict:
+    """The DeepSpeed config a run uses: generated, then ``cfg.deepspeed_config`` merged on top."""
+    zero: dict[str, Any] = {
+        "stage": 3,
+        "overlap_comm": cfg.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": cfg.reduce_bucket_size,
+        "stage3_prefetch_bucket_size": cfg.prefetch_bucket_size,
+        "stage3_param_persistence_threshold": cfg.param_persistence_threshold,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    }
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: micro-batches are ours (token-budgeted)
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # our torch AdamW, also with the optimizer offloaded
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config is None:
+        return config
+    path = Path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"strategy.deepspeed_config={cfg.deepspeed_config!r}: no such file")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"strategy.deepspeed_config={cfg.deepspeed_config!r}: not valid JSON ({err})") from err
+    if not isinstance(user, dict):
+        raise ConfigError(f"strategy.deepspeed_config={cfg.deepspeed_config!r}: must hold a JSON object")
+    clash = [k for k in _OURS if k in user]
+    if clash:
+        raise ConfigError(f"strategy.deepspeed_config={cfg.deepspeed_config!r} sets {', '.join(clash)}, which "
+                          "sftdist derives (train.global_batch_size, train.micro_batch_tokens, train.lr, "
+                          "train.max_grad_norm, precision): remove them from the file")
+    stage = user.get("zero_optimization", {}).get("stage", 3)
+    if stage != 3:
+        raise ConfigError(f"strategy.deepspeed_config={cfg.deepspeed_config!r} sets zero_optimization.stage="
+                          f"{stage}; strategy=zero3 is stage 3")
+    return _merge(config, user)
+
+
+class ZeRO3Strategy(Strategy):
+    name = "zero3"
+
+    def __init__(self, cfg: StrategyConfig, device: str, precision: str, max_grad_norm: float):
+        self.ds = _import_deepspeed()
+        self.config = deepspeed_config(cfg, precision, max_grad_norm)
+        self.rank, self.world_size, self.device, self._owns_group = init_process_group(
+            "zero3", device, cfg.timeout_minutes)
+        import logging
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.ds.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        self._engine: Any = None
+
+    @property
+    def grad_divisor(self) -> int:
+        return self.world_size  # ZeRO averages over data-parallel ranks
+
+    def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.device)
+        engine, optimizer, _, _ = self.ds.initialize(model=model, optimizer=make_optimizer(model),
+                                                     config=self.config, dist_init_required=False)
+        self._engine = engine
+        return engine, optimizer
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, "module", model)
+
+    def micro_step(self, last: bool):
+        self._engine.set_gradient_accumulation_boundary(last)
+        return super().micro_step(last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss, scale_wrt_gas=False)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+        self._engine.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes
+        norm = self._engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return all_sum(values, self.device)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        module = self.unwrap(model)
+        keys = set(module.state_dict().keys())
+        state: dict[str, torch.Tensor] = {}
+        for name, param in module.named_parameters():
+            with self.ds.zero.GatheredParameters([param], modifier_rank=None):
+                if self.is_main:
+                    state[name] = param.detach().cpu().clone()
+        if not self.is_main:
+            return {}
+        state.update({k: b.detach().cpu() for k, b in module.named_buffers() if k in keys})
+        return {k: v for k, v in state.items() if k in keys}
+
+    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, param in self.unwrap(model).named_parameters():
+            grad = safe_get_full_grad(param)
+            if grad is not None:
+                out[name] = grad.detach().cpu().reshape(param.ds_shape).clone()
+        return out
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,83 @@
+"""``strategy=fsdp2``: ``fully_shard`` on each decoder layer, then the root; parameters, gradients and
+optimizer state sharded over the ranks. Gradients are reduce-scattered (averaged) in every micro-batch's
+backward and accumulate as shards. precision=bf16 computes in bf16 and reduces in fp32."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from sftdist.config import StrategyConfig
+from sftdist.errors import ConfigError
+from sftdist.parallel.base import Strategy, clip_and_norm
+from sftdist.parallel.dist import all_sum, init_process_group
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks, by the classes Hugging Face declares unsplittable (``_no_split_modules``):
+    LlamaDecoderLayer, Qwen2DecoderLayer, ... with no per-model code."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"strategy=fsdp2: found no decoder layers in {type(model).__name__} (its "
+                          f"_no_split_modules is {sorted(names) or 'empty'}); use strategy=zero3 or ddp")
+    return layers
+
+
+class FSDP2Strategy(Strategy):
+    name = "fsdp2"
+
+    def __init__(self, cfg: StrategyConfig, device: str, precision: str):
+        self.rank, self.world_size, self.device, self._owns_group = init_process_group(
+            "fsdp2", device, cfg.timeout_minutes)
+        self.cfg, self.precision = cfg, precision
+
+    @property
+    def grad_divisor(self) -> int:
+        return self.world_size  # reduce-scatter averages
+
+    def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if self.precision == "bf16" else MixedPrecisionPolicy())
+        offload = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
+        # No model.to(device) first: fully_shard moves one layer at a time and keeps its shard only, so a
+        # GPU never holds the whole unsharded model.
+        kwargs = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload}
+        for layer in decoder_layers(model):
+            fully_shard(layer, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
+        fully_shard(model, reshard_after_forward=False, **kwargs)  # the root is needed again at once by backward
+        return model, make_optimizer(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+        norm = clip_and_norm([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return all_sum(values, self.device)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else {}
+
+    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.grad.full_tensor().detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,119 @@
+"""Distributed scenarios, run under torchrun (2 processes, gloo) by tests/distributed/test_strategies.py,
+grouped in one launch because process groups are slow to start. Results go to OUT/results.json (rank 0).
+
+    PYTHONPATH=tests torchrun --standalone --nproc_per_node=2 tests/distributed/scenarios.py OUT DATA
+
+- grads/<strategy>/<packing>: one step's reduced gradients (Trainer.accumulate_gradients, the training
+  path) against the single-process full-batch gradient computed here, sample by sample, on rank 0.
+- fit/<strategy>/<packing>: 3 optimizer steps through Trainer.fit into OUT/fit-<strategy>-<packing>;
+  the test compares final/ with a single-process run.
+- bad_global_batch: train.global_batch_size=3 on 2 processes must be refused at start.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from helpers import compose
+from sftdist.errors import ConfigError
+from sftdist.trainer import Trainer
+
+STRATEGIES = ("ddp", "fsdp2", "zero3")
+
+
+def common(out: Path, data: str) -> list[str]:
+    return [f"data.path={data}", "data.max_length=160", "data.truncation=truncate", "train.micro_batch_tokens=160",
+            "train.global_batch_size=8",
+            "eval.every_steps=0", "wandb.mode=disabled", "train.max_steps=3", f"data.cache_dir={out / 'cache'}"]
+
+
+def reference_grads(trainer: Trainer, samples) -> dict[str, torch.Tensor]:
+    """Single-process full-batch gradient of the step's token-mean loss, one sample at a time, with a
+    fresh copy of the initial model and no packing, masking or strategy code of ours."""
+    from sftdist.model import build_model
+
+    model = build_model(trainer.cfg.model, trainer.tokenizer, trainer.cfg.seed)
+    total, count = 0.0, 0
+    for s in samples:
+        logits = model(input_ids=torch.tensor([s.input_ids]), use_cache=False).logits[0, :-1]
+        targets = torch.tensor(s.labels[1:])
+        total = total + torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        count += int((targets != -100).sum())
+    (total / count).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def grads(out: Path, data: str, strategy: str, packing: bool) -> dict:
+    trainer = Trainer(compose(*common(out, data), f"strategy={strategy}", f"data.packing={str(packing).lower()}",
+                              f"output_dir={out / f'grads-{strategy}-{packing}'}"))
+    samples = [trainer.train_set[i] for i in trainer.sampler.indices(0)]
+    mbs = trainer._step_batches(samples)
+    stats = trainer.accumulate_gradients(mbs)
+    got = trainer.strategy.full_grads(trainer.model)
+    mine = {"micro_batches": len(mbs), "real": sum(mb.num_tokens > 0 for mb in mbs),
+            "supervised": sum(mb.num_supervised for mb in mbs), "tokens": sum(mb.num_tokens for mb in mbs),
+            "per_micro_batch": [mb.num_supervised for mb in mbs]}
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, mine)
+    result = {"ranks": per_rank, "loss": stats["loss"], "supervised_tokens": stats["supervised_tokens"]}
+    if dist.get_rank() == 0:
+        ref = reference_grads(trainer, samples)
+        assert set(got) == set(ref), (sorted(set(got) ^ set(ref)))
+        result["max_rel"] = max(float((got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)) for k in ref)
+        result["ref_supervised"] = sum(int((torch.tensor(s.labels[1:]) != -100).sum()) for s in samples)
+    dist.barrier()
+    return result
+
+
+def fit(out: Path, data: str, strategy: str, packing: bool) -> dict:
+    run = out / f"fit-{strategy}-{packing}"
+    result = Trainer(compose(*common(out, data), f"strategy={strategy}", f"data.packing={str(packing).lower()}",
+                             f"output_dir={run}")).fit()
+    return {"loss": result["train/loss"], "output_dir": str(run)}
+
+
+def main() -> None:
+    out, data = Path(sys.argv[1]), sys.argv[2]
+    only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
+    dist.init_process_group("gloo")  # the strategies join it (and leave it to us)
+    results: dict[str, object] = {}
+
+    def record(name: str, fn, *args) -> None:
+        if only and not any(name.startswith(o) for o in only):
+            return
+        try:
+            results[name] = fn(*args)
+        except Exception as err:  # noqa: BLE001 - reported to the test, which fails with it
+            results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+        dist.barrier()
+
+    for strategy in STRATEGIES:
+        for packing in (True, False):
+            record(f"grads/{strategy}/{packing}", grads, out, data, strategy, packing)
+    for strategy in STRATEGIES:
+        for packing in (True, False):
+            record(f"fit/{strategy}/{packing}", fit, out, data, strategy, packing)
+
+    def bad_global_batch() -> dict:
+        try:
+            Trainer(compose(*common(out, data), "strategy=ddp", "train.global_batch_size=3",
+                            f"output_dir={out / 'bad'}"))
+        except ConfigError as err:
+            return {"message": str(err), "wrote": (out / "bad").exists()}
+        return {"message": None}
+
+    record("bad_global_batch", bad_global_batch)
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

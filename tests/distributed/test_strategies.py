@@ -1,0 +1,157 @@
+"""Distributed training on CPU with gloo and real torch.distributed processes: DDP, FSDP2 and DeepSpeed
+ZeRO-3 against one process. The scenarios run in one torchrun launch (tests/distributed/scenarios.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, compose, read_metrics
+from sftdist.data.demo import generate_demo_conversations
+from sftdist.errors import ConfigError
+from sftdist.trainer import Trainer
+
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+_spec = importlib.util.spec_from_file_location("scenarios", HERE / "scenarios.py")
+scenarios = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scenarios)
+
+
+def write_uneven_data(path: Path) -> str:
+    """Demo conversations, every fifth one four conversations long: steps whose samples, micro-batches and
+    ranks carry very different token counts."""
+    convs = generate_demo_conversations(60, seed=3)
+    lines = []
+    for i, conv in enumerate(convs):
+        messages = conv["messages"]
+        if i % 5 == 0:
+            for other in convs[(i + 1) % 60], convs[(i + 2) % 60], convs[(i + 3) % 60]:
+                messages = messages + [m for m in other["messages"] if m["role"] != "system"]
+        lines.append(json.dumps({"messages": messages, "meta": conv["meta"]}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    data = write_uneven_data(out / "data.jsonl")
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(HERE / "scenarios.py"),
+                           str(out), data], env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, data, json.loads((out / "results.json").read_text())
+
+
+def _ok(result: dict) -> dict:
+    assert "error" not in result, result.get("traceback", result["error"])
+    return result
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("strategy", scenarios.STRATEGIES)
+def test_one_step_gradients_equal_the_single_process_full_batch(launched, strategy, packing):
+    result = _ok(launched[2][f"grads/{strategy}/{packing}"])
+    ranks = result["ranks"]
+    assert result["supervised_tokens"] == result["ref_supervised"] == sum(r["supervised"] for r in ranks)
+    assert len({r["micro_batches"] for r in ranks}) == 1  # the same number of micro-steps on every rank
+    assert max(r["micro_batches"] for r in ranks) >= 2  # accumulation over micro-batches...
+    # ...with deliberately uneven token counts, where normalising per rank or per micro-batch would be wrong:
+    if packing:  # full rows dealt unevenly (3 rows, 2 ranks): one rank runs an empty micro-batch
+        low, high = sorted(r["supervised"] for r in ranks)
+        assert high > 1.3 * low and any(r["real"] < r["micro_batches"] for r in ranks)
+    else:  # padded micro-batches of very different fill
+        real = [n for r in ranks for n in r["per_micro_batch"]]
+        assert max(real) > 1.3 * min(real)
+    assert result["max_rel"] < 1e-5  # FACTS: one step agrees to summation order (measured ~5e-7)
+
+
+@pytest.fixture(scope="module")
+def single_process(launched, tmp_path_factory):
+    out, data, _ = launched
+    runs = {}
+    for packing in (True, False):
+        run = tmp_path_factory.mktemp(f"single-{packing}")
+        Trainer(compose(*scenarios.common(out, data), f"data.packing={str(packing).lower()}",
+                        f"output_dir={run}")).fit()
+        runs[packing] = run
+    return runs
+
+
+def _max_relative_difference(a: dict, b: dict) -> float:
+    """Largest per-tensor ||a - b|| / ||b||, the measure of FACTS.md."""
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("strategy", scenarios.STRATEGIES)
+def test_three_steps_on_two_processes_give_the_weights_of_one(launched, single_process, strategy, packing):
+    result = _ok(launched[2][f"fit/{strategy}/{packing}"])
+    run, reference = Path(result["output_dir"]), single_process[True]  # one process, packed: the reference
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    expected = load_file(str(reference / "final" / "model.safetensors"))
+    # FACTS (3 AdamW steps, uneven samples): DDP 6.4e-6, FSDP2 1.3e-5, ZeRO-3 3.7e-5 from summation order;
+    # wrong normalisations 2.2e-2 (per rank) and 7.4e-2 (per micro-batch).
+    difference = _max_relative_difference(weights, expected)
+    print(f"{strategy} packing={packing}: max per-tensor relative weight difference {difference:.2e}")
+    assert difference < 1e-4
+    ours, theirs = read_metrics(run), read_metrics(reference)
+    assert [m["train/supervised_tokens"] for m in ours] == [m["train/supervised_tokens"] for m in theirs]
+    for a, b in zip(ours, theirs):  # the logged loss is the true token mean of the step
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+    assert not (run / "final" / "metrics.jsonl").exists() and len(ours) == 3  # rank 0 alone writes
+
+
+def test_a_global_batch_the_world_cannot_share_is_refused(launched):
+    result = _ok(launched[2]["bad_global_batch"])
+    assert result["message"] == ("train.global_batch_size=3 is not divisible by the 2 processes (world size): "
+                                 "make it a multiple of 2")
+    assert result["wrote"] is False
+
+
+def test_zero3_without_deepspeed_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without it does on import
+    with pytest.raises(ConfigError, match=r"strategy=zero3 needs DeepSpeed.*pip install 'sftdist\[deepspeed\]'"):
+        Trainer(compose("strategy=zero3", f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled"))
+    assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_rehearsed_on_localhost_train_and_export(launched, single_process, tmp_path):
+    """Two torchrun agents (two "nodes" of one process each) meet through the c10d rendezvous, the way
+    launch/torchrun.sh starts them on a Slurm allocation, and train the same model as one process."""
+    out, data, _ = launched
+    env = _env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               RDZV_ID="rehearsal", PYTHON=sys.executable)
+    args = [str(REPO / "launch" / "torchrun.sh"), *scenarios.common(out, data), "strategy=fsdp2",
+            f"output_dir={tmp_path / 'run'}"]
+    agents = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outputs = [agent.communicate(timeout=600) for agent in agents]
+    for agent, (_, err) in zip(agents, outputs):
+        assert agent.returncode == 0, err[-4000:]
+    assert "2 node(s) x 1 process(es)" in outputs[0][1]
+    assert "fsdp2 x 2" in "".join(o + e for o, e in outputs)
+    weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    expected = load_file(str(single_process[True] / "final" / "model.safetensors"))
+    assert _max_relative_difference(weights, expected) < 1e-4
+    assert torch.equal(torch.tensor([m["step"] for m in read_metrics(tmp_path / "run")]), torch.tensor([1, 2, 3]))
