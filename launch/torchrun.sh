@@ -5,30 +5,38 @@
 # and on two nodes, the same command on each with NNODES=2 MASTER_ADDR=<first node>.
 #
 # Environment (each optional; under Slurm the defaults come from the job):
-#   NNODES          nodes in the job             ($SLURM_NNODES, else 1)
-#   NPROC_PER_NODE  processes on this node       (GPUs visible here, else 1)
-#   MASTER_ADDR     the rendezvous host          (first node of $SLURM_JOB_NODELIST, else 127.0.0.1)
-#   MASTER_PORT     the rendezvous port          (29500)
+#   NNODES          nodes in the job step        ($SLURM_STEP_NUM_NODES, $SLURM_NNODES, else 1)
+#   NPROC_PER_NODE  processes on this node       (GPUs in $CUDA_VISIBLE_DEVICES, else nvidia-smi's, else 1)
+#   MASTER_ADDR     the rendezvous host          (first node of the step's/job's node list, else 127.0.0.1)
+#   MASTER_PORT     the rendezvous port          (20000 + $SLURM_JOB_ID % 10000, else 29500)
 #   RDZV_ID         the job's rendezvous id      ($SLURM_JOB_ID, else sftdist)
 #   PYTHON          the interpreter with sftdist (python3)
 # Arguments are sftdist-train overrides. With NNODES=1 torchrun runs --standalone (a free local port).
 set -euo pipefail
 
-NNODES="${NNODES:-${SLURM_NNODES:-1}}"
+# Two agents on one GPU host (a rehearsal) need disjoint CUDA_VISIBLE_DEVICES, or both take GPU 0...
+NNODES="${NNODES:-${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-1}}}"
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     NPROC_PER_NODE=1
-    if command -v nvidia-smi >/dev/null 2>&1; then
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+        IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+        NPROC_PER_NODE="${#visible[@]}"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
         gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
         [[ "$gpus" -gt 0 ]] && NPROC_PER_NODE="$gpus"
     fi
 fi
 if [[ -z "${MASTER_ADDR:-}" ]]; then
     MASTER_ADDR=127.0.0.1
-    if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
-        MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    nodelist="${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-}}"
+    if [[ -n "$nodelist" ]] && command -v scontrol >/dev/null 2>&1; then
+        MASTER_ADDR="$(scontrol show hostnames "$nodelist" | head -n 1)"
     fi
 fi
-MASTER_PORT="${MASTER_PORT:-29500}"
+if [[ -z "${MASTER_PORT:-}" ]]; then  # per job: two jobs sharing a first node must not share a store
+    MASTER_PORT=29500
+    [[ -n "${SLURM_JOB_ID:-}" ]] && MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))
+fi
 RDZV_ID="${RDZV_ID:-${SLURM_JOB_ID:-sftdist}}"
 PYTHON="${PYTHON:-python3}"
 

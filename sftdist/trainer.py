@@ -26,7 +26,7 @@ from sftdist.checkpoint import export_hf
 from sftdist.config import SFTConfig, TrainConfig
 from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
 from sftdist.data.pipeline import Sample, build_datasets
-from sftdist.errors import ConfigError
+from sftdist.errors import ConfigError, DataError
 from sftdist.loss import cross_entropy_sum, step_normalised_loss
 from sftdist.metrics import build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
@@ -102,11 +102,20 @@ class Trainer:
 
     @contextlib.contextmanager
     def _main_first(self):
+        """Rank 0 runs the block first; the others run it after, or stop at once if rank 0 failed (rather
+        than wait in a barrier that rank 0 never reaches)."""
         if not self.strategy.is_main:
-            self.strategy.barrier()
-        yield
-        if self.strategy.is_main:
-            self.strategy.barrier()
+            (failed,) = self.strategy.all_sum([0])
+            if failed:
+                raise DataError("rank 0 stopped while preparing the data (its error says why); stopping too")
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            self.strategy.all_sum([1])
+            raise
+        self.strategy.all_sum([0])
 
     def _prepare_output_dir(self) -> None:
         if (self.output_dir / "metrics.jsonl").exists():

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 # Dense bf16 peak per GPU (TFLOP/s, no sparsity), from the vendors' data sheets; train.peak_tflops overrides.
-_PEAK_BF16_TFLOPS = (("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
-                     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0),
-                     ("A10", 125.0), ("4090", 165.0))
+_PEAK_BF16_TFLOPS = (("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                     ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+                     ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("4090", 165.0))
 
 
 @dataclass(frozen=True)

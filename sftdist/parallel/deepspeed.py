@@ -24,7 +24,8 @@ from sftdist.parallel.dist import all_sum, init_process_group
 
 # Derived from train.* (or owned by the loop): a user JSON may not set them.
 _OURS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-         "scheduler", "gradient_clipping", "fp16", "bf16")
+         "scheduler", "gradient_clipping", "fp16", "bf16", "torch_autocast", "communication_data_type", "data_types",
+         "managed_gradient_accumulation", "prescale_gradients", "gradient_predivide_factor")
 
 
 def _import_deepspeed() -> Any:
@@ -63,6 +64,10 @@ def deepspeed_config(cfg: StrategyConfig, precision: str, max_grad_norm: float) 
         "gradient_accumulation_steps": 1,
         "gradient_clipping": max_grad_norm,
         "bf16": {"enabled": precision == "bf16"},
+        # Reduce and accumulate gradients in fp32 whatever the compute dtype (as fsdp2 does): DeepSpeed's
+        # defaults would do both in bf16, losing precision with every micro-batch of a step.
+        "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # our torch AdamW, also with the optimizer offloaded
@@ -97,6 +102,9 @@ class ZeRO3Strategy(Strategy):
 
     def __init__(self, cfg: StrategyConfig, device: str, precision: str, max_grad_norm: float):
         self.ds = _import_deepspeed()
+        if device == "cpu" and torch.cuda.is_available():
+            raise ConfigError("strategy=zero3 with device=cpu on a machine with CUDA: DeepSpeed places the model "
+                              "on the GPU regardless; use device=auto (or hide the GPUs: CUDA_VISIBLE_DEVICES=)")
         self.config = deepspeed_config(cfg, precision, max_grad_norm)
         self.rank, self.world_size, self.device, self._owns_group = init_process_group(
             "zero3", device, cfg.timeout_minutes)
@@ -140,13 +148,16 @@ class ZeRO3Strategy(Strategy):
         dist.barrier()
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The fp32 master weights (not the bf16 compute copies), gathered on every rank (a collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
         module = self.unwrap(model)
         keys = set(module.state_dict().keys())
         state: dict[str, torch.Tensor] = {}
-        for name, param in module.named_parameters():
-            with self.ds.zero.GatheredParameters([param], modifier_rank=None):
-                if self.is_main:
-                    state[name] = param.detach().cpu().clone()
+        for name, param in module.named_parameters():  # a tied weight once; from_pretrained re-ties it
+            full = safe_get_full_fp32_param(param).reshape(param.ds_shape)
+            if self.is_main:
+                state[name] = full.detach().cpu().clone()
         if not self.is_main:
             return {}
         state.update({k: b.detach().cpu() for k, b in module.named_buffers() if k in keys})

@@ -37,7 +37,8 @@ def init_process_group(strategy: str, device: str, timeout_minutes: int) -> tupl
         here = torch.device("cpu")
     started = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
+        # On CUDA, gloo beside NCCL for CPU tensors (FSDP2 with CPU offload reduces norms of CPU shards).
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
                                 device_id=here if use_cuda else None)
         started = True
     return dist.get_rank(), dist.get_world_size(), here, started

@@ -21,7 +21,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks, by the classes Hugging Face declares unsplittable (``_no_split_modules``):
     LlamaDecoderLayer, Qwen2DecoderLayer, ... with no per-model code."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers: list[torch.nn.Module] = []
+    inside: set[int] = set()  # the outermost match only: a block nested in a chosen one is sharded with it
+    for module in model.modules():  # parents come before their children
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names:
+            layers.append(module)
+            inside.update(id(m) for m in module.modules())
     if not layers:
         raise ConfigError(f"strategy=fsdp2: found no decoder layers in {type(model).__name__} (its "
                           f"_no_split_modules is {sorted(names) or 'empty'}); use strategy=zero3 or ddp")

@@ -71,10 +71,10 @@ def grads(out: Path, data: str, strategy: str, packing: bool) -> dict:
     return result
 
 
-def fit(out: Path, data: str, strategy: str, packing: bool) -> dict:
-    run = out / f"fit-{strategy}-{packing}"
+def fit(out: Path, data: str, strategy: str, packing: bool, *extra: str) -> dict:
+    run = out / f"fit-{strategy}-{packing}{''.join('-' + e.split('=')[-1] for e in extra)}"
     result = Trainer(compose(*common(out, data), f"strategy={strategy}", f"data.packing={str(packing).lower()}",
-                             f"output_dir={run}")).fit()
+                             f"output_dir={run}", *extra)).fit()
     return {"loss": result["train/loss"], "output_dir": str(run)}
 
 
@@ -99,6 +99,8 @@ def main() -> None:
     for strategy in STRATEGIES:
         for packing in (True, False):
             record(f"fit/{strategy}/{packing}", fit, out, data, strategy, packing)
+    for strategy in ("fsdp2", "zero3"):
+        record(f"bf16/{strategy}", fit, out, data, strategy, True, "precision=bf16")
 
     def bad_global_batch() -> dict:
         try:
@@ -109,6 +111,23 @@ def main() -> None:
         return {"message": None}
 
     record("bad_global_batch", bad_global_batch)
+
+    def bad_data_on_rank_0() -> dict:
+        """Rank 0 stops preparing the data (too many bad records): the others must stop too, not hang."""
+        bad = out / "bad.jsonl"
+        if dist.get_rank() == 0:
+            bad.write_text("{oops\n" * 5 + Path(data).read_text().splitlines()[0] + "\n")
+        dist.barrier()
+        try:
+            Trainer(compose(*common(out, str(bad)), "strategy=ddp", f"output_dir={out / 'bad-data'}"))
+            message = None
+        except Exception as err:  # noqa: BLE001
+            message = f"{type(err).__name__}: {err}"
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        return {"messages": messages}
+
+    record("bad_data_on_rank_0", bad_data_on_rank_0)
     if dist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     dist.barrier()

@@ -116,11 +116,29 @@ def test_three_steps_on_two_processes_give_the_weights_of_one(launched, single_p
     assert not (run / "final" / "metrics.jsonl").exists() and len(ours) == 3  # rank 0 alone writes
 
 
+def test_bf16_sharded_strategies_agree_and_export_the_fp32_masters(launched):
+    fsdp2, zero3 = _ok(launched[2]["bf16/fsdp2"]), _ok(launched[2]["bf16/zero3"])
+    a = load_file(str(Path(fsdp2["output_dir"]) / "final" / "model.safetensors"))
+    b = load_file(str(Path(zero3["output_dir"]) / "final" / "model.safetensors"))
+    # Both reduce and accumulate gradients in fp32; the bf16 compute differs only in where it rounds.
+    assert _max_relative_difference(b, a) < 1e-2
+    assert zero3["loss"] == pytest.approx(fsdp2["loss"], rel=1e-2)
+    for weights in (a, b):  # the exported tiny model is fp32 masters, not bf16 compute copies
+        assert all(w.dtype == torch.float32 for w in weights.values())
+        assert any(not torch.equal(w, w.to(torch.bfloat16).float()) for w in weights.values())
+
+
 def test_a_global_batch_the_world_cannot_share_is_refused(launched):
     result = _ok(launched[2]["bad_global_batch"])
     assert result["message"] == ("train.global_batch_size=3 is not divisible by the 2 processes (world size): "
                                  "make it a multiple of 2")
     assert result["wrote"] is False
+
+
+def test_when_rank_0_stops_on_bad_data_the_others_stop_too(launched):
+    first, second = _ok(launched[2]["bad_data_on_rank_0"])["messages"]
+    assert first.startswith("DataError: 5 of 6 records (83.3%) were rejected")
+    assert second == "DataError: rank 0 stopped while preparing the data (its error says why); stopping too"
 
 
 def test_zero3_without_deepspeed_says_how_to_get_it(monkeypatch, tmp_path):
