@@ -59,10 +59,13 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of ``loss`` (already normalised by the step's token count)."""
 
-    @abstractmethod
     def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
         """Clip to ``max_grad_norm`` (0: no clipping), apply and clear the gradients; the global gradient
         norm before clipping."""
+        norm = clip_and_norm([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over all ranks, in one collective."""

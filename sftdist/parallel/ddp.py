@@ -7,25 +7,16 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sftdist.config import StrategyConfig
-from sftdist.parallel.base import Strategy, clip_and_norm
-from sftdist.parallel.dist import all_sum, init_process_group
+from sftdist.parallel.dist import DistributedStrategy
 
 
-class DDPStrategy(Strategy):
-    name = "ddp"
-
+class DDPStrategy(DistributedStrategy):
     def __init__(self, cfg: StrategyConfig, device: str):
-        self.rank, self.world_size, self.device, self._owns_group = init_process_group(
-            "ddp", device, cfg.timeout_minutes)
+        super().__init__("ddp", device, cfg.timeout_minutes)
         self._ddp: DistributedDataParallel | None = None
-
-    @property
-    def grad_divisor(self) -> int:
-        return self.world_size  # DDP averages
 
     def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
               ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -45,18 +36,6 @@ class DDPStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
-        norm = clip_and_norm([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        return all_sum(values, self.device)
-
-    def barrier(self) -> None:
-        dist.barrier()
-
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if not self.is_main:
             return {}
@@ -65,7 +44,3 @@ class DDPStrategy(Strategy):
     def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.grad.detach().cpu().clone() for n, p in self.unwrap(model).named_parameters()
                 if p.grad is not None}
-
-    def close(self) -> None:
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()

@@ -19,8 +19,7 @@ import torch.distributed as dist
 
 from sftdist.config import StrategyConfig
 from sftdist.errors import ConfigError
-from sftdist.parallel.base import Strategy
-from sftdist.parallel.dist import all_sum, init_process_group
+from sftdist.parallel.dist import DistributedStrategy
 
 # Derived from train.* (or owned by the loop): a user JSON may not set them.
 _OURS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
@@ -97,26 +96,19 @@ def deepspeed_config(cfg: StrategyConfig, precision: str, max_grad_norm: float) 
     return _merge(config, user)
 
 
-class ZeRO3Strategy(Strategy):
-    name = "zero3"
-
+class ZeRO3Strategy(DistributedStrategy):
     def __init__(self, cfg: StrategyConfig, device: str, precision: str, max_grad_norm: float):
         self.ds = _import_deepspeed()
         if device == "cpu" and torch.cuda.is_available():
             raise ConfigError("strategy=zero3 with device=cpu on a machine with CUDA: DeepSpeed places the model "
                               "on the GPU regardless; use device=auto (or hide the GPUs: CUDA_VISIBLE_DEVICES=)")
         self.config = deepspeed_config(cfg, precision, max_grad_norm)
-        self.rank, self.world_size, self.device, self._owns_group = init_process_group(
-            "zero3", device, cfg.timeout_minutes)
+        super().__init__("zero3", device, cfg.timeout_minutes)
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.ds.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         self._engine: Any = None
-
-    @property
-    def grad_divisor(self) -> int:
-        return self.world_size  # ZeRO averages over data-parallel ranks
 
     def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
               ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -140,12 +132,6 @@ class ZeRO3Strategy(Strategy):
         self._engine.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes
         norm = self._engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        return all_sum(values, self.device)
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The fp32 master weights (not the bf16 compute copies), gathered on every rank (a collective)."""
@@ -172,7 +158,3 @@ class ZeRO3Strategy(Strategy):
             if grad is not None:
                 out[name] = grad.detach().cpu().reshape(param.ds_shape).clone()
         return out
-
-    def close(self) -> None:
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()

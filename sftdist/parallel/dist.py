@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from sftdist.errors import ConfigError
+from sftdist.parallel.base import Strategy
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -49,3 +50,26 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+class DistributedStrategy(Strategy):
+    """What the data-parallel strategies share: the process group, sums and barriers over it, and gradient
+    reductions that average over the ranks."""
+
+    def __init__(self, name: str, device: str, timeout_minutes: int):
+        self.name = name
+        self.rank, self.world_size, self.device, self._owns_group = init_process_group(name, device, timeout_minutes)
+
+    @property
+    def grad_divisor(self) -> int:
+        return self.world_size  # DDP's all-reduce, FSDP2's reduce-scatter and ZeRO's reduction all average
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return all_sum(values, self.device)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()

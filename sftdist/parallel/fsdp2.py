@@ -7,14 +7,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from sftdist.config import StrategyConfig
 from sftdist.errors import ConfigError
-from sftdist.parallel.base import Strategy, clip_and_norm
-from sftdist.parallel.dist import all_sum, init_process_group
+from sftdist.parallel.dist import DistributedStrategy
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -35,17 +33,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-class FSDP2Strategy(Strategy):
-    name = "fsdp2"
-
+class FSDP2Strategy(DistributedStrategy):
     def __init__(self, cfg: StrategyConfig, device: str, precision: str):
-        self.rank, self.world_size, self.device, self._owns_group = init_process_group(
-            "fsdp2", device, cfg.timeout_minutes)
+        super().__init__("fsdp2", device, cfg.timeout_minutes)
         self.cfg, self.precision = cfg, precision
-
-    @property
-    def grad_divisor(self) -> int:
-        return self.world_size  # reduce-scatter averages
 
     def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
               ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -64,18 +55,6 @@ class FSDP2Strategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
-        norm = clip_and_norm([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        return all_sum(values, self.device)
-
-    def barrier(self) -> None:
-        dist.barrier()
-
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -84,7 +63,3 @@ class FSDP2Strategy(Strategy):
 
     def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.grad.full_tensor().detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
-
-    def close(self) -> None:
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from sftdist.parallel.base import Strategy, clip_and_norm
+from sftdist.parallel.base import Strategy
 
 
 class SingleProcess(Strategy):
@@ -22,12 +22,6 @@ class SingleProcess(Strategy):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
-        norm = clip_and_norm([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
