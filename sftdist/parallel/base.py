@@ -55,9 +55,9 @@ class Strategy(ABC):
         """Around one micro-batch's forward and backward; ``last`` is the step's last micro-batch."""
         yield
 
-    @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of ``loss`` (already normalised by the step's token count)."""
+        loss.backward()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
         """Clip to ``max_grad_norm`` (0: no clipping), apply and clear the gradients; the global gradient

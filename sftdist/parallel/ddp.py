@@ -33,9 +33,6 @@ class DDPStrategy(DistributedStrategy):
         with contextlib.nullcontext() if last else self._ddp.no_sync():
             yield
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if not self.is_main:
             return {}

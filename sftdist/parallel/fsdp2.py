@@ -52,9 +52,6 @@ class FSDP2Strategy(DistributedStrategy):
         fully_shard(model, reshard_after_forward=False, **kwargs)  # the root is needed again at once by backward
         return model, make_optimizer(model)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

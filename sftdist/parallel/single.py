@@ -20,9 +20,6 @@ class SingleProcess(Strategy):
         model = model.to(self.device)
         return model, make_optimizer(model)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
