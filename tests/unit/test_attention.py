@@ -68,8 +68,12 @@ def test_packed_sdpa_equals_per_sample_forwards_and_gradients(arch, extra):
     ref_logits, ref_grads = _separate(model, seqs, weights)
     logits, grads = _packed(model, "sdpa", seqs, weights)
     assert torch.allclose(logits, ref_logits, atol=2e-5, rtol=0), (logits - ref_logits).abs().max()
+    # Per tensor ||a - b|| / ||b|| (the measure of FACTS.md): an element-wise atol is the wrong yardstick for
+    # gradients of magnitude ~80 (Gemma2's scaled embeddings), where fp32 summation order alone moves ~3e-5.
+    # Measured ~1e-6 or less on every architecture; a leak across samples moves them by orders more.
     for name, g in ref_grads.items():
-        assert torch.allclose(grads[name], g, atol=1e-5, rtol=1e-4), (name, (grads[name] - g).abs().max())
+        difference = float((grads[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert difference < 1e-5, (name, difference)
 
 
 @pytest.mark.parametrize("arch,extra", ARCHS, ids=[a for a, _ in ARCHS])
