@@ -32,7 +32,7 @@ def role_token_counts(ct: Any, tokenizer: Any, conv: dict, labels: list[int]) ->
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     j = 0
-    for (start, end), label in zip(offsets, labels):
+    for (start, _end), label in zip(offsets, labels):
         while j < len(messages) and start >= bounds[j + 1]:
             j += 1
         role = messages[j]["role"] if j < len(messages) and start >= bounds[j] else "template"
@@ -57,18 +57,24 @@ def render_sample(tokenizer: Any, input_ids: list[int], labels: list[int], color
 
 
 def format_audit(report: dict, roles: dict[str, dict[str, list[int]]], audit_records: int) -> str:
-    lines = [f"records in {report['records_in']}, used {report['records_used']}",
-             f"chat template sha256:{report['template_hash']}  tokenizer {report['tokenizer_hash']}  "
-             f"fingerprint {report['fingerprint']}"]
+    lines = [
+        f"records in {report['records_in']}, used {report['records_used']}",
+        f"chat template sha256:{report['template_hash']}  tokenizer {report['tokenizer_hash']}  "
+        f"fingerprint {report['fingerprint']}",
+    ]
     for kind in ("rejected", "filtered"):
         for reason, n in report[kind].items():
             first = "; ".join(report["examples"].get(reason, [])[:3])
             lines.append(f"{kind} {reason}: {n}  (first: {first})")
     t = report["truncated"]
-    lines.append(f"truncated: {t['records']} records, {t['tokens']} tokens removed "
-                 f"(data.truncation={report['settings']['truncation']}, data.max_length={report['settings']['max_length']})")
+    lines.append(
+        f"truncated: {t['records']} records, {t['tokens']} tokens removed "
+        f"(data.truncation={report['settings']['truncation']}, data.max_length={report['settings']['max_length']})"
+    )
     if report["adaptations"]:
-        lines.append("adapted to the template: " + ", ".join(f"{k} in {v} records" for k, v in report["adaptations"].items()))
+        lines.append(
+            "adapted to the template: " + ", ".join(f"{k} in {v} records" for k, v in report["adaptations"].items())
+        )
     lines.append(f"supervised tokens by role (the first {audit_records} records of each source):")
     lines.append(f"{'source':<20} {'role':<10} {'tokens':>10} {'trained':>10} {'fraction':>9}")
     for source, by_role in roles.items():
@@ -86,8 +92,10 @@ def _load(target: list[str]) -> tuple[Any, dict, Any, str]:
     if len(target) == 1 and "=" not in target[0]:
         directory = Path(target[0])
         if not (directory / MANIFEST).is_file():
-            raise ConfigError(f"{target[0]!r} is not a prepared-data directory (no {MANIFEST}); give one written by "
-                              "sftdist-prepare, or sftdist-train overrides such as data.path=FILE")
+            raise ConfigError(
+                f"{target[0]!r} is not a prepared-data directory (no {MANIFEST}); give one written by "
+                "sftdist-prepare, or sftdist-train overrides such as data.path=FILE"
+            )
         from transformers import AutoTokenizer
 
         table, manifest = load_prepared(directory)
@@ -126,8 +134,10 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
                 roles[name][role][1] += k
         if shown < samples:
             shown += 1
-            out.append(f"== sample {shown} ({name}, {row['length']} tokens, {row['num_supervised']} trained) ==\n"
-                       + render_sample(tokenizer, row["input_ids"], row["labels"], color))
+            out.append(
+                f"== sample {shown} ({name}, {row['length']} tokens, {row['num_supervised']} trained) ==\n"
+                + render_sample(tokenizer, row["input_ids"], row["labels"], color)
+            )
         if shown >= samples and all(v >= audit_records for v in seen.values()) and len(seen) == len(report["sources"]):
             break
     if source is not None and not seen:
@@ -136,8 +146,11 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sftdist-inspect", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sftdist-inspect",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("target", nargs="*", help="a prepared directory, or sftdist-train overrides (key=value ...)")
     parser.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
     parser.add_argument("--source", default=None, help="only this source")

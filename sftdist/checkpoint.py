@@ -15,9 +15,15 @@ log = logging.getLogger(__name__)
 TRAINING_INFO = "sftdist_training.json"
 
 
-def export_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: Any, out_dir: Path,
-              dtype: torch.dtype = torch.float32, eos_token_ids: list[int] | None = None,
-              training_info: dict | None = None) -> Path:
+def export_hf(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    out_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    eos_token_ids: list[int] | None = None,
+    training_info: dict | None = None,
+) -> Path:
     """Write a Hugging Face directory (config, safetensors weights, tokenizer with its chat template).
 
     Floating-point weights are saved in ``dtype`` (the dtype the model came in); ``eos_token_ids`` become
@@ -61,7 +67,12 @@ def check_export_template(hf_dir: Path) -> bool:
     except ValueError:
         served = None
     if trained is not None and served != trained:
-        log.warning("%s: the tokenizer's chat template (sha256:%s) is not the one the model was trained with "
-                    "(sha256:%s); the model will be served with prompts it was not trained on", hf_dir, served, trained)
+        log.warning(
+            "%s: the tokenizer's chat template (sha256:%s) is not the one the model was trained with "
+            "(sha256:%s); the model will be served with prompts it was not trained on",
+            hf_dir,
+            served,
+            trained,
+        )
         return False
     return True

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from omegaconf import DictConfig
 
@@ -42,8 +43,10 @@ def _check_sweep(output_dir: str) -> None:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         resolved = os.path.realpath(output_dir)
         if resolved in _SWEEP_OUTPUT_DIRS:
-            raise ConfigError(f"output_dir={output_dir!r} is shared by several jobs of this multirun; make it "
-                              "depend on the swept keys, e.g. 'output_dir=runs/lr${train.lr}'")
+            raise ConfigError(
+                f"output_dir={output_dir!r} is shared by several jobs of this multirun; make it "
+                "depend on the swept keys, e.g. 'output_dir=runs/lr${train.lr}'"
+            )
         _SWEEP_OUTPUT_DIRS.add(resolved)
 
 
@@ -67,7 +70,8 @@ def hydra_main(prog: str, action: Callable[[SFTConfig], None]) -> None:
 
     register_configs()
     hydra.main(config_path="pkg://sftdist.conf", config_name="sft", version_base="1.3")(
-        lambda cfg: run_checked(prog, action, cfg))()
+        lambda cfg: run_checked(prog, action, cfg)
+    )()
 
 
 def compose(overrides: list[str]) -> DictConfig:

@@ -50,7 +50,9 @@ class FiltersConfig:
     near_dedup: bool = False  # drop near-repeats (MinHash over word 5-grams, LSH), first one kept
     near_dedup_threshold: float = 0.85  # estimated Jaccard similarity at or above which two records are near-repeats
     repetition: bool = True  # drop responses dominated by repeated n-grams (degenerate loops)
-    repetition_max_fraction: float = 0.5  # the share of a response's word 3-grams that repeat, above which it is dropped
+    repetition_max_fraction: float = (
+        0.5  # the share of a response's word 3-grams that repeat, above which it is dropped
+    )
     short_response: bool = False  # drop records whose shortest trained response is too short
     min_response_chars: int = 2  # with short_response: fewer non-space characters is too short
     decontaminate: Optional[str] = None  # eval data file (any supported format): drop records sharing an n-gram with it
@@ -226,10 +228,17 @@ def _validate_features(cfg: SFTConfig) -> None:
         )
 
 
-_STRATEGY_ONLY = {"reshard_after_forward": "fsdp2", "cpu_offload": "fsdp2", "overlap_comm": "zero3",
-                  "reduce_bucket_size": "zero3", "prefetch_bucket_size": "zero3",
-                  "param_persistence_threshold": "zero3", "offload_optimizer": "zero3", "offload_params": "zero3",
-                  "deepspeed_config": "zero3"}
+_STRATEGY_ONLY = {
+    "reshard_after_forward": "fsdp2",
+    "cpu_offload": "fsdp2",
+    "overlap_comm": "zero3",
+    "reduce_bucket_size": "zero3",
+    "prefetch_bucket_size": "zero3",
+    "param_persistence_threshold": "zero3",
+    "offload_optimizer": "zero3",
+    "offload_params": "zero3",
+    "deepspeed_config": "zero3",
+}
 
 
 def _validate_strategy(s: StrategyConfig) -> None:
@@ -238,8 +247,9 @@ def _validate_strategy(s: StrategyConfig) -> None:
     defaults = StrategyConfig()
     for key, owner in _STRATEGY_ONLY.items():
         if s.name != owner and getattr(s, key) != getattr(defaults, key):
-            raise ConfigError(f"strategy.{key}={getattr(s, key)!r} applies to strategy={owner} only "
-                              f"(this run uses strategy={s.name})")
+            raise ConfigError(
+                f"strategy.{key}={getattr(s, key)!r} applies to strategy={owner} only (this run uses strategy={s.name})"
+            )
     for key in ("reduce_bucket_size", "prefetch_bucket_size"):
         _positive(f"strategy.{key}", getattr(s, key))
     _positive("strategy.param_persistence_threshold", s.param_persistence_threshold, allow_zero=True)
@@ -264,8 +274,15 @@ def _validate_train(t: TrainConfig) -> None:
 def _validate_model(m: ModelConfig) -> None:
     _not_empty("model.name_or_path", m.name_or_path)
     _not_empty("model.tokenizer", m.tokenizer)
-    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                "max_position_embeddings", "rope_theta"):
+    for key in (
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "rope_theta",
+    ):
         _positive(f"model.{key}", getattr(m, key))
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
@@ -325,8 +342,10 @@ def _reject_unknown_keys(node: Any, schema: type, prefix: str = "") -> None:
     fields = {f.name: hints[f.name] for f in dataclasses.fields(schema)}
     for key in node.keys():
         if key not in fields:
-            raise ConfigError(f"unknown key {prefix}{key!s}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
-                              f"{', '.join(fields)}")
+            raise ConfigError(
+                f"unknown key {prefix}{key!s}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
+                f"{', '.join(fields)}"
+            )
         hint, value = fields[key], node[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, DictConfig):
             _reject_unknown_keys(value, hint, f"{prefix}{key}.")

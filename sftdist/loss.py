@@ -19,8 +19,7 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
     logits: (R, L, V); targets: (R, L), already shifted (target t is the token after t), -100 to ignore.
     """
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def step_normalised_loss(ce_sum: torch.Tensor, num_step_tokens: int, grad_divisor: int = 1) -> torch.Tensor:

@@ -31,9 +31,16 @@ def prepare_to_dir(cfg: SFTConfig) -> Path:
         out = save_prepared(table, make_manifest(report), Path(cfg.output_dir))
     tokenizer.save_pretrained(str(out / "tokenizer"))
     (out / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info("prepared %d of %d records (%d tokens, %d trained) into %s; rejected %s; filtered %s",
-             report["records_used"], report["records_in"], report["num_tokens"], report["num_supervised_tokens"],
-             out, report["rejected"] or "none", report["filtered"] or "none")
+    log.info(
+        "prepared %d of %d records (%d tokens, %d trained) into %s; rejected %s; filtered %s",
+        report["records_used"],
+        report["records_in"],
+        report["num_tokens"],
+        report["num_supervised_tokens"],
+        out,
+        report["rejected"] or "none",
+        report["filtered"] or "none",
+    )
     return out
 
 

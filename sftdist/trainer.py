@@ -30,8 +30,7 @@ from sftdist.errors import ConfigError, DataError
 from sftdist.loss import cross_entropy_sum, step_normalised_loss
 from sftdist.metrics import build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
-from sftdist.model import (build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters,
-                           pad_token_id)
+from sftdist.model import build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters, pad_token_id
 from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
 from sftdist.parallel import build_strategy
 
@@ -67,24 +66,31 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         world = self.strategy.world_size
         if cfg.train.global_batch_size % world:
-            raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
-                              f"{world} processes (world size): make it a multiple of {world}")
+            raise ConfigError(
+                f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
+                f"{world} processes (world size): make it a multiple of {world}"
+            )
         torch.manual_seed(cfg.seed)
 
         self.tokenizer, self.chat_template = build_tokenizer(cfg.model, cfg.data)
         self.pad_id = pad_token_id(self.tokenizer)
         with self._main_first():  # rank 0 prepares (and caches) the data; the others then read the cache
             self.train_set, self.eval_set, self.data_report = build_datasets(
-                cfg.data, cfg.eval, self.tokenizer, self.chat_template, cfg.seed)
+                cfg.data, cfg.eval, self.tokenizer, self.chat_template, cfg.seed
+            )
         if cfg.train.global_batch_size > len(self.train_set):
-            raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
-                              f"{len(self.train_set)} training records: every step would repeat samples")
+            raise ConfigError(
+                f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
+                f"{len(self.train_set)} training records: every step would repeat samples"
+            )
 
         model = build_model(cfg.model, self.tokenizer, cfg.seed)
         limit = max_positions(model)
         if limit is not None and cfg.data.max_length > limit:
-            raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's "
-                              f"max_position_embeddings={limit}; lower data.max_length")
+            raise ConfigError(
+                f"data.max_length={cfg.data.max_length} exceeds the model's "
+                f"max_position_embeddings={limit}; lower data.max_length"
+            )
         self.num_params = num_parameters(model)
         self.dims = ModelDims.of(model)
         self.peak_tflops = peak_tflops(self.device, cfg.train.peak_tflops)
@@ -96,8 +102,9 @@ class Trainer:
         if self.strategy.is_main:  # only once the inputs proved good: a failed start leaves no trace
             self._prepare_output_dir()
         self.sampler = StepSampler(len(self.train_set), cfg.train.global_batch_size, cfg.seed)
-        self.metrics = build_metrics_logger(cfg.wandb, self.output_dir, OmegaConf.to_container(
-            OmegaConf.structured(cfg)), self.strategy.is_main)
+        self.metrics = build_metrics_logger(
+            cfg.wandb, self.output_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), self.strategy.is_main
+        )
         self._log_plan()
 
     @contextlib.contextmanager
@@ -119,8 +126,11 @@ class Trainer:
 
     def _prepare_output_dir(self) -> None:
         if (self.output_dir / "metrics.jsonl").exists():
-            log.warning("%s holds an earlier run and there is no checkpoint to resume: starting fresh, "
-                        "overwriting its metrics and final/", self.output_dir)
+            log.warning(
+                "%s holds an earlier run and there is no checkpoint to resume: starting fresh, "
+                "overwriting its metrics and final/",
+                self.output_dir,
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
         (self.output_dir / "data_report.json").write_text(json.dumps(self.data_report, indent=2) + "\n")
@@ -129,14 +139,33 @@ class Trainer:
         t, r = self.cfg.train, self.data_report
         if not self.strategy.is_main:
             return
-        log.info("model: %s, %.2fM parameters, %s, %s x %d on %s, attention %s", self.cfg.model.name,
-                 self.num_params / 1e6, self.cfg.precision, self.cfg.strategy.name, self.strategy.world_size,
-                 self.device.type, self.attention)
-        log.info("data: %d records in, %d used (%d train, %d eval); rejected %s; filtered %s; truncated %d",
-                 r["records_in"], r["records_used"], r["records_train"], r["records_eval"], r["rejected"] or "none",
-                 r["filtered"] or "none", r["truncated"]["records"])
-        log.info("plan: %d steps x %d samples (%.2f epochs), micro-batches of <= %d tokens",
-                 t.max_steps, t.global_batch_size, self.sampler.epoch(t.max_steps - 1), t.micro_batch_tokens)
+        log.info(
+            "model: %s, %.2fM parameters, %s, %s x %d on %s, attention %s",
+            self.cfg.model.name,
+            self.num_params / 1e6,
+            self.cfg.precision,
+            self.cfg.strategy.name,
+            self.strategy.world_size,
+            self.device.type,
+            self.attention,
+        )
+        log.info(
+            "data: %d records in, %d used (%d train, %d eval); rejected %s; filtered %s; truncated %d",
+            r["records_in"],
+            r["records_used"],
+            r["records_train"],
+            r["records_eval"],
+            r["rejected"] or "none",
+            r["filtered"] or "none",
+            r["truncated"]["records"],
+        )
+        log.info(
+            "plan: %d steps x %d samples (%.2f epochs), micro-batches of <= %d tokens",
+            t.max_steps,
+            t.global_batch_size,
+            self.sampler.epoch(t.max_steps - 1),
+            t.micro_batch_tokens,
+        )
 
     def _autocast(self):
         if self.cfg.precision == "bf16":
@@ -146,20 +175,36 @@ class Trainer:
     def _logits(self, mb: MicroBatch) -> torch.Tensor:
         with self._autocast():
             if mb.packed:
-                return self.model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
-                                  **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen)).logits
+                return self.model(
+                    input_ids=mb.input_ids,
+                    position_ids=mb.position_ids,
+                    use_cache=False,
+                    **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen),
+                ).logits
             return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
 
     def _step_batches(self, samples: list[Sample]) -> list[MicroBatch]:
         """This rank's micro-batches of a step (the same number on every rank), balanced by training FLOPs."""
-        return build_micro_batches(samples, self.cfg.train.micro_batch_tokens, self.pad_id, self.cfg.data.packing,
-                                   self.strategy.rank, self.strategy.world_size, self.dims.flops)
+        return build_micro_batches(
+            samples,
+            self.cfg.train.micro_batch_tokens,
+            self.pad_id,
+            self.cfg.data.packing,
+            self.strategy.rank,
+            self.strategy.world_size,
+            self.dims.flops,
+        )
 
     def fit(self) -> dict[str, Any]:
         """Train for train.max_steps steps, export final/, and return the last step's metrics."""
         t = self.cfg.train
-        bar = tqdm(total=t.max_steps, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (self.strategy.is_main and sys.stderr.isatty()))
+        bar = tqdm(
+            total=t.max_steps,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.strategy.is_main and sys.stderr.isatty()),
+        )
         start = time.perf_counter()
         metrics: dict[str, Any] = {}
         for step in range(t.max_steps):
@@ -171,8 +216,10 @@ class Trainer:
             micro_batches = self._step_batches(samples)
             stats = self.train_step(micro_batches)
             if not math.isfinite(stats["loss"]):  # never train on, or export, a diverged model
-                raise FloatingPointError(f"step {step + 1}: the loss is {stats['loss']} (lr {lr:.3g}); "
-                                         "lower train.lr, or check the data and precision")
+                raise FloatingPointError(
+                    f"step {step + 1}: the loss is {stats['loss']} (lr {lr:.3g}); "
+                    "lower train.lr, or check the data and precision"
+                )
             elapsed = time.perf_counter() - step_start
             metrics = {
                 "train/loss": stats["loss"],
@@ -230,10 +277,16 @@ class Trainer:
                 ce = cross_entropy_sum(self._logits(mb), mb.targets)
                 self.strategy.backward(step_normalised_loss(ce, int(num_step_tokens), self.strategy.grad_divisor))
             ce_total += ce.detach()
-        ce_sum, tokens, slots = self.strategy.all_sum([float(ce_total), sum(mb.num_tokens for mb in micro_batches),
-                                                       sum(mb.num_slots for mb in micro_batches)])
-        return {"loss": ce_sum / num_step_tokens,  # the true token mean of the step
-                "supervised_tokens": num_step_tokens, "tokens": tokens, "slots": slots}
+        ce_sum, tokens, slots = self.strategy.all_sum(
+            [float(ce_total), sum(mb.num_tokens for mb in micro_batches), sum(mb.num_slots for mb in micro_batches)]
+        )
+        return {
+            "loss": ce_sum / num_step_tokens,  # the true token mean of the step
+            "supervised_tokens": num_step_tokens,
+            "tokens": tokens,
+            "slots": slots,
+        }
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-mean cross-entropy over the held-out samples."""
@@ -254,10 +307,21 @@ class Trainer:
         it came in, stopping generation where the training data's assistant turns end."""
         state_dict = self.strategy.full_state_dict(self.model)
         if self.strategy.is_main:
-            info = {"template_hash": self.data_report["template_hash"], "sftdist_version": __version__,
-                    "data_fingerprint": self.data_report["fingerprint"], "tokenizer_hash": self.data_report["tokenizer_hash"]}
-            export_hf(self.strategy.unwrap(self.model), state_dict, self.tokenizer, out_dir, dtype=checkpoint_dtype(self.cfg.model),
-                      eos_token_ids=self._stop_token_ids(), training_info=info)
+            info = {
+                "template_hash": self.data_report["template_hash"],
+                "sftdist_version": __version__,
+                "data_fingerprint": self.data_report["fingerprint"],
+                "tokenizer_hash": self.data_report["tokenizer_hash"],
+            }
+            export_hf(
+                self.strategy.unwrap(self.model),
+                state_dict,
+                self.tokenizer,
+                out_dir,
+                dtype=checkpoint_dtype(self.cfg.model),
+                eos_token_ids=self._stop_token_ids(),
+                training_info=info,
+            )
         return out_dir
 
     def _stop_token_ids(self) -> list[int] | None:
@@ -267,24 +331,32 @@ class Trainer:
             return None
         token, count = ends.most_common(1)[0]
         if count < 0.9 * sum(ends.values()):
-            log.warning("assistant turns do not end with a common token (the most common, %r, ends %.0f%%): the "
-                        "model may not learn to stop; check the chat template's end-of-turn marker",
-                        self.tokenizer.convert_ids_to_tokens(token), 100 * count / sum(ends.values()))
+            log.warning(
+                "assistant turns do not end with a common token (the most common, %r, ends %.0f%%): the "
+                "model may not learn to stop; check the chat template's end-of-turn marker",
+                self.tokenizer.convert_ids_to_tokens(token),
+                100 * count / sum(ends.values()),
+            )
             return None
         if token not in self.tokenizer.all_special_ids and token not in self.tokenizer.added_tokens_decoder:
-            log.warning("the trained assistant turns end with %r, which is not a special token: generation cannot "
-                        "stop on it reliably; make the template's end-of-turn marker a special token",
-                        self.tokenizer.convert_ids_to_tokens(token))
+            log.warning(
+                "the trained assistant turns end with %r, which is not a special token: generation cannot "
+                "stop on it reliably; make the template's end-of-turn marker a special token",
+                self.tokenizer.convert_ids_to_tokens(token),
+            )
             return None
         current = getattr(getattr(self.strategy.unwrap(self.model), "generation_config", None), "eos_token_id", None)
         current = [] if current is None else [current] if isinstance(current, int) else list(current)
         if token not in current:
-            log.info("generation stops at %r too: it ends the trained assistant turns",
-                     self.tokenizer.convert_ids_to_tokens(token))
+            log.info(
+                "generation stops at %r too: it ends the trained assistant turns",
+                self.tokenizer.convert_ids_to_tokens(token),
+            )
         return current + [token] if token not in current else current
 
 
 def _brief(metrics: dict[str, Any]) -> str:
     keys = ("train/loss", "eval/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
-    return " | ".join(f"{k.split('/')[-1] if k.startswith('train') else k} {metrics[k]:.4g}"
-                      for k in keys if k in metrics)
+    return " | ".join(
+        f"{k.split('/')[-1] if k.startswith('train') else k} {metrics[k]:.4g}" for k in keys if k in metrics
+    )

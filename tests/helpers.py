@@ -27,8 +27,15 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def tiny_tokenizer(specials: list[str], *, bos: str | None = None, eos: str | None = None,
-                   metaspace: bool = False, template: str | None = None, vocab_size: int = 600):
+def tiny_tokenizer(
+    specials: list[str],
+    *,
+    bos: str | None = None,
+    eos: str | None = None,
+    metaspace: bool = False,
+    template: str | None = None,
+    vocab_size: int = 600,
+):
     """A small BPE tokenizer trained here (no hub): byte-level like Llama-3/Qwen, or SentencePiece-style
     metaspace like Mistral, with a template's special tokens added as single tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -48,7 +55,8 @@ def tiny_tokenizer(specials: list[str], *, bos: str | None = None, eos: str | No
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     corpus = [m["role"] + "\n" + m["content"] for r in generate_demo_conversations(500, seed=7) for m in r["messages"]]
     corpus += ["Hello! How can I help you today? The weather is sunny. Here is the recipe you asked for."] * 5
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, chat_template=template)

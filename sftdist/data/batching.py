@@ -27,8 +27,8 @@ no target ever crosses from one sample into another, padded or packed.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -56,8 +56,10 @@ class StepSampler:
     def indices(self, step: int) -> list[int]:
         """Sample indices of 0-based optimizer step ``step``."""
         start = step * self.global_batch_size
-        return [int(self._perm(p // self.num_samples)[p % self.num_samples])
-                for p in range(start, start + self.global_batch_size)]
+        return [
+            int(self._perm(p // self.num_samples)[p % self.num_samples])
+            for p in range(start, start + self.global_batch_size)
+        ]
 
     def epoch(self, step: int) -> float:
         """Epochs completed after 0-based step ``step``."""
@@ -115,13 +117,21 @@ class MicroBatch:
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
-    def to(self, device: torch.device | str) -> "MicroBatch":
+    def to(self, device: torch.device | str) -> MicroBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), self.num_tokens,
-                          self.num_supervised, self.num_slots, move(self.position_ids), move(self.cu_seqlens),
-                          self.max_seqlen)
+        return MicroBatch(
+            move(self.input_ids),
+            move(self.targets),
+            move(self.attention_mask),
+            self.num_tokens,
+            self.num_supervised,
+            self.num_slots,
+            move(self.position_ids),
+            move(self.cu_seqlens),
+            self.max_seqlen,
+        )
 
 
 def collate_packed(samples: list[Sample], micro_batch_tokens: int) -> MicroBatch:
@@ -131,9 +141,17 @@ def collate_packed(samples: list[Sample], micro_batch_tokens: int) -> MicroBatch
     targets = torch.tensor([t for s in samples for t in [*s.labels[1:], IGNORE_INDEX]], dtype=torch.long)[None]
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     cu_seqlens = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
-    return MicroBatch(input_ids, targets, None, num_tokens=input_ids.numel(),
-                      num_supervised=int((targets != IGNORE_INDEX).sum()), num_slots=micro_batch_tokens,
-                      position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
+    return MicroBatch(
+        input_ids,
+        targets,
+        None,
+        num_tokens=input_ids.numel(),
+        num_supervised=int((targets != IGNORE_INDEX).sum()),
+        num_slots=micro_batch_tokens,
+        position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max(lengths),
+    )
 
 
 def collate_padded(samples: list[Sample], pad_id: int) -> MicroBatch:
@@ -147,8 +165,14 @@ def collate_padded(samples: list[Sample], pad_id: int) -> MicroBatch:
         input_ids[row, :n] = torch.tensor(s.input_ids)
         targets[row, : n - 1] = torch.tensor(s.labels[1:])
         attention_mask[row, :n] = 1
-    return MicroBatch(input_ids, targets, attention_mask, num_tokens=int(attention_mask.sum()),
-                      num_supervised=int((targets != IGNORE_INDEX).sum()), num_slots=input_ids.numel())
+    return MicroBatch(
+        input_ids,
+        targets,
+        attention_mask,
+        num_tokens=int(attention_mask.sum()),
+        num_supervised=int((targets != IGNORE_INDEX).sum()),
+        num_slots=input_ids.numel(),
+    )
 
 
 def empty_micro_batch(pad_id: int, packed: bool) -> MicroBatch:
@@ -158,11 +182,20 @@ def empty_micro_batch(pad_id: int, packed: bool) -> MicroBatch:
     input_ids = torch.full((1, 1), pad_id, dtype=torch.long)
     targets = torch.full((1, 1), IGNORE_INDEX, dtype=torch.long)
     if packed:
-        return MicroBatch(input_ids, targets, None, num_tokens=0, num_supervised=0, num_slots=0,
-                          position_ids=torch.zeros((1, 1), dtype=torch.long),
-                          cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), max_seqlen=1)
-    return MicroBatch(input_ids, targets, torch.ones((1, 1), dtype=torch.long), num_tokens=0, num_supervised=0,
-                      num_slots=0)
+        return MicroBatch(
+            input_ids,
+            targets,
+            None,
+            num_tokens=0,
+            num_supervised=0,
+            num_slots=0,
+            position_ids=torch.zeros((1, 1), dtype=torch.long),
+            cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
+            max_seqlen=1,
+        )
+    return MicroBatch(
+        input_ids, targets, torch.ones((1, 1), dtype=torch.long), num_tokens=0, num_supervised=0, num_slots=0
+    )
 
 
 def assign_to_ranks(costs: list[float], world_size: int) -> list[list[int]]:
@@ -184,9 +217,15 @@ def token_cost(lengths: list[int]) -> float:
     return float(sum(lengths))
 
 
-def build_micro_batches(samples: list[Sample], micro_batch_tokens: int, pad_id: int, packing: bool = False,
-                        rank: int = 0, world_size: int = 1,
-                        cost: Callable[[list[int]], float] = token_cost) -> list[MicroBatch]:
+def build_micro_batches(
+    samples: list[Sample],
+    micro_batch_tokens: int,
+    pad_id: int,
+    packing: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    cost: Callable[[list[int]], float] = token_cost,
+) -> list[MicroBatch]:
     """This rank's micro-batches of one optimizer step.
 
     The whole step is planned on every rank alike (packed: best-fit decreasing; padded: longest first), the

@@ -60,12 +60,14 @@ def _easy(rng: random.Random) -> list[dict]:
     a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(0, 50), rng.randint(0, 50))
     if op == "-" and b > a:
         a, b = b, a
-    question = rng.choice((
-        f"What is {a} {op} {b}?",
-        f"What is {a} {_OP_WORDS[op]} {b}?",
-        f"Compute {a} {op} {b}.",
-        f"Please calculate {a} {_OP_WORDS[op]} {b}.",
-    ))
+    question = rng.choice(
+        (
+            f"What is {a} {op} {b}?",
+            f"What is {a} {_OP_WORDS[op]} {b}?",
+            f"Compute {a} {op} {b}.",
+            f"Please calculate {a} {_OP_WORDS[op]} {b}.",
+        )
+    )
     text, _ = _answer([(a, op, b)])
     return [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
 
@@ -76,8 +78,10 @@ def _two_step(rng: random.Random) -> tuple[str, list[tuple[int, str, int]]]:
     if kind == 0:
         a, b = rng.randint(5, 40), rng.randint(1, 30)
         c = rng.randint(1, a + b)
-        question = (f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. "
-                    f"How many {item} does {name} have now?")
+        question = (
+            f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. "
+            f"How many {item} does {name} have now?"
+        )
         return question, [(a, "+", b), (a + b, "-", c)]
     if kind == 1:
         a, b, c = rng.randint(2, 12), rng.randint(2, 9), rng.randint(0, 20)
@@ -144,10 +148,12 @@ def train_demo_tokenizer(vocab_size: int = DEMO_VOCAB_SIZE):
 
     specials = [PAD_TOKEN, BOT_TOKEN, EOT_TOKEN]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -156,8 +162,9 @@ def train_demo_tokenizer(vocab_size: int = DEMO_VOCAB_SIZE):
         min_frequency=2,
         show_progress=False,
     )
-    corpus = [m["role"] + "\n" + m["content"] for r in generate_demo_conversations(4000, seed=1234)
-              for m in r["messages"]]
+    corpus = [
+        m["role"] + "\n" + m["content"] for r in generate_demo_conversations(4000, seed=1234) for m in r["messages"]
+    ]
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

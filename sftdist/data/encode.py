@@ -10,22 +10,30 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from sftdist.config import FiltersConfig
 from sftdist.data.filters import response_reason
-from sftdist.data.template import (IGNORE_INDEX, backend_tokenizer, bind_template, label_many, render_many,
-                                   truncate_at_turns)
+from sftdist.data.template import (
+    IGNORE_INDEX,
+    backend_tokenizer,
+    bind_template,
+    label_many,
+    render_many,
+    truncate_at_turns,
+)
 
 _WORKER: dict[str, Any] = {}  # tokenizer, template and settings of this process (inherited by forked workers)
 
 
 def _init(tokenizer: Any, template: str, max_length: int, truncation: str, filters: FiltersConfig) -> None:
-    _WORKER.update(tokenizer=tokenizer, template=template, max_length=max_length, truncation=truncation,
-                   filters=filters)
+    _WORKER.update(
+        tokenizer=tokenizer, template=template, max_length=max_length, truncation=truncation, filters=filters
+    )
 
 
 def _num_targets(labels: list[int]) -> int:
@@ -66,8 +74,9 @@ def _finish_chunk(filtered: list[str], rendered: list[tuple], encodings: list[An
     ``status`` hold the reason a record is not used."""
     max_length, truncation = _WORKER["max_length"], _WORKER["truncation"]
     encoded = iter(label_many(rendered, encodings))
-    out: dict[str, list] = {k: [] for k in ("length", "num_supervised", "status", "detail", "num_truncated",
-                                           "adaptations", "turn_ends")}
+    out: dict[str, list] = {
+        k: [] for k in ("length", "num_supervised", "status", "detail", "num_truncated", "adaptations", "turn_ends")
+    }
     out["filtered"] = filtered
     ids_flat: list[int] = []
     labels_flat: list[int] = []
@@ -77,9 +86,15 @@ def _finish_chunk(filtered: list[str], rendered: list[tuple], encodings: list[An
         ids_flat.extend(ids)
         labels_flat.extend(labels)
         ends = [labels[e - 1] for e in r.get("span_ends", ()) if 0 < e <= len(labels) and labels[e - 1] != IGNORE_INDEX]
-        for key, value in (("length", len(ids)), ("num_supervised", _num_targets(labels)),
-                           ("status", status), ("detail", detail), ("num_truncated", cut),
-                           ("adaptations", r["adaptations"]), ("turn_ends", ends)):
+        for key, value in (
+            ("length", len(ids)),
+            ("num_supervised", _num_targets(labels)),
+            ("status", status),
+            ("detail", detail),
+            ("num_truncated", cut),
+            ("adaptations", r["adaptations"]),
+            ("turn_ends", ends),
+        ):
             out[key].append(value)
     out["ids"] = np.array(ids_flat, dtype=np.int32)
     out["labels"] = np.array(labels_flat, dtype=np.int32)
@@ -122,8 +137,15 @@ def _single_threaded_tokenizers():
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def encode_all(chunks: Iterable[list[dict]], tokenizer: Any, template: str, max_length: int, truncation: str,
-               filters: FiltersConfig, num_proc: int) -> dict[str, Any]:
+def encode_all(
+    chunks: Iterable[list[dict]],
+    tokenizer: Any,
+    template: str,
+    max_length: int,
+    truncation: str,
+    filters: FiltersConfig,
+    num_proc: int,
+) -> dict[str, Any]:
     """Encode every chunk of conversations, in order, in ``num_proc`` processes (1: in this one). The chunks
     may be produced while the workers run (the pool reads them in a thread of its own)."""
     args = (tokenizer, template, max_length, truncation, filters)
@@ -154,11 +176,13 @@ def build_table(encoded: dict[str, Any], keep: list[int], columns: dict[str, lis
     keep_mask[keep_arr] = True
     take = np.repeat(keep_mask, lengths)  # the tokens of the kept records
     new_offsets = np.concatenate(([0], np.cumsum(lengths[keep_arr]))).astype(np.int32)
-    table = pa.table({
-        "input_ids": pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(encoded["ids"][take])),
-        "labels": pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(encoded["labels"][take])),
-        "length": pa.array(lengths[keep_arr].astype(np.int32)),
-        "num_supervised": pa.array(np.asarray(encoded["num_supervised"], dtype=np.int32)[keep_arr]),
-        **{name: pa.array([values[i] for i in keep], type=pa.string()) for name, values in columns.items()},
-    })
+    table = pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(encoded["ids"][take])),
+            "labels": pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(encoded["labels"][take])),
+            "length": pa.array(lengths[keep_arr].astype(np.int32)),
+            "num_supervised": pa.array(np.asarray(encoded["num_supervised"], dtype=np.int32)[keep_arr]),
+            **{name: pa.array([values[i] for i in keep], type=pa.string()) for name, values in columns.items()},
+        }
+    )
     return datasets.Dataset(table, fingerprint=fingerprint)  # ours: datasets need not hash the table

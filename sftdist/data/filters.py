@@ -50,7 +50,7 @@ def words(text: str) -> list[str]:
 
 
 def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def repeated_ngram_fraction(text: str, n: int = 3) -> float | None:
@@ -96,7 +96,7 @@ class NearDedup:
     def is_duplicate(self, text: str) -> bool:
         sig = minhash(text, self.a, self.b)
         rows = _NUM_PERM // _BANDS
-        keys = [sig[i * rows:(i + 1) * rows].tobytes() for i in range(_BANDS)]
+        keys = [sig[i * rows : (i + 1) * rows].tobytes() for i in range(_BANDS)]
         candidates = {j for band, key in enumerate(keys) for j in self._buckets[band].get(key, ())}
         if any(np.mean(self._kept[j] == sig) >= self.threshold for j in candidates):
             return True
@@ -109,8 +109,9 @@ class NearDedup:
 def response_reason(conv: dict, cfg: FiltersConfig) -> str | None:
     """The filters that look at one record alone (run where the record is encoded, in parallel)."""
     responses = trained_responses(conv)
-    if cfg.repetition and any((f := repeated_ngram_fraction(r)) is not None and f > cfg.repetition_max_fraction
-                              for r in responses):
+    if cfg.repetition and any(
+        (f := repeated_ngram_fraction(r)) is not None and f > cfg.repetition_max_fraction for r in responses
+    ):
         return "repetitive_response"
     if cfg.short_response and min(len("".join(r.split())) for r in responses) < cfg.min_response_chars:
         return "short_response"

@@ -30,8 +30,16 @@ FORMATS = ("messages", "alpaca", "sharegpt")
 ROLES = ("system", "user", "assistant", "tool")
 META_KEYS = ("source", "task", "lang", "difficulty")
 _KEPT_STRINGS = ("name", "tool_call_id", "reasoning_content", "reasoning", "thinking")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,10 @@ def normalise(record: Any, fmt: str) -> dict | Rejected:
         meta = _meta(record)
     except _Reject as r:
         return r.rejected
-    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 and (m["content"].strip() or m.get("tool_calls"))
-               for m in messages):
+    if not any(
+        m["role"] == "assistant" and m.get("weight", 1) == 1 and (m["content"].strip() or m.get("tool_calls"))
+        for m in messages
+    ):
         return Rejected("no_assistant_turn", "no assistant turn with content to train on")
     return {"messages": messages, "tools": tools, "meta": meta}
 
@@ -109,7 +119,9 @@ def _from_messages(record: dict) -> list[dict]:
         calls = message.get("tool_calls") or None  # [] is no call
         if calls is not None:
             if role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-                raise _Reject("bad_tool_calls", f"messages[{j}].tool_calls must be a list of objects on an assistant turn")
+                raise _Reject(
+                    "bad_tool_calls", f"messages[{j}].tool_calls must be a list of objects on an assistant turn"
+                )
             clean["tool_calls"] = calls
         # OpenAI style: a pure tool call has content null
         clean["content"] = _string(message.get("content"), f"messages[{j}].content", required=not calls)
@@ -154,8 +166,9 @@ def _from_sharegpt(record: dict) -> list[dict]:
             raise _Reject("not_an_object", f"conversations[{j}] is not an object")
         source_role = turn.get("from")
         if source_role not in _SHAREGPT_ROLES:
-            raise _Reject("unknown_role", f"conversations[{j}].from={source_role!r} is not one of "
-                                          f"{', '.join(_SHAREGPT_ROLES)}")
+            raise _Reject(
+                "unknown_role", f"conversations[{j}].from={source_role!r} is not one of {', '.join(_SHAREGPT_ROLES)}"
+            )
         value = _string(turn.get("value"), f"conversations[{j}].value", required=True)
         if source_role == "function_call":
             messages.append({"role": "assistant", "content": "", "tool_calls": [_tool_call(value, j)]})

@@ -18,19 +18,27 @@ import json
 import logging
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from sftdist.config import DataConfig, EvalConfig
+from sftdist.data.encode import build_table, encode_all
 from sftdist.data.filters import RecordFilter
 from sftdist.data.formats import Rejected, normalise
-from sftdist.data.prepared import (cache_root, check_compatible, fingerprint, load_prepared, make_manifest,
-                                   save_prepared, tokenizer_hash)
+from sftdist.data.prepared import (
+    cache_root,
+    check_compatible,
+    fingerprint,
+    load_prepared,
+    make_manifest,
+    save_prepared,
+    tokenizer_hash,
+)
 from sftdist.data.sources import Source, source_weights, sources_from_config, with_format
-from sftdist.data.encode import build_table, encode_all
 from sftdist.data.template import IGNORE_INDEX, template_hash
 from sftdist.errors import DataError
 
@@ -81,8 +89,14 @@ def _read(sources: list[Source], record_filter: RecordFilter, tally: _Tally) -> 
                 continue
             if fmt is None:
                 keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-                tally.add("rejected", "unknown_format", where, f"no record of {source.name} looks like messages, "
-                          f"alpaca or sharegpt (keys: {keys}); set data.format", source.name)
+                tally.add(
+                    "rejected",
+                    "unknown_format",
+                    where,
+                    f"no record of {source.name} looks like messages, "
+                    f"alpaca or sharegpt (keys: {keys}); set data.format",
+                    source.name,
+                )
                 continue
             tally.formats[source.name] = fmt
             conv = normalise(raw, fmt)
@@ -126,13 +140,20 @@ def check_rejections(rejected: dict[str, int], examples: dict[str, list[str]], r
     """Stop when more than ``limit`` of the records were rejected, naming reasons and the first records."""
     total = sum(rejected.values())
     if records_in and total / records_in > limit:
-        reasons = "; ".join(f"{reason}: {n} (first: {', '.join(e.split(': ')[0] for e in examples[reason][:3])})"
-                            for reason, n in Counter(rejected).most_common())
-        hint = (" Over-long records: raise data.max_length or set data.truncation=truncate."
-                if "too_long" in rejected else "")
-        raise DataError(f"{total} of {records_in} records ({100 * total / records_in:.1f}%) were rejected, more than "
-                        f"data.max_rejected_fraction={limit}: {reasons}.{hint} sftdist-inspect shows the reasons "
-                        "in full; raise data.max_rejected_fraction to train on the rest anyway")
+        reasons = "; ".join(
+            f"{reason}: {n} (first: {', '.join(e.split(': ')[0] for e in examples[reason][:3])})"
+            for reason, n in Counter(rejected).most_common()
+        )
+        hint = (
+            " Over-long records: raise data.max_length or set data.truncation=truncate."
+            if "too_long" in rejected
+            else ""
+        )
+        raise DataError(
+            f"{total} of {records_in} records ({100 * total / records_in:.1f}%) were rejected, more than "
+            f"data.max_rejected_fraction={limit}: {reasons}.{hint} sftdist-inspect shows the reasons "
+            "in full; raise data.max_rejected_fraction to train on the rest anyway"
+        )
 
 
 @contextlib.contextmanager
@@ -170,11 +191,19 @@ def _prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple
     eval_texts = _decontamination_texts(cfg.filters.decontaminate) if cfg.filters.decontaminate else None
     record_filter = RecordFilter(cfg.filters, eval_texts)
     kept: list[tuple[str, str, dict]] = []
-    encoded = encode_all(_chunks(_read(sources, record_filter, tally), _CHUNK, kept), tokenizer, template,
-                         cfg.max_length, cfg.truncation, cfg.filters, _num_proc(cfg, sources))
+    encoded = encode_all(
+        _chunks(_read(sources, record_filter, tally), _CHUNK, kept),
+        tokenizer,
+        template,
+        cfg.max_length,
+        cfg.truncation,
+        cfg.filters,
+        _num_proc(cfg, sources),
+    )
     records_in = sum(c["records_in"] for c in tally.by_source.values())
-    for (source, where, _), filtered, reason, detail in zip(kept, encoded["filtered"], encoded["status"],
-                                                            encoded["detail"]):
+    for (source, where, _), filtered, reason, detail in zip(
+        kept, encoded["filtered"], encoded["status"], encoded["detail"]
+    ):
         if filtered:
             tally.add("filtered", filtered, where, "", source)
         elif reason:
@@ -183,12 +212,20 @@ def _prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple
     convs = [c for _, _, c in kept]
     usable = [i for i, (s, f) in enumerate(zip(encoded["status"], encoded["filtered"])) if not s and not f]
     if not usable:
-        raise DataError(f"no usable records: rejected {dict(tally.counts['rejected'])}, filtered "
-                        f"{dict(tally.counts['filtered'])} (examples: {dict(tally.examples)})")
-    table = build_table(encoded, usable, {
-        "source": [s for s, _, _ in kept],
-        "meta": [json.dumps(c["meta"], ensure_ascii=False, default=str) for c in convs],
-        "conv": [json.dumps(c, ensure_ascii=False, default=str) for c in convs]}, digest)
+        raise DataError(
+            f"no usable records: rejected {dict(tally.counts['rejected'])}, filtered "
+            f"{dict(tally.counts['filtered'])} (examples: {dict(tally.examples)})"
+        )
+    table = build_table(
+        encoded,
+        usable,
+        {
+            "source": [s for s, _, _ in kept],
+            "meta": [json.dumps(c["meta"], ensure_ascii=False, default=str) for c in convs],
+            "conv": [json.dumps(c, ensure_ascii=False, default=str) for c in convs],
+        },
+        digest,
+    )
     report = _report(cfg, sources, tally, table, encoded, records_in, digest, tokenizer, template, record_filter)
     if cfg.cache:
         save_prepared(table, make_manifest(report), cached, replace=False)
@@ -209,8 +246,18 @@ def _decontamination_texts(path: str) -> list[str]:
     return texts
 
 
-def _report(cfg: DataConfig, sources: list[Source], tally: _Tally, table: Any, columns: dict[str, Any], records_in: int,
-            digest: str, tokenizer: Any, template: str, record_filter: RecordFilter) -> dict:
+def _report(
+    cfg: DataConfig,
+    sources: list[Source],
+    tally: _Tally,
+    table: Any,
+    columns: dict[str, Any],
+    records_in: int,
+    digest: str,
+    tokenizer: Any,
+    template: str,
+    record_filter: RecordFilter,
+) -> dict:
     used = [not s and not f for s, f in zip(columns["status"], columns["filtered"])]
     truncated = [n for n, ok in zip(columns["num_truncated"], used) if n and ok]
     adaptations = Counter(note for notes, ok in zip(columns["adaptations"], used) if ok for note in set(notes))
@@ -222,11 +269,18 @@ def _report(cfg: DataConfig, sources: list[Source], tally: _Tally, table: Any, c
     for s in sources:
         c, mask = tally.by_source[s.name], names == s.name
         per_source[s.name] = {
-            "path": s.path, "format": tally.formats.get(s.name), "weight": s.weight, "records_in": c["records_in"],
-            "records_used": int(mask.sum()), "rejected": c["rejected"], "filtered": c["filtered"],
+            "path": s.path,
+            "format": tally.formats.get(s.name),
+            "weight": s.weight,
+            "records_in": c["records_in"],
+            "records_used": int(mask.sum()),
+            "rejected": c["rejected"],
+            "filtered": c["filtered"],
             "reasons": dict(tally.reasons_by_source[s.name].most_common()),
-            "num_tokens": int(lengths[mask].sum()), "num_supervised_tokens": int(supervised[mask].sum()),
-            "supervised_fraction": round(float(supervised[mask].sum() / max(1, lengths[mask].sum())), 4)}
+            "num_tokens": int(lengths[mask].sum()),
+            "num_supervised_tokens": int(supervised[mask].sum()),
+            "supervised_fraction": round(float(supervised[mask].sum() / max(1, lengths[mask].sum())), 4),
+        }
     report = {
         "records_in": records_in,
         "records_used": len(table),
@@ -242,12 +296,18 @@ def _report(cfg: DataConfig, sources: list[Source], tally: _Tally, table: Any, c
         "template_hash": template_hash(template),
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "fingerprint": digest,
-        "settings": {"max_length": cfg.max_length, "truncation": cfg.truncation,
-                     "max_rejected_fraction": cfg.max_rejected_fraction},
+        "settings": {
+            "max_length": cfg.max_length,
+            "truncation": cfg.truncation,
+            "max_rejected_fraction": cfg.max_rejected_fraction,
+        },
     }
     if record_filter.decontaminator is not None:
-        report["decontamination"] = {"eval_file": cfg.filters.decontaminate, "ngram": cfg.filters.decontaminate_ngram,
-                                     "eval_items_too_short": record_filter.decontaminator.num_too_short}
+        report["decontamination"] = {
+            "eval_file": cfg.filters.decontaminate,
+            "ngram": cfg.filters.decontaminate_ngram,
+            "eval_items_too_short": record_filter.decontaminator.num_too_short,
+        }
     assert records_in == report["records_used"] + sum(report["rejected"].values()) + sum(report["filtered"].values())
     return report
 
@@ -280,25 +340,29 @@ def _weighted(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.n
     return np.sort(np.concatenate([np.repeat(rows, whole), extra]))
 
 
-def split_and_weight(table: Any, weights: dict[str, float], num_eval: int,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_and_weight(table: Any, weights: dict[str, float], num_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows with source weights applied, eval rows): the eval rows are chosen by seed before weighting,
     so no weighted copy of an eval record is trained on."""
     n = len(table)
     if num_eval >= n:
-        raise DataError(f"eval.holdout_records={num_eval} leaves no training data: only {n} usable records; "
-                        "lower eval.holdout_records or set eval.every_steps=0")
+        raise DataError(
+            f"eval.holdout_records={num_eval} leaves no training data: only {n} usable records; "
+            "lower eval.holdout_records or set eval.every_steps=0"
+        )
     perm = np.random.default_rng([seed, 1]).permutation(n)
     eval_rows, train_mask = np.sort(perm[:num_eval]), np.ones(n, dtype=bool)
     train_mask[eval_rows] = False
     names, rng = np.asarray(table.data.column("source").to_pylist()), np.random.default_rng([seed, 3])
-    train_rows = [_weighted(np.flatnonzero(train_mask & (names == name)), weights.get(name, 1.0), rng)
-                  for name in dict.fromkeys(names.tolist())]
+    train_rows = [
+        _weighted(np.flatnonzero(train_mask & (names == name)), weights.get(name, 1.0), rng)
+        for name in dict.fromkeys(names.tolist())
+    ]
     return np.sort(np.concatenate(train_rows)) if train_rows else np.zeros(0, np.int64), eval_rows
 
 
-def build_datasets(cfg: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, template: str,
-                   seed: int) -> tuple[EncodedSet, EncodedSet, dict]:
+def build_datasets(
+    cfg: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, template: str, seed: int
+) -> tuple[EncodedSet, EncodedSet, dict]:
     """(train samples, eval samples, report) for a run: from data.prepared, the cache, or prepared now."""
     if cfg.prepared is not None:  # weights as sftdist-prepare was configured
         table, manifest = load_prepared(cfg.prepared)
@@ -308,10 +372,16 @@ def build_datasets(cfg: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, templa
     else:  # weights are not part of the fingerprint: this run's
         table, report = prepare(cfg, tokenizer, template, seed)
         weights = source_weights(cfg)
-        report = {**report, "sources": {k: {**v, "weight": weights.get(k, v["weight"])}
-                                        for k, v in report["sources"].items()}}
+        report = {
+            **report,
+            "sources": {k: {**v, "weight": weights.get(k, v["weight"])} for k, v in report["sources"].items()},
+        }
     num_eval = eval_cfg.holdout_records if eval_cfg.every_steps > 0 else 0
     train_rows, eval_rows = split_and_weight(table, weights, num_eval, seed)
-    report = {**report, "records_train": int(len(np.unique(train_rows))), "records_eval": int(len(eval_rows)),
-              "train_samples_per_epoch": int(len(train_rows))}
+    report = {
+        **report,
+        "records_train": int(len(np.unique(train_rows))),
+        "records_eval": int(len(eval_rows)),
+        "train_samples_per_epoch": int(len(train_rows)),
+    }
     return EncodedSet(table, train_rows), EncodedSet(table, eval_rows), report

@@ -1,10 +1,10 @@
 """Prepared data on disk: the encoded, filtered samples of a data configuration, keyed by a fingerprint.
 
 A prepared directory is a saved Hugging Face dataset (columns ``input_ids``, ``labels``, ``source``, ``meta``
-(JSON), ``conv`` (the canonical conversation, JSON), ``length``, ``num_supervised``; memory-mapped when loaded) plus ``sftdist_prepared.json``: the
-fingerprint, the tokenizer and chat-template hashes, the settings and the data report. The cache
-(``data.cache_dir``, default ``$SFTDIST_CACHE_DIR`` or ``~/.cache/sftdist``) holds one per fingerprint;
-``sftdist-prepare`` writes one where it is told, for ``data.prepared=DIR``.
+(JSON), ``conv`` (the canonical conversation, JSON), ``length``, ``num_supervised``; memory-mapped when loaded) plus
+``sftdist_prepared.json``: the fingerprint, the tokenizer and chat-template hashes, the settings and the data
+report. The cache (``data.cache_dir``, default ``$SFTDIST_CACHE_DIR`` or ``~/.cache/sftdist``) holds one per
+fingerprint; ``sftdist-prepare`` writes one where it is told, for ``data.prepared=DIR``.
 
 The fingerprint covers the content of every data file (and of the decontamination file), the tokenizer,
 the chat template and every setting that changes the samples; source weights and the eval hold-out are
@@ -28,7 +28,7 @@ PIPELINE_VERSION = 1  # bump when encoding or filtering changes what the same in
 MANIFEST = "sftdist_prepared.json"
 
 
-def _update_with_path(h: "hashlib._Hash", path: Path) -> None:
+def _update_with_path(h: hashlib._Hash, path: Path) -> None:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
@@ -60,20 +60,30 @@ def fingerprint(sources: list, tokenizer: Any, template: str, cfg: DataConfig) -
             h.update(json.dumps(source.records, sort_keys=True).encode())
     if cfg.filters.decontaminate:
         if not Path(cfg.filters.decontaminate).exists():
-            raise FileNotFoundError(f"data.filters.decontaminate={cfg.filters.decontaminate!r}: no such file or directory")
+            raise FileNotFoundError(
+                f"data.filters.decontaminate={cfg.filters.decontaminate!r}: no such file or directory"
+            )
         _update_with_path(h, Path(cfg.filters.decontaminate))
     h.update(tokenizer_hash(tokenizer).encode())
     h.update(template.encode())
-    settings = {"max_length": cfg.max_length, "truncation": cfg.truncation,
-                "filters": {k: v for k, v in dataclasses.asdict(cfg.filters).items() if k != "decontaminate"}}
+    settings = {
+        "max_length": cfg.max_length,
+        "truncation": cfg.truncation,
+        "filters": {k: v for k, v in dataclasses.asdict(cfg.filters).items() if k != "decontaminate"},
+    }
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
 def make_manifest(report: dict) -> dict:
-    return {"fingerprint": report["fingerprint"], "pipeline_version": PIPELINE_VERSION, "report": report,
-            "tokenizer_hash": report["tokenizer_hash"], "template_hash": report["template_hash"],
-            "settings": report["settings"]}
+    return {
+        "fingerprint": report["fingerprint"],
+        "pipeline_version": PIPELINE_VERSION,
+        "report": report,
+        "tokenizer_hash": report["tokenizer_hash"],
+        "template_hash": report["template_hash"],
+        "settings": report["settings"],
+    }
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -89,8 +99,10 @@ def save_prepared(table: Any, manifest: dict, directory: Path, replace: bool = T
     if not replace and directory.is_dir():
         return directory
     if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
-        raise ConfigError(f"{directory} exists and is not a prepared-data directory: refusing to replace it; "
-                          "choose another output_dir")
+        raise ConfigError(
+            f"{directory} exists and is not a prepared-data directory: refusing to replace it; "
+            "choose another output_dir"
+        )
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     table.save_to_disk(str(tmp))
@@ -109,8 +121,10 @@ def load_prepared(directory: str | Path) -> tuple[Any, dict]:
 
     directory = Path(directory)
     if not (directory / MANIFEST).is_file():
-        raise ConfigError(f"data.prepared={str(directory)!r}: not a prepared directory (no {MANIFEST}); "
-                          "write one with sftdist-prepare")
+        raise ConfigError(
+            f"data.prepared={str(directory)!r}: not a prepared directory (no {MANIFEST}); "
+            "write one with sftdist-prepare"
+        )
     manifest = json.loads((directory / MANIFEST).read_text())
     return datasets.load_from_disk(str(directory)), manifest
 
@@ -119,16 +133,24 @@ def check_compatible(manifest: dict, directory: str | Path, tokenizer: Any, temp
     """A prepared directory must come from this tokenizer and template, within this max_length."""
     where = f"data.prepared={str(directory)!r}"
     if manifest.get("pipeline_version") != PIPELINE_VERSION:
-        raise ConfigError(f"{where} was written by another sftdist data pipeline "
-                          f"(version {manifest.get('pipeline_version')}, this is {PIPELINE_VERSION}): prepare it again")
+        raise ConfigError(
+            f"{where} was written by another sftdist data pipeline "
+            f"(version {manifest.get('pipeline_version')}, this is {PIPELINE_VERSION}): prepare it again"
+        )
     if manifest["tokenizer_hash"] != tokenizer_hash(tokenizer):
-        raise ConfigError(f"{where} was encoded with another tokenizer ({manifest['tokenizer_hash']}, this run's is "
-                          f"{tokenizer_hash(tokenizer)}): prepare it with this run's model.name_or_path/model.tokenizer")
+        raise ConfigError(
+            f"{where} was encoded with another tokenizer ({manifest['tokenizer_hash']}, this run's is "
+            f"{tokenizer_hash(tokenizer)}): prepare it with this run's model.name_or_path/model.tokenizer"
+        )
     from sftdist.data.template import template_hash
 
     if manifest["template_hash"] != template_hash(template):
-        raise ConfigError(f"{where} was rendered with another chat template ({manifest['template_hash']}, this run's "
-                          f"is {template_hash(template)}): prepare it with this run's data.chat_template")
+        raise ConfigError(
+            f"{where} was rendered with another chat template ({manifest['template_hash']}, this run's "
+            f"is {template_hash(template)}): prepare it with this run's data.chat_template"
+        )
     if manifest["settings"]["max_length"] > max_length:
-        raise ConfigError(f"{where} holds samples up to {manifest['settings']['max_length']} tokens, more than "
-                          f"data.max_length={max_length}")
+        raise ConfigError(
+            f"{where} holds samples up to {manifest['settings']['max_length']} tokens, more than "
+            f"data.max_length={max_length}"
+        )

@@ -9,9 +9,10 @@ exception: one bad line never stops the others from being read. A file that cann
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sftdist.config import DataConfig
 from sftdist.data.demo import generate_demo_conversations
@@ -80,8 +81,10 @@ def iter_records(source: Source) -> Iterator[tuple[str, Any]]:
     elif path.suffix.lower() == ".parquet":
         yield from _iter_parquet(path)
     else:
-        raise DataError(f"data.path={source.path!r}: unsupported file type {path.suffix!r} "
-                        "(use .jsonl, .json, .parquet or a saved datasets directory)")
+        raise DataError(
+            f"data.path={source.path!r}: unsupported file type {path.suffix!r} "
+            "(use .jsonl, .json, .parquet or a saved datasets directory)"
+        )
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -112,8 +115,10 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno} ({err.msg}); one record per line "
-                        "(.jsonl) lets the good records through") from err
+        raise DataError(
+            f"{path}: invalid JSON at line {err.lineno} ({err.msg}); one record per line "
+            "(.jsonl) lets the good records through"
+        ) from err
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of records, not {type(data).__name__}")
     for i, record in enumerate(data):

@@ -72,8 +72,10 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> s
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if isinstance(template, dict):  # tokenizers may carry several named templates
         if "default" not in template:
-            raise ConfigError(f"the tokenizer {name!r} has named chat templates {sorted(template)} but no "
-                              "'default' one: pass data.chat_template=FILE (a Jinja file)")
+            raise ConfigError(
+                f"the tokenizer {name!r} has named chat templates {sorted(template)} but no "
+                "'default' one: pass data.chat_template=FILE (a Jinja file)"
+            )
         template = template["default"]
     if not template:
         raise ConfigError(f"the tokenizer {name!r} has no chat template: pass data.chat_template=FILE (a Jinja file)")
@@ -92,6 +94,7 @@ class Capabilities:
     tool_calls: bool
     consecutive_user: bool
     tools: bool  # renders the tool schemas passed as ``tools``
+
 
 TOOLS_HEADER = "You can call these tools (JSON schemas):\n"
 
@@ -115,12 +118,19 @@ class ChatTemplate:
         if any(k in m for m in messages for k in _REASONING_FIELDS):
             messages = _alias_reasoning(messages)
         try:
-            return self._compiled.render(messages=messages, tools=tools, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self._kwargs)
+            return self._compiled.render(
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._kwargs,
+            )
         except Exception as err:  # jinja's raise_exception(), undefined variables, type errors ...
-            raise TemplateSplitError(f"the chat template failed to render {len(messages)} message(s) "
-                                     f"(add_generation_prompt={add_generation_prompt}): {err}",
-                                     reason="template_error") from err
+            raise TemplateSplitError(
+                f"the chat template failed to render {len(messages)} message(s) "
+                f"(add_generation_prompt={add_generation_prompt}): {err}",
+                reason="template_error",
+            ) from err
 
     def _renders(self, messages: list[dict], *probes: str, tools: list[dict] | None = None) -> bool:
         try:
@@ -131,20 +141,36 @@ class ChatTemplate:
 
     def _probe(self) -> Capabilities:
         user, answer = {"role": "user", "content": "PROBE_U1"}, {"role": "assistant", "content": "PROBE_A1"}
-        call = {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "PROBE_CALL", "arguments": {}}}]}
+        call = {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "PROBE_CALL", "arguments": {}}}],
+        }
         return Capabilities(
             system=self._renders([{"role": "system", "content": "PROBE_SYS"}, user, answer], "PROBE_SYS"),
             tool_role=self._renders([user, call, {"role": "tool", "content": "PROBE_TOOL"}, answer], "PROBE_TOOL"),
             tool_calls=self._renders([user, call], "PROBE_CALL"),
-            consecutive_user=self._renders([user, {"role": "user", "content": "PROBE_U2"}, answer],
-                                           "PROBE_U1", "PROBE_U2"),
-            tools=self._renders([user, answer], "PROBE_SCHEMA", tools=[{  # OpenAI-shaped and flat at once
-                "type": "function", "name": "PROBE_SCHEMA", "description": "", "parameters": {"type": "object"},
-                "function": {"name": "PROBE_SCHEMA", "description": "", "parameters": {"type": "object"}}}]),
+            consecutive_user=self._renders(
+                [user, {"role": "user", "content": "PROBE_U2"}, answer], "PROBE_U1", "PROBE_U2"
+            ),
+            tools=self._renders(
+                [user, answer],
+                "PROBE_SCHEMA",
+                tools=[
+                    {  # OpenAI-shaped and flat at once
+                        "type": "function",
+                        "name": "PROBE_SCHEMA",
+                        "description": "",
+                        "parameters": {"type": "object"},
+                        "function": {"name": "PROBE_SCHEMA", "description": "", "parameters": {"type": "object"}},
+                    }
+                ],
+            ),
         )
 
-    def adapt(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[dict], list[dict] | None, list[str]]:
+    def adapt(
+        self, messages: list[dict], tools: list[dict] | None = None
+    ) -> tuple[list[dict], list[dict] | None, list[str]]:
         """(messages, tools) in a form this template can render, and the names of the adaptations made."""
         caps, notes, out = self.caps, [], []
         if tools and not caps.tools:
@@ -206,8 +232,9 @@ def bind_template(tokenizer: Any, template: str) -> ChatTemplate:
     return _TEMPLATES[key]
 
 
-def assistant_char_spans(ct: ChatTemplate, messages: list[dict],
-                         tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(
+    ct: ChatTemplate, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans of its supervised assistant output."""
     full = ct.render(messages, False, tools)
     spans = []
@@ -242,13 +269,14 @@ def _labels_fast(enc: Any, spans: list[tuple[int, int]], input_ids: list[int]) -
             return None
         if last + 1 < len(input_ids) and enc.token_to_chars(last + 1)[0] < b:  # bytes of one character
             return None
-        labels[first:last + 1] = input_ids[first:last + 1]
+        labels[first : last + 1] = input_ids[first : last + 1]
         span_ends.append(last + 1)
     return labels, span_ends
 
 
-def labels_from_offsets(text: str, spans: list[tuple[int, int]], input_ids: list[int],
-                        offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+def labels_from_offsets(
+    text: str, spans: list[tuple[int, int]], input_ids: list[int], offsets: list[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
     """(labels, token index just past each span) from character spans and token offsets."""
     ids = np.asarray(input_ids, dtype=np.int64)
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
@@ -263,7 +291,7 @@ def labels_from_offsets(text: str, spans: list[tuple[int, int]], input_ids: list
         if i0 < i1 and (start[i0] < a or end[i1 - 1] > b):  # the first or last overlapping token sticks out
             idx = i0 if start[i0] < a else i1 - 1
             raise TemplateSplitError(
-                f"token {idx} ({text[start[idx]:end[idx]]!r}) straddles the boundary of the assistant span "
+                f"token {idx} ({text[start[idx] : end[idx]]!r}) straddles the boundary of the assistant span "
                 f"{text[a:b][:40]!r}...: the tokenizer merges prompt and answer characters, "
                 "so this template cannot be split at token boundaries"
             )
@@ -288,10 +316,10 @@ def backend_tokenizer(tokenizer: Any) -> Any:
     return backend
 
 
-_BACKENDS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_BACKENDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
-def render_many(ct: "ChatTemplate", convs: list[tuple[list[dict], list[dict] | None]]) -> list[tuple]:
+def render_many(ct: ChatTemplate, convs: list[tuple[list[dict], list[dict] | None]]) -> list[tuple]:
     """(text, spans, adaptations, error) of each conversation: everything before tokenization."""
     rendered = []
     for messages, tools in convs:
@@ -321,15 +349,17 @@ def label_many(rendered: list[tuple], encodings: list[Any]) -> list[dict]:
     return results
 
 
-def encode_many(tokenizer: Any, ct: "ChatTemplate", convs: list[tuple[list[dict], list[dict] | None]]) -> list[dict]:
+def encode_many(tokenizer: Any, ct: ChatTemplate, convs: list[tuple[list[dict], list[dict] | None]]) -> list[dict]:
     """Render, tokenize (one batch) and label conversations (see ``label_many`` for the results)."""
     rendered = render_many(ct, convs)
-    return label_many(rendered, backend_tokenizer(tokenizer).encode_batch([r[0] for r in rendered],
-                                                                          add_special_tokens=False))
+    return label_many(
+        rendered, backend_tokenizer(tokenizer).encode_batch([r[0] for r in rendered], add_special_tokens=False)
+    )
 
 
-def truncate_at_turns(input_ids: list[int], labels: list[int], span_ends: list[int],
-                      max_length: int) -> tuple[list[int], list[int], int]:
+def truncate_at_turns(
+    input_ids: list[int], labels: list[int], span_ends: list[int], max_length: int
+) -> tuple[list[int], list[int], int]:
     """Cut to ``max_length`` tokens: after the last assistant turn that fits whole (its end-of-turn marker
     included), else at ``max_length``. Returns (input_ids, labels, tokens removed)."""
     if len(input_ids) <= max_length:

@@ -13,9 +13,22 @@ from dataclasses import dataclass
 import torch
 
 # Dense bf16 peak per GPU (TFLOP/s, no sparsity), from the vendors' data sheets; train.peak_tflops overrides.
-_PEAK_BF16_TFLOPS = (("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-                     ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-                     ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("4090", 165.0))
+_PEAK_BF16_TFLOPS = (
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("4090", 165.0),
+)
 
 
 @dataclass(frozen=True)
@@ -25,13 +38,13 @@ class ModelDims:
     width: int  # query width (heads x head dim), usually the hidden size
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "ModelDims":
+    def of(cls, model: torch.nn.Module) -> ModelDims:
         config = model.config
         total = sum(p.numel() for p in model.parameters())
         embed = model.get_input_embeddings().weight
         output = model.get_output_embeddings()
         tied = output is not None and output.weight is embed
-        heads = getattr(config, "num_attention_heads")
+        heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(total - (0 if tied else embed.numel()), config.num_hidden_layers, heads * head_dim)
 

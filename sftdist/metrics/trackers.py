@@ -38,8 +38,10 @@ def resolve_wandb_mode(mode: str) -> str:
 def check_wandb(cfg: WandbConfig) -> None:
     """Fail before anything is written when W&B cannot work as configured."""
     if resolve_wandb_mode(cfg.mode) == "online" and not wandb_key_configured():
-        raise ConfigError("wandb.mode=online but no W&B key is configured (WANDB_API_KEY or `wandb login`); "
-                          "use wandb.mode=offline (sync later with `wandb sync`) or wandb.mode=disabled")
+        raise ConfigError(
+            "wandb.mode=online but no W&B key is configured (WANDB_API_KEY or `wandb login`); "
+            "use wandb.mode=offline (sync later with `wandb sync`) or wandb.mode=disabled"
+        )
 
 
 class JsonlTracker:
@@ -92,8 +94,9 @@ class MetricsLogger:
             tracker.close()
 
 
-def build_metrics_logger(cfg: WandbConfig, output_dir: Path, run_config: dict[str, Any],
-                         is_main: bool) -> MetricsLogger:
+def build_metrics_logger(
+    cfg: WandbConfig, output_dir: Path, run_config: dict[str, Any], is_main: bool
+) -> MetricsLogger:
     if not is_main:
         return MetricsLogger([])
     trackers: list[Any] = [JsonlTracker(output_dir / "metrics.jsonl")]

@@ -14,16 +14,18 @@ with no model-specific code:
 - ``sdpa``: ``scaled_dot_product_attention`` with an explicit block-diagonal causal mask: the reference, and
   what trains on CPU.
 
-``model.attn_impl=auto`` picks the first that can train: flash_attn, torch_varlen, flex on CUDA; sdpa on CPU. :func:`packed_attention_kwargs` is the one place that
-turns a micro-batch's boundaries into what the backends read; the model and the loss never see it.
+``model.attn_impl=auto`` picks the first that can train: flash_attn, torch_varlen, flex on CUDA; sdpa on CPU.
+:func:`packed_attention_kwargs` is the one place that turns a micro-batch's boundaries into what the backends read;
+the model and the loss never see it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +33,12 @@ import torch.nn.functional as F
 BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")
 # Names in transformers' registries. transformers reads meaning into substrings ("sdpa", "flash",
 # "flex_attention": support checks and special paths), so ours contain none of them.
-_REGISTERED = {"sdpa": "sftdist_packed_dense", "flex": "sftdist_packed_docmask",
-               "torch_varlen": "sftdist_packed_tvarlen", "flash_attn": "sftdist_packed_fa"}
+_REGISTERED = {
+    "sdpa": "sftdist_packed_dense",
+    "flex": "sftdist_packed_docmask",
+    "torch_varlen": "sftdist_packed_tvarlen",
+    "flash_attn": "sftdist_packed_fa",
+}
 
 
 @dataclass
@@ -72,8 +78,7 @@ class PackedAttention:
                 allowed = (doc[q] == doc[kv]) & (q >= kv)
                 return allowed & (q - kv < sliding_window) if sliding_window is not None else allowed
 
-            self._cache[key] = create_block_mask(document_causal, None, None, self.total, self.total,
-                                                 device=doc.device)
+            self._cache[key] = create_block_mask(document_causal, None, None, self.total, self.total, device=doc.device)
         return self._cache[key]
 
 
@@ -85,8 +90,10 @@ def packed_attention_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict[s
 def _meta(kwargs: dict) -> PackedAttention:
     meta = kwargs.get("sftdist_packed")
     if meta is None:
-        raise ValueError("an sftdist attention backend was called without packed-sequence metadata; "
-                         "packed micro-batches must come through sftdist.model.attention.packed_attention_kwargs")
+        raise ValueError(
+            "an sftdist attention backend was called without packed-sequence metadata; "
+            "packed micro-batches must come through sftdist.model.attention.packed_attention_kwargs"
+        )
     return meta
 
 
@@ -94,8 +101,9 @@ def _check_row(query: torch.Tensor, meta: PackedAttention) -> None:
     assert query.shape[0] == 1 and query.shape[2] == meta.total, (query.shape, meta.total)
 
 
-def sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                 softcap=None, **kwargs):
+def sdpa_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
+):
     """The reference: SDPA with an explicit block-diagonal causal mask. q, k, v: (1, H, T, D)."""
     meta = _meta(kwargs)
     _check_row(query, meta)
@@ -103,13 +111,22 @@ def sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling
     if softcap is not None:  # SDPA cannot cap scores: the same math, unfused
         groups = query.shape[1] // key.shape[1]
         k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-        scores = torch.matmul(query, k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        scores = torch.matmul(query, k.transpose(-1, -2)) * (
+            scaling if scaling is not None else query.shape[-1] ** -0.5
+        )
         scores = softcap * torch.tanh(scores / softcap)
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(query.dtype)
         out = torch.matmul(F.dropout(probs, dropout, module.training), v)
     else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                             enable_gqa=key.shape[1] != query.shape[1])
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -120,10 +137,12 @@ def _flex_function(device: torch.device) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":  # unfused on CPU: exact, fine for small models and tests; no warning each call
+
         def eager(*args, **kwargs):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
                 return flex_attention(*args, **kwargs)
+
         return eager
     if not _COMPILED_FLEX:
         _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=True))
@@ -136,23 +155,33 @@ def _softcap_mod(softcap: float | None) -> Callable | None:
 
     def capped(score, b, h, q, kv):
         return softcap * torch.tanh(score / softcap)
+
     return capped
 
 
-def flex_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                 softcap=None, **kwargs):
+def flex_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
+):
     """flex_attention with a document mask (and sliding window / soft-capping when the model has them)."""
     if dropout:
         raise ValueError("model.attn_impl=flex does not support attention dropout; use sdpa or set it to 0")
     meta = _meta(kwargs)
     _check_row(query, meta)
-    out = _flex_function(query.device)(query, key, value, score_mod=_softcap_mod(softcap), block_mask=meta.block_mask(sliding_window),
-                                       scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    out = _flex_function(query.device)(
+        query,
+        key,
+        value,
+        score_mod=_softcap_mod(softcap),
+        block_mask=meta.block_mask(sliding_window),
+        scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
-def torch_varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                         softcap=None, **kwargs):
+def torch_varlen_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
+):
     """torch.nn.attention.varlen.varlen_attn (CUDA). q: (1, H, T, D) -> (T, H, D) and back."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -163,13 +192,24 @@ def torch_varlen_forward(module, query, key, value, attention_mask, dropout=0.0,
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     cu = meta.cu_seqlens
     window = (sliding_window - 1 if sliding_window is not None else -1, 0)  # (-1, 0): causal
-    out = varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, scale=scaling, window_size=window,
-                      enable_gqa=k.shape[1] != q.shape[1])
+    out = varlen_attn(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        meta.max_seqlen,
+        meta.max_seqlen,
+        scale=scaling,
+        window_size=window,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
     return out[None], None
 
 
-def flash_attn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                       softcap=None, **kwargs):
+def flash_attn_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
+):
     """flash-attn's flash_attn_varlen_func (CUDA, fp16/bf16). q: (1, H, T, D) -> (T, H, D) and back."""
     from flash_attn import flash_attn_varlen_func
 
@@ -178,14 +218,29 @@ def flash_attn_forward(module, query, key, value, attention_mask, dropout=0.0, s
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     cu = meta.cu_seqlens
     window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
-    out = flash_attn_varlen_func(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, dropout_p=dropout,
-                                 softmax_scale=scaling, causal=True, window_size=window,
-                                 softcap=softcap if softcap is not None else 0.0)
+    out = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        meta.max_seqlen,
+        meta.max_seqlen,
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
+        window_size=window,
+        softcap=softcap if softcap is not None else 0.0,
+    )
     return out[None], None
 
 
-_FORWARDS = {"sdpa": sdpa_forward, "flex": flex_forward, "torch_varlen": torch_varlen_forward,
-             "flash_attn": flash_attn_forward}
+_FORWARDS = {
+    "sdpa": sdpa_forward,
+    "flex": flex_forward,
+    "torch_varlen": torch_varlen_forward,
+    "flash_attn": flash_attn_forward,
+}
 
 
 def _no_mask(*args, **kwargs):

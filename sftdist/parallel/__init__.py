@@ -28,9 +28,11 @@ def build_strategy(cfg: SFTConfig) -> Strategy:
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1:  # N copies of one run writing one output_dir: never what was meant
-            raise ValueError(f"strategy=none trains in one process, but this was launched with WORLD_SIZE="
-                             f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy "
-                             "(strategy=ddp|fsdp2|zero3)")
+            raise ValueError(
+                f"strategy=none trains in one process, but this was launched with WORLD_SIZE="
+                f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy "
+                "(strategy=ddp|fsdp2|zero3)"
+            )
         return SingleProcess(resolve_device(cfg.device))
     if name == "ddp":
         from sftdist.parallel.ddp import DDPStrategy

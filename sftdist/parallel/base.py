@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -41,9 +41,9 @@ class Strategy(ABC):
         return 1
 
     @abstractmethod
-    def setup(self, model: torch.nn.Module,
-              make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
-              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Place (and shard or replicate) the model, then build its optimizer: (what to call, optimizer)."""
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -4,7 +4,7 @@ in the backward of the step's last micro-batch."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -18,11 +18,13 @@ class DDPStrategy(DistributedStrategy):
         super().__init__("ddp", device, cfg.timeout_minutes)
         self._ddp: DistributedDataParallel | None = None
 
-    def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
-              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
         self._ddp = DistributedDataParallel(  # broadcasts rank 0's weights to every rank
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
         return self._ddp, make_optimizer(model)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -39,5 +41,6 @@ class DDPStrategy(DistributedStrategy):
         return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
 
     def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.grad.detach().cpu().clone() for n, p in self.unwrap(model).named_parameters()
-                if p.grad is not None}
+        return {
+            n: p.grad.detach().cpu().clone() for n, p in self.unwrap(model).named_parameters() if p.grad is not None
+        }

@@ -11,8 +11,9 @@ says so, and sftdist.loss compensates.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,17 +23,32 @@ from sftdist.errors import ConfigError
 from sftdist.parallel.dist import DistributedStrategy
 
 # Derived from train.* (or owned by the loop): a user JSON may not set them.
-_OURS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-         "scheduler", "gradient_clipping", "fp16", "bf16", "torch_autocast", "communication_data_type", "data_types",
-         "managed_gradient_accumulation", "prescale_gradients", "gradient_predivide_factor")
+_OURS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+    "fp16",
+    "bf16",
+    "torch_autocast",
+    "communication_data_type",
+    "data_types",
+    "managed_gradient_accumulation",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+)
 
 
 def _import_deepspeed() -> Any:
     try:
         import deepspeed
     except ImportError as err:
-        raise ConfigError(f"strategy=zero3 needs DeepSpeed, which does not import here ({err}); install it with "
-                          "pip install 'sftdist[deepspeed]', or use strategy=fsdp2") from err
+        raise ConfigError(
+            f"strategy=zero3 needs DeepSpeed, which does not import here ({err}); install it with "
+            "pip install 'sftdist[deepspeed]', or use strategy=fsdp2"
+        ) from err
     return deepspeed
 
 
@@ -86,13 +102,17 @@ def deepspeed_config(cfg: StrategyConfig, precision: str, max_grad_norm: float) 
         raise ConfigError(f"strategy.deepspeed_config={cfg.deepspeed_config!r}: must hold a JSON object")
     clash = [k for k in _OURS if k in user]
     if clash:
-        raise ConfigError(f"strategy.deepspeed_config={cfg.deepspeed_config!r} sets {', '.join(clash)}, which "
-                          "sftdist derives (train.global_batch_size, train.micro_batch_tokens, train.lr, "
-                          "train.max_grad_norm, precision): remove them from the file")
+        raise ConfigError(
+            f"strategy.deepspeed_config={cfg.deepspeed_config!r} sets {', '.join(clash)}, which "
+            "sftdist derives (train.global_batch_size, train.micro_batch_tokens, train.lr, "
+            "train.max_grad_norm, precision): remove them from the file"
+        )
     stage = user.get("zero_optimization", {}).get("stage", 3)
     if stage != 3:
-        raise ConfigError(f"strategy.deepspeed_config={cfg.deepspeed_config!r} sets zero_optimization.stage="
-                          f"{stage}; strategy=zero3 is stage 3")
+        raise ConfigError(
+            f"strategy.deepspeed_config={cfg.deepspeed_config!r} sets zero_optimization.stage="
+            f"{stage}; strategy=zero3 is stage 3"
+        )
     return _merge(config, user)
 
 
@@ -100,8 +120,10 @@ class ZeRO3Strategy(DistributedStrategy):
     def __init__(self, cfg: StrategyConfig, device: str, precision: str, max_grad_norm: float):
         self.ds = _import_deepspeed()
         if device == "cpu" and torch.cuda.is_available():
-            raise ConfigError("strategy=zero3 with device=cpu on a machine with CUDA: DeepSpeed places the model "
-                              "on the GPU regardless; use device=auto (or hide the GPUs: CUDA_VISIBLE_DEVICES=)")
+            raise ConfigError(
+                "strategy=zero3 with device=cpu on a machine with CUDA: DeepSpeed places the model "
+                "on the GPU regardless; use device=auto (or hide the GPUs: CUDA_VISIBLE_DEVICES=)"
+            )
         self.config = deepspeed_config(cfg, precision, max_grad_norm)
         super().__init__("zero3", device, cfg.timeout_minutes)
         import logging
@@ -110,11 +132,13 @@ class ZeRO3Strategy(DistributedStrategy):
         self.ds.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         self._engine: Any = None
 
-    def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
-              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
-        engine, optimizer, _, _ = self.ds.initialize(model=model, optimizer=make_optimizer(model),
-                                                     config=self.config, dist_init_required=False)
+        engine, optimizer, _, _ = self.ds.initialize(
+            model=model, optimizer=make_optimizer(model), config=self.config, dist_init_required=False
+        )
         self._engine = engine
         return engine, optimizer
 

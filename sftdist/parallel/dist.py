@@ -23,15 +23,18 @@ def init_process_group(strategy: str, device: str, timeout_minutes: int) -> tupl
             f"strategy={strategy} needs a process group, but this process was not started by torchrun (no "
             f"{', '.join(missing)} in its environment). Launch it with: torchrun --nproc_per_node=N -m "
             f"sftdist.train strategy={strategy} ... (or launch/torchrun.sh, which the Slurm scripts use); "
-            "strategy=none trains in one process")
+            "strategy=none trains in one process"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but this torch build sees no CUDA device; use device=cpu or device=auto")
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs: "
-                              "launch at most one process per GPU (--nproc_per_node)")
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs: "
+                "launch at most one process per GPU (--nproc_per_node)"
+            )
         torch.cuda.set_device(local_rank)
         here = torch.device("cuda", local_rank)
     else:
@@ -39,8 +42,11 @@ def init_process_group(strategy: str, device: str, timeout_minutes: int) -> tupl
     started = False
     if not dist.is_initialized():
         # On CUDA, gloo beside NCCL for CPU tensors (FSDP2 with CPU offload reduces norms of CPU shards).
-        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
-                                device_id=here if use_cuda else None)
+        dist.init_process_group(
+            "cpu:gloo,cuda:nccl" if use_cuda else "gloo",
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=here if use_cuda else None,
+        )
         started = True
     return dist.get_rank(), dist.get_world_size(), here, started
 

@@ -4,7 +4,7 @@ backward and accumulate as shards. precision=bf16 computes in bf16 and reduces i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -28,8 +28,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             layers.append(module)
             inside.update(id(m) for m in module.modules())
     if not layers:
-        raise ConfigError(f"strategy=fsdp2: found no decoder layers in {type(model).__name__} (its "
-                          f"_no_split_modules is {sorted(names) or 'empty'}); use strategy=zero3 or ddp")
+        raise ConfigError(
+            f"strategy=fsdp2: found no decoder layers in {type(model).__name__} (its "
+            f"_no_split_modules is {sorted(names) or 'empty'}); use strategy=zero3 or ddp"
+        )
     return layers
 
 
@@ -38,11 +40,15 @@ class FSDP2Strategy(DistributedStrategy):
         super().__init__("fsdp2", device, cfg.timeout_minutes)
         self.cfg, self.precision = cfg, precision
 
-    def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
-              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if self.precision == "bf16" else MixedPrecisionPolicy())
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         offload = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
         # No model.to(device) first: fully_shard moves one layer at a time and keeps its shard only, so a
         # GPU never holds the whole unsharded model.

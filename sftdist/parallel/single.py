@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -15,8 +15,9 @@ class SingleProcess(Strategy):
     def __init__(self, device: torch.device):
         self.device = device
 
-    def setup(self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
-              ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
         return model, make_optimizer(model)
 

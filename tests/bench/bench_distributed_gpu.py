@@ -21,23 +21,48 @@ import tempfile
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-MODEL = ["model.hidden_size=2048", "model.num_layers=22", "model.num_heads=32", "model.num_kv_heads=4",
-         "model.intermediate_size=5632", "model.max_position_embeddings=4096"]
-RUN = ["precision=bf16", "train.micro_batch_tokens=4096", "data.max_length=4096", "data.demo_size=20000",
-       "eval.every_steps=0", "wandb.mode=disabled", "train.lr=3e-4"]
+MODEL = [
+    "model.hidden_size=2048",
+    "model.num_layers=22",
+    "model.num_heads=32",
+    "model.num_kv_heads=4",
+    "model.intermediate_size=5632",
+    "model.max_position_embeddings=4096",
+]
+RUN = [
+    "precision=bf16",
+    "train.micro_batch_tokens=4096",
+    "data.max_length=4096",
+    "data.demo_size=20000",
+    "eval.every_steps=0",
+    "wandb.mode=disabled",
+    "train.lr=3e-4",
+]
 
 
 def run(strategy: str, steps: int, gpus: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={gpus}", "-m", "sftdist.train",
-               *MODEL, *RUN, f"strategy={strategy}", f"train.max_steps={steps}",
-               f"train.global_batch_size={256 * gpus}", f"output_dir={tmp}/run"]
+        cmd = [
+            str(BIN / "torchrun"),
+            "--standalone",
+            f"--nproc_per_node={gpus}",
+            "-m",
+            "sftdist.train",
+            *MODEL,
+            *RUN,
+            f"strategy={strategy}",
+            f"train.max_steps={steps}",
+            f"train.global_batch_size={256 * gpus}",
+            f"output_dir={tmp}/run",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=dict(os.environ))
         if proc.returncode:
             return {"error": proc.stderr[-2000:]}
         metrics = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()][2:]
-        return {key: statistics.median(m[key] for m in metrics)
-                for key in ("train/tokens_per_s", "train/mfu", "train/peak_mem_gib", "train/packing_efficiency")}
+        return {
+            key: statistics.median(m[key] for m in metrics)
+            for key in ("train/tokens_per_s", "train/mfu", "train/peak_mem_gib", "train/packing_efficiency")
+        }
 
 
 def main() -> None:

@@ -22,8 +22,15 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 FILES = ["alpaca_en_demo.json", "glaive_toolcall_en_demo.json", "gsm8k_train_alpaca.json"]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>",
-            "</tool_response>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]
 
 
 def build_tokenizer():
@@ -34,11 +41,19 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     texts = [json.dumps(r) for f in FILES for r in json.loads((SHARED / "data" / f).read_text())]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, special_tokens=SPECIALS, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=8192,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     template = (SHARED / "chat_templates" / "qwen2.5-instruct.jinja").read_text().strip()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=template)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template
+    )
 
 
 def time_sftdist(path: Path, tokenizer, num_proc: int) -> tuple[float, int]:
@@ -46,16 +61,24 @@ def time_sftdist(path: Path, tokenizer, num_proc: int) -> tuple[float, int]:
     from sftdist.data.pipeline import prepare
 
     start = time.perf_counter()
-    _, report = prepare(DataConfig(path=str(path), cache=False, num_proc=num_proc, max_length=32768,
-                                   max_rejected_fraction=1.0), tokenizer, tokenizer.chat_template, seed=0)
+    _, report = prepare(
+        DataConfig(path=str(path), cache=False, num_proc=num_proc, max_length=32768, max_rejected_fraction=1.0),
+        tokenizer,
+        tokenizer.chat_template,
+        seed=0,
+    )
     return time.perf_counter() - start, report["records_in"]
 
 
 def time_tokenize_only(path: Path, tokenizer) -> float:
     """The floor under any preparation: one batch tokenization (all cores) of the rendered texts."""
     dataset = trl_dataset(path)
-    texts = [tokenizer.apply_chat_template(list(r["messages"]), tools=json.loads(r["tools"]) if r["tools"] else None,
-                                           tokenize=False) for r in dataset]
+    texts = [
+        tokenizer.apply_chat_template(
+            list(r["messages"]), tools=json.loads(r["tools"]) if r["tools"] else None, tokenize=False
+        )
+        for r in dataset
+    ]
     start = time.perf_counter()
     tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     return time.perf_counter() - start
@@ -72,8 +95,10 @@ def trl_dataset(path: Path):
     rows = []
     for record in raw:
         conv = normalise(record, fmt)
-        messages = [{"role": m["role"], "content": m["content"] or json.dumps([c["function"] for c in m["tool_calls"]])}
-                    for m in conv["messages"]]
+        messages = [
+            {"role": m["role"], "content": m["content"] or json.dumps([c["function"] for c in m["tool_calls"]])}
+            for m in conv["messages"]
+        ]
         rows.append({"messages": messages, "tools": json.dumps(conv["tools"]) if conv["tools"] else None})
     return datasets.Dataset.from_list(rows)
 
@@ -90,12 +115,22 @@ def make_trl_trainer(tokenizer, out: str):
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
-    args = SFTConfig(output_dir=out, report_to=[], max_length=None, packing=False, dataset_num_proc=None,
-                     bf16=False, use_cpu=True)
-    tiny = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"},
-                                                     {"role": "assistant", "content": "hello"}]}])
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    args = SFTConfig(
+        output_dir=out, report_to=[], max_length=None, packing=False, dataset_num_proc=None, bf16=False, use_cpu=True
+    )
+    tiny = datasets.Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    )
     return SFTTrainer(model=model, args=args, train_dataset=tiny, processing_class=tokenizer), args
 
 
@@ -110,8 +145,10 @@ def main() -> None:
     tokenizer = build_tokenizer()
     with tempfile.TemporaryDirectory() as out:
         trainer, trl_args = make_trl_trainer(tokenizer, out)
-        print(f"{'file':<30} {'records':>7} {'sftdist 1 proc':>15} {'sftdist 2 proc':>15} {'TRL':>10} {'ratio':>7} "
-              f"{'tokenize only':>14}")
+        print(
+            f"{'file':<30} {'records':>7} {'sftdist 1 proc':>15} {'sftdist 2 proc':>15} {'TRL':>10} {'ratio':>7} "
+            f"{'tokenize only':>14}"
+        )
         for name in FILES:
             path = SHARED / "data" / name
             ours1 = min(time_sftdist(path, tokenizer, 1)[0] for _ in range(args.repeat))
@@ -119,8 +156,11 @@ def main() -> None:
             theirs, n = min(time_trl(path, tokenizer, trainer, trl_args) for _ in range(args.repeat))
             floor = min(time_tokenize_only(path, tokenizer) for _ in range(args.repeat))
             best = max(n / ours1, n / ours2)
-            print(f"{name:<30} {n:>7} {n / ours1:>12.0f}/s {n / ours2:>12.0f}/s {n / theirs:>7.0f}/s "
-                  f"{best / (n / theirs):>6.2f}x {n / floor:>11.0f}/s", flush=True)
+            print(
+                f"{name:<30} {n:>7} {n / ours1:>12.0f}/s {n / ours2:>12.0f}/s {n / theirs:>7.0f}/s "
+                f"{best / (n / theirs):>6.2f}x {n / floor:>11.0f}/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

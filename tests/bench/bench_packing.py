@@ -33,8 +33,12 @@ def sample_lengths(tokenizer) -> dict[str, np.ndarray]:
 
     out = {}
     for name in FILES:
-        table, _ = prepare(DataConfig(path=str(SHARED / "data" / name), cache=False, max_length=1 << 20,
-                                      max_rejected_fraction=1.0), tokenizer, tokenizer.chat_template, seed=0)
+        table, _ = prepare(
+            DataConfig(path=str(SHARED / "data" / name), cache=False, max_length=1 << 20, max_rejected_fraction=1.0),
+            tokenizer,
+            tokenizer.chat_template,
+            seed=0,
+        )
         out[name] = table.data.column("length").to_numpy()
     return out
 
@@ -42,8 +46,14 @@ def sample_lengths(tokenizer) -> dict[str, np.ndarray]:
 def sftdist_efficiency(lengths: np.ndarray, budget: int, step: int | None = None) -> float:
     from sftdist.data.batching import plan_packed
 
-    groups = [lengths] if step is None else [lengths[np.random.default_rng(0).permutation(len(lengths))][i:i + step]
-                                             for i in range(0, len(lengths), step)]
+    groups = (
+        [lengths]
+        if step is None
+        else [
+            lengths[np.random.default_rng(0).permutation(len(lengths))][i : i + step]
+            for i in range(0, len(lengths), step)
+        ]
+    )
     bins = sum(len(plan_packed(g.tolist(), budget)) for g in groups)
     return float(lengths.sum()) / (bins * budget)
 
@@ -69,13 +79,22 @@ def gpu_throughput(steps: int = 20) -> None:
     tokenizer = build_tokenizer()
     lengths = sample_lengths(tokenizer)["alpaca_en_demo.json"]
     rng = np.random.default_rng(0)
-    samples = [Sample(rng.integers(0, 8000, int(n)).tolist(), rng.integers(0, 8000, int(n)).tolist(), {})
-               for n in np.minimum(lengths, 4096)]
+    samples = [
+        Sample(rng.integers(0, 8000, int(n)).tolist(), rng.integers(0, 8000, int(n)).tolist(), {})
+        for n in np.minimum(lengths, 4096)
+    ]
     device = torch.device("cuda")
     for packing in (True, False):
-        config = LlamaConfig(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                             num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
-                             attn_implementation="sdpa")
+        config = LlamaConfig(
+            vocab_size=8192,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            attn_implementation="sdpa",
+        )
         model = LlamaForCausalLM(config).to(device)
         backend = resolve_backend("auto", device) if packing else "sdpa (padded)"
         if packing:
@@ -92,16 +111,21 @@ def gpu_throughput(steps: int = 20) -> None:
             for mb in mbs:
                 mb = mb.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    kwargs = ({"position_ids": mb.position_ids, **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen)}
-                              if mb.packed else {"attention_mask": mb.attention_mask})
+                    kwargs = (
+                        {"position_ids": mb.position_ids, **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen)}
+                        if mb.packed
+                        else {"attention_mask": mb.attention_mask}
+                    )
                     logits = model(input_ids=mb.input_ids, use_cache=False, **kwargs).logits
                 step_normalised_loss(cross_entropy_sum(logits, mb.targets), n).backward()
                 tokens += mb.num_tokens
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        print(f"{'packed' if packing else 'padded'} ({backend}): {tokens / (time.perf_counter() - start):,.0f} tokens/s",
-              flush=True)
+        print(
+            f"{'packed' if packing else 'padded'} ({backend}): {tokens / (time.perf_counter() - start):,.0f} tokens/s",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -117,9 +141,12 @@ def main() -> None:
         for budget in BUDGETS:
             clipped = np.minimum(lens, budget)
             bound = clipped.sum() / (-(-clipped.sum() // budget) * budget)  # every budget full but the last
-            print(f"{name:<30} {budget:>6} {100 * sftdist_efficiency(clipped, budget):>18.2f}% "
-                  f"{100 * trl_efficiency(clipped, budget):>7.2f}% {100 * bound:>7.2f}% "
-                  f"{100 * sftdist_efficiency(clipped, budget, 256):>16.2f}%", flush=True)
+            print(
+                f"{name:<30} {budget:>6} {100 * sftdist_efficiency(clipped, budget):>18.2f}% "
+                f"{100 * trl_efficiency(clipped, budget):>7.2f}% {100 * bound:>7.2f}% "
+                f"{100 * sftdist_efficiency(clipped, budget, 256):>16.2f}%",
+                flush=True,
+            )
     if args.gpu:
         gpu_throughput()
 

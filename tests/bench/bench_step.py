@@ -25,8 +25,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-COMMON = ["train.global_batch_size=16", "train.micro_batch_tokens=2048", "data.max_length=1024", "eval.every_steps=0",
-          "wandb.mode=disabled", "train.log_every_steps=1"]
+COMMON = [
+    "train.global_batch_size=16",
+    "train.micro_batch_tokens=2048",
+    "data.max_length=1024",
+    "eval.every_steps=0",
+    "wandb.mode=disabled",
+    "train.log_every_steps=1",
+]
 
 
 def plain_loop(steps: int) -> float:
@@ -83,11 +89,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     rows = [("plain PyTorch loop, padded, 1 process", plain_loop(args.steps))]
-    for label, overrides, nproc in (("sftdist none, padded, 1 process", ["data.packing=false"], 1),
-                                    ("sftdist none, packed, 1 process", [], 1),
-                                    ("sftdist ddp, packed, 2 processes", ["strategy=ddp"], 2),
-                                    ("sftdist fsdp2, packed, 2 processes", ["strategy=fsdp2"], 2),
-                                    ("sftdist zero3, packed, 2 processes", ["strategy=zero3"], 2)):
+    for label, overrides, nproc in (
+        ("sftdist none, padded, 1 process", ["data.packing=false"], 1),
+        ("sftdist none, packed, 1 process", [], 1),
+        ("sftdist ddp, packed, 2 processes", ["strategy=ddp"], 2),
+        ("sftdist fsdp2, packed, 2 processes", ["strategy=fsdp2"], 2),
+        ("sftdist zero3, packed, 2 processes", ["strategy=zero3"], 2),
+    ):
         rows.append((label, sftdist_run(args.steps, overrides, nproc)))
     base = rows[0][1]
     print(f"{'setting':<40} {'s/step':>8} {'vs plain':>9}")

@@ -28,9 +28,17 @@ STRATEGIES = ("ddp", "fsdp2", "zero3")
 
 
 def common(out: Path, data: str) -> list[str]:
-    return [f"data.path={data}", "data.max_length=160", "data.truncation=truncate", "train.micro_batch_tokens=160",
-            "train.global_batch_size=8",
-            "eval.every_steps=0", "wandb.mode=disabled", "train.max_steps=3", f"data.cache_dir={out / 'cache'}"]
+    return [
+        f"data.path={data}",
+        "data.max_length=160",
+        "data.truncation=truncate",
+        "train.micro_batch_tokens=160",
+        "train.global_batch_size=8",
+        "eval.every_steps=0",
+        "wandb.mode=disabled",
+        "train.max_steps=3",
+        f"data.cache_dir={out / 'cache'}",
+    ]
 
 
 def reference_grads(trainer: Trainer, samples) -> dict[str, torch.Tensor]:
@@ -50,21 +58,31 @@ def reference_grads(trainer: Trainer, samples) -> dict[str, torch.Tensor]:
 
 
 def grads(out: Path, data: str, strategy: str, packing: bool) -> dict:
-    trainer = Trainer(compose(*common(out, data), f"strategy={strategy}", f"data.packing={str(packing).lower()}",
-                              f"output_dir={out / f'grads-{strategy}-{packing}'}"))
+    trainer = Trainer(
+        compose(
+            *common(out, data),
+            f"strategy={strategy}",
+            f"data.packing={str(packing).lower()}",
+            f"output_dir={out / f'grads-{strategy}-{packing}'}",
+        )
+    )
     samples = [trainer.train_set[i] for i in trainer.sampler.indices(0)]
     mbs = trainer._step_batches(samples)
     stats = trainer.accumulate_gradients(mbs)
     got = trainer.strategy.full_grads(trainer.model)
-    mine = {"micro_batches": len(mbs), "real": sum(mb.num_tokens > 0 for mb in mbs),
-            "supervised": sum(mb.num_supervised for mb in mbs), "tokens": sum(mb.num_tokens for mb in mbs),
-            "per_micro_batch": [mb.num_supervised for mb in mbs]}
+    mine = {
+        "micro_batches": len(mbs),
+        "real": sum(mb.num_tokens > 0 for mb in mbs),
+        "supervised": sum(mb.num_supervised for mb in mbs),
+        "tokens": sum(mb.num_tokens for mb in mbs),
+        "per_micro_batch": [mb.num_supervised for mb in mbs],
+    }
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, mine)
     result = {"ranks": per_rank, "loss": stats["loss"], "supervised_tokens": stats["supervised_tokens"]}
     if dist.get_rank() == 0:
         ref = reference_grads(trainer, samples)
-        assert set(got) == set(ref), (sorted(set(got) ^ set(ref)))
+        assert set(got) == set(ref), sorted(set(got) ^ set(ref))
         result["max_rel"] = max(float((got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)) for k in ref)
         result["ref_supervised"] = sum(int((torch.tensor(s.labels[1:]) != -100).sum()) for s in samples)
     dist.barrier()
@@ -73,8 +91,15 @@ def grads(out: Path, data: str, strategy: str, packing: bool) -> dict:
 
 def fit(out: Path, data: str, strategy: str, packing: bool, *extra: str) -> dict:
     run = out / f"fit-{strategy}-{packing}{''.join('-' + e.split('=')[-1] for e in extra)}"
-    result = Trainer(compose(*common(out, data), f"strategy={strategy}", f"data.packing={str(packing).lower()}",
-                             f"output_dir={run}", *extra)).fit()
+    result = Trainer(
+        compose(
+            *common(out, data),
+            f"strategy={strategy}",
+            f"data.packing={str(packing).lower()}",
+            f"output_dir={run}",
+            *extra,
+        )
+    ).fit()
     return {"loss": result["train/loss"], "output_dir": str(run)}
 
 
@@ -104,8 +129,9 @@ def main() -> None:
 
     def bad_global_batch() -> dict:
         try:
-            Trainer(compose(*common(out, data), "strategy=ddp", "train.global_batch_size=3",
-                            f"output_dir={out / 'bad'}"))
+            Trainer(
+                compose(*common(out, data), "strategy=ddp", "train.global_batch_size=3", f"output_dir={out / 'bad'}")
+            )
         except ConfigError as err:
             return {"message": str(err), "wrote": (out / "bad").exists()}
         return {"message": None}

@@ -50,8 +50,13 @@ def _env(**extra: str) -> dict:
 def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     data = write_uneven_data(out / "data.jsonl")
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(HERE / "scenarios.py"),
-                           str(out), data], env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(HERE / "scenarios.py"), str(out), data],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, data, json.loads((out / "results.json").read_text())
 
@@ -85,8 +90,9 @@ def single_process(launched, tmp_path_factory):
     runs = {}
     for packing in (True, False):
         run = tmp_path_factory.mktemp(f"single-{packing}")
-        Trainer(compose(*scenarios.common(out, data), f"data.packing={str(packing).lower()}",
-                        f"output_dir={run}")).fit()
+        Trainer(
+            compose(*scenarios.common(out, data), f"data.packing={str(packing).lower()}", f"output_dir={run}")
+        ).fit()
         runs[packing] = run
     return runs
 
@@ -130,8 +136,9 @@ def test_bf16_sharded_strategies_agree_and_export_the_fp32_masters(launched):
 
 def test_a_global_batch_the_world_cannot_share_is_refused(launched):
     result = _ok(launched[2]["bad_global_batch"])
-    assert result["message"] == ("train.global_batch_size=3 is not divisible by the 2 processes (world size): "
-                                 "make it a multiple of 2")
+    assert result["message"] == (
+        "train.global_batch_size=3 is not divisible by the 2 processes (world size): make it a multiple of 2"
+    )
     assert result["wrote"] is False
 
 
@@ -158,12 +165,23 @@ def test_two_nodes_rehearsed_on_localhost_train_and_export(launched, single_proc
     """Two torchrun agents (two "nodes" of one process each) meet through the c10d rendezvous, the way
     launch/torchrun.sh starts them on a Slurm allocation, and train the same model as one process."""
     out, data, _ = launched
-    env = _env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               RDZV_ID="rehearsal", PYTHON=sys.executable)
-    args = [str(REPO / "launch" / "torchrun.sh"), *scenarios.common(out, data), "strategy=fsdp2",
-            f"output_dir={tmp_path / 'run'}"]
-    agents = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
+    env = _env(
+        NNODES="2",
+        NPROC_PER_NODE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        RDZV_ID="rehearsal",
+        PYTHON=sys.executable,
+    )
+    args = [
+        str(REPO / "launch" / "torchrun.sh"),
+        *scenarios.common(out, data),
+        "strategy=fsdp2",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    agents = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [agent.communicate(timeout=600) for agent in agents]
     for agent, (_, err) in zip(agents, outputs):
         assert agent.returncode == 0, err[-4000:]

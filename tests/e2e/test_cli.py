@@ -32,19 +32,28 @@ def test_forty_demo_steps_learn_and_leave_the_contract_outputs(tmp_path):
     assert last < 0.4 * first, (first, last)
     assert OmegaConf.load(out / "config.yaml").train.max_steps == 40
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
-        p.name for p in (out / "final").iterdir()}
+        p.name for p in (out / "final").iterdir()
+    }
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run files are missing"
     assert "step 40/40" in proc.stdout  # not a TTY: plain progress lines instead of a bar
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.foo=1", "Key 'foo' not in 'TrainConfig'"),
-    ("train.max_steps=abc", "full_key: train.max_steps"),
-    ("precision=fp16", "sftdist-train: config error: precision='fp16' is not one of: fp32, bf16"),
-    ("strategy=fsdp2", "sftdist-train: error: strategy=fsdp2 needs a process group, but this process was not "
-                       "started by torchrun"),
-    ("data.path=/nonexistent.jsonl", "sftdist-train: error: data.path='/nonexistent.jsonl': no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.foo=1", "Key 'foo' not in 'TrainConfig'"),
+        ("train.max_steps=abc", "full_key: train.max_steps"),
+        ("precision=fp16", "sftdist-train: config error: precision='fp16' is not one of: fp32, bf16"),
+        (
+            "strategy=fsdp2",
+            "sftdist-train: error: strategy=fsdp2 needs a process group, but this process was not started by torchrun",
+        ),
+        (
+            "data.path=/nonexistent.jsonl",
+            "sftdist-train: error: data.path='/nonexistent.jsonl': no such file or directory",
+        ),
+    ],
+)
 def test_mistakes_fail_at_start_with_a_message_naming_the_key(tmp_path, override, message):
     proc = _sftdist_train(f"output_dir={tmp_path / 'run'}", override, cwd=tmp_path)
     assert proc.returncode != 0

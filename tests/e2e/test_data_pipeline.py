@@ -28,8 +28,9 @@ BAD = {  # line -> the reason it must be counted under
     "unknown_role": json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
     "no_assistant_turn": json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
     "missing_field": json.dumps({"text": "not a conversation"}),
-    "too_long": json.dumps({"messages": [{"role": "user", "content": "long " * 400},
-                                         {"role": "assistant", "content": "ok"}]}),
+    "too_long": json.dumps(
+        {"messages": [{"role": "user", "content": "long " * 400}, {"role": "assistant", "content": "ok"}]}
+    ),
 }
 
 
@@ -41,8 +42,10 @@ def _prepare(lines, tmp_path, **data):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(picks=st.lists(st.sampled_from(["good", "duplicate", *BAD]), min_size=1, max_size=25),
-       good_start=st.integers(0, 150))
+@given(
+    picks=st.lists(st.sampled_from(["good", "duplicate", *BAD]), min_size=1, max_size=25),
+    good_start=st.integers(0, 150),
+)
 def test_every_record_is_used_rejected_or_filtered(tmp_path, picks, good_start):
     lines, expected, good = [], {}, iter(GOOD[good_start:])
     first_good = next(good)
@@ -58,8 +61,9 @@ def test_every_record_is_used_rejected_or_filtered(tmp_path, picks, good_start):
     lines.insert(0, first_good)
     _, report = _prepare(lines, tmp_path, max_rejected_fraction=1.0)
     assert report["records_in"] == len(lines)
-    assert report["records_in"] == (report["records_used"] + sum(report["rejected"].values())
-                                    + sum(report["filtered"].values()))
+    assert report["records_in"] == (
+        report["records_used"] + sum(report["rejected"].values()) + sum(report["filtered"].values())
+    )
     assert {**report["rejected"], **report["filtered"]} == expected
     assert report["records_used"] == picks.count("good") + 2
 
@@ -68,8 +72,15 @@ def test_a_few_bad_records_train_and_are_reported(tmp_path):
     lines = GOOD[:100] + [BAD["invalid_json"], BAD["unknown_role"]]
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    Trainer(compose(f"output_dir={out}", f"data.path={tmp_path / 'chat.jsonl'}", "train.max_steps=2",
-                    "eval.every_steps=0", "wandb.mode=disabled")).fit()
+    Trainer(
+        compose(
+            f"output_dir={out}",
+            f"data.path={tmp_path / 'chat.jsonl'}",
+            "train.max_steps=2",
+            "eval.every_steps=0",
+            "wandb.mode=disabled",
+        )
+    ).fit()
     report = json.loads((out / "data_report.json").read_text())
     assert report["rejected"] == {"invalid_json": 1, "unknown_role": 1}
     assert report["examples"]["invalid_json"][0].startswith(f"{tmp_path / 'chat.jsonl'} line 101: invalid JSON")
@@ -90,14 +101,22 @@ def test_mostly_bad_data_stops_naming_reasons_and_lines(tmp_path):
 def _multi_turn(n_turns: int, answer_words: int) -> str:
     messages = []
     for t in range(n_turns):
-        messages += [{"role": "user", "content": f"question {t}"},
-                     {"role": "assistant", "content": " ".join(f"w{t}x{k}" for k in range(answer_words))}]
+        messages += [
+            {"role": "user", "content": f"question {t}"},
+            {"role": "assistant", "content": " ".join(f"w{t}x{k}" for k in range(answer_words))},
+        ]
     return json.dumps({"messages": messages})
 
 
 def test_truncation_keeps_whole_turns_and_counts_what_it_cuts(tmp_path):
-    long_prompt = json.dumps({"messages": [{"role": "user", "content": " ".join(f"q{k}" for k in range(300))},
-                                           {"role": "assistant", "content": "fine"}]})
+    long_prompt = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(f"q{k}" for k in range(300))},
+                {"role": "assistant", "content": "fine"},
+            ]
+        }
+    )
     lines = [_multi_turn(3, 16), _multi_turn(1, 400), long_prompt]  # turns of ~100 tokens; max_length 256
     table, report = _prepare(lines, tmp_path, truncation="truncate", max_rejected_fraction=1.0)
     assert report["rejected"] == {"truncated_to_nothing": 1} and report["truncated"]["records"] == 2
@@ -106,8 +125,14 @@ def test_truncation_keeps_whole_turns_and_counts_what_it_cuts(tmp_path):
     decoded = TOKENIZER.decode(whole_turns["input_ids"])
     assert decoded.count("<|im_start|>assistant") == 2 and decoded.endswith("<|im_end|>")  # 2 whole turns of 3
     assert cut_answer["length"] == 256 and cut_answer["num_supervised"] > 0  # no turn fits whole: cut at 256
-    full = [len(TOKENIZER(TOKENIZER.apply_chat_template(json.loads(line)["messages"], tokenize=False),
-                          add_special_tokens=False)["input_ids"]) for line in lines[:2]]
+    full = [
+        len(
+            TOKENIZER(
+                TOKENIZER.apply_chat_template(json.loads(line)["messages"], tokenize=False), add_special_tokens=False
+            )["input_ids"]
+        )
+        for line in lines[:2]
+    ]
     assert report["truncated"]["tokens"] == full[0] - whole_turns["length"] + full[1] - 256
     _, dropped = _prepare(lines + [GOOD[0]], tmp_path, truncation="drop", max_rejected_fraction=1.0)
     assert dropped["rejected"] == {"too_long": 3} and dropped["records_used"] == 1
@@ -134,8 +159,13 @@ def test_the_cache_is_keyed_by_content_and_parallel_encoding_is_identical(tmp_pa
 def test_weighted_sources_and_a_holdout_that_never_trains(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(GOOD[:40]) + "\n")
     (tmp_path / "b.jsonl").write_text("\n".join(GOOD[40:80]) + "\n")
-    cfg = DataConfig(sources=[SourceConfig(path=str(tmp_path / "a.jsonl"), weight=2.0),
-                              SourceConfig(path=str(tmp_path / "b.jsonl"), weight=0.5)], cache=False)
+    cfg = DataConfig(
+        sources=[
+            SourceConfig(path=str(tmp_path / "a.jsonl"), weight=2.0),
+            SourceConfig(path=str(tmp_path / "b.jsonl"), weight=0.5),
+        ],
+        cache=False,
+    )
     train, evals, report = build_datasets(cfg, EvalConfig(every_steps=10, holdout_records=10), TOKENIZER, TEMPLATE, 0)
     names = np.asarray(train.table["source"])
     a_rows = [r for r in train.rows if names[r] == "a"]
@@ -151,10 +181,18 @@ def test_weighted_sources_and_a_holdout_that_never_trains(tmp_path):
 def test_filters_are_counted_in_the_report(tmp_path):
     eval_file = tmp_path / "eval.jsonl"
     contaminated = generate_demo_conversations(300, seed=5)[150]
-    eval_file.write_text(json.dumps({"instruction": contaminated["messages"][-2]["content"] + " " +
-                                     contaminated["messages"][-1]["content"], "output": "x"}) + "\n")
-    _, report = _prepare(GOOD[:200], tmp_path, filters=FiltersConfig(decontaminate=str(eval_file),
-                                                                     decontaminate_ngram=8))
+    eval_file.write_text(
+        json.dumps(
+            {
+                "instruction": contaminated["messages"][-2]["content"] + " " + contaminated["messages"][-1]["content"],
+                "output": "x",
+            }
+        )
+        + "\n"
+    )
+    _, report = _prepare(
+        GOOD[:200], tmp_path, filters=FiltersConfig(decontaminate=str(eval_file), decontaminate_ngram=8)
+    )
     assert report["filtered"].get("contaminated", 0) >= 1
     assert report["decontamination"]["eval_file"] == str(eval_file)
 
@@ -171,14 +209,27 @@ def test_prepare_once_then_train_and_inspect_the_prepared_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (prepared / "data_report.json").is_file() and (prepared / "tokenizer" / "tokenizer.json").is_file()
 
-    Trainer(compose(f"output_dir={tmp_path / 'run'}", f"data.prepared={prepared}", "train.max_steps=2",
-                    "eval.every_steps=0", "wandb.mode=disabled")).fit()
+    Trainer(
+        compose(
+            f"output_dir={tmp_path / 'run'}",
+            f"data.prepared={prepared}",
+            "train.max_steps=2",
+            "eval.every_steps=0",
+            "wandb.mode=disabled",
+        )
+    ).fit()
     assert len(read_metrics(tmp_path / "run")) == 2
 
     with pytest.raises(ConfigError, match="rendered with another chat template"):
         (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
-        Trainer(compose(f"output_dir={tmp_path / 'x'}", f"data.prepared={prepared}",
-                        f"data.chat_template={tmp_path / 't.jinja'}", "wandb.mode=disabled"))
+        Trainer(
+            compose(
+                f"output_dir={tmp_path / 'x'}",
+                f"data.prepared={prepared}",
+                f"data.chat_template={tmp_path / 't.jinja'}",
+                "wandb.mode=disabled",
+            )
+        )
     with pytest.raises(ConfigError, match="set one of data.path, data.sources and data.prepared"):
         compose(f"data.prepared={prepared}", f"data.path={tmp_path / 'chat.jsonl'}")
 
@@ -193,8 +244,14 @@ def test_prepare_once_then_train_and_inspect_the_prepared_directory(tmp_path):
     assert missing.returncode == 2 and "is not a prepared-data directory" in missing.stderr
 
 
-@pytest.mark.parametrize("name,fmt", [("alpaca_en_demo.json", "alpaca"), ("glaive_toolcall_en_demo.json", "sharegpt"),
-                                      ("gsm8k_train_alpaca.json", "alpaca")])
+@pytest.mark.parametrize(
+    "name,fmt",
+    [
+        ("alpaca_en_demo.json", "alpaca"),
+        ("glaive_toolcall_en_demo.json", "sharegpt"),
+        ("gsm8k_train_alpaca.json", "alpaca"),
+    ],
+)
 def test_the_shared_data_sets_prepare(name, fmt):
     path = SHARED / "data" / name
     if not path.is_file():
@@ -209,8 +266,9 @@ def test_the_shared_data_sets_prepare(name, fmt):
 def test_inspect_shows_every_rejection_where_training_would_stop(tmp_path):
     lines = GOOD[:3] + [BAD["invalid_json"]] * 4
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
-    shown = _sftdist("sftdist-inspect", f"data.path={tmp_path / 'chat.jsonl'}", "--samples", "1", "--color", "never",
-                     cwd=tmp_path)
+    shown = _sftdist(
+        "sftdist-inspect", f"data.path={tmp_path / 'chat.jsonl'}", "--samples", "1", "--color", "never", cwd=tmp_path
+    )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "rejected invalid_json: 4" in shown.stdout and "chat.jsonl line 4: invalid JSON" in shown.stdout
     bad = _sftdist("sftdist-inspect", "data.foo=1", cwd=tmp_path)
@@ -233,9 +291,13 @@ def test_source_weights_are_this_runs_even_from_the_cache(tmp_path):
     (tmp_path / "b.jsonl").write_text("\n".join(GOOD[40:80]) + "\n")
 
     def rows(weight_a):
-        cfg = DataConfig(sources=[SourceConfig(path=str(tmp_path / "a.jsonl"), weight=weight_a),
-                                  SourceConfig(path=str(tmp_path / "b.jsonl"), weight=1.0)],
-                         cache_dir=str(tmp_path / "cache"))
+        cfg = DataConfig(
+            sources=[
+                SourceConfig(path=str(tmp_path / "a.jsonl"), weight=weight_a),
+                SourceConfig(path=str(tmp_path / "b.jsonl"), weight=1.0),
+            ],
+            cache_dir=str(tmp_path / "cache"),
+        )
         train, _, report = build_datasets(cfg, EvalConfig(every_steps=0), TOKENIZER, TEMPLATE, 0)
         names = np.asarray(train.table["source"])
         return sum(names[r] == "a" for r in train.rows), report

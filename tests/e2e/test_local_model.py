@@ -13,8 +13,10 @@ from sftdist.data.demo import generate_demo_conversations
 from sftdist.trainer import Trainer
 
 # A template that is not the tokenizer's: Zephyr-like, EOS-terminated answers.
-ZEPHYR_LIKE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+ZEPHYR_LIKE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 
 
 def _save_tiny_model(directory, arch: str, with_template: bool, dtype=torch.float32):
@@ -25,10 +27,20 @@ def _save_tiny_model(directory, arch: str, with_template: bool, dtype=torch.floa
     tokenizer = load_demo_tokenizer()
     if not with_template:
         tokenizer.chat_template = None
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[arch]
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[
+        arch
+    ]
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model_cls(config).to(dtype).save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
@@ -46,9 +58,16 @@ def test_a_local_hf_model_fine_tunes_on_a_jsonl_file(tmp_path, arch, dtype):
 
     _save_tiny_model(tmp_path / "model", arch, with_template=True, dtype=dtype)
     data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(200, seed=9))
-    cfg = compose(f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled", f"model.name_or_path={tmp_path / 'model'}",
-                  f"data.path={data}", "data.max_length=512", "train.max_steps=15", "train.lr=3e-3",
-                  "eval.every_steps=0")
+    cfg = compose(
+        f"output_dir={tmp_path / 'run'}",
+        "wandb.mode=disabled",
+        f"model.name_or_path={tmp_path / 'model'}",
+        f"data.path={data}",
+        "data.max_length=512",
+        "train.max_steps=15",
+        "train.lr=3e-3",
+        "eval.every_steps=0",
+    )
     Trainer(cfg).fit()
     metrics = read_metrics(tmp_path / "run")
     assert metrics[-1]["train/loss"] < 0.7 * metrics[0]["train/loss"]
@@ -65,8 +84,14 @@ def test_a_tokenizer_without_a_template_needs_data_chat_template(tmp_path):
 
     _save_tiny_model(tmp_path / "model", "qwen2", with_template=False)
     data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(40, seed=1))
-    common = (f"model.name_or_path={tmp_path / 'model'}", f"data.path={data}", "data.max_length=512",
-              "train.max_steps=2", "eval.every_steps=0", "wandb.mode=disabled")
+    common = (
+        f"model.name_or_path={tmp_path / 'model'}",
+        f"data.path={data}",
+        "data.max_length=512",
+        "train.max_steps=2",
+        "eval.every_steps=0",
+        "wandb.mode=disabled",
+    )
     with pytest.raises(ValueError, match="has no chat template: pass data.chat_template=FILE"):
         Trainer(compose(f"output_dir={tmp_path / 'a'}", *common))
     assert not (tmp_path / "a").exists()  # a failed start leaves no trace
@@ -76,7 +101,7 @@ def test_a_tokenizer_without_a_template_needs_data_chat_template(tmp_path):
     first = trainer.train_set[0]
     text = trainer.tokenizer.decode(first.input_ids)
     assert text.startswith("<|user|>\n") and "<|im_start|>" not in text
-    supervised = trainer.tokenizer.decode([t for t, l in zip(first.input_ids, first.labels) if l != -100])
+    supervised = trainer.tokenizer.decode([t for t, lab in zip(first.input_ids, first.labels) if lab != -100])
     assert supervised.endswith("<|im_end|>") and "<|user|>" not in supervised
     trainer.fit()
     # The export serves with the template it was trained with.
@@ -90,9 +115,18 @@ def test_generation_stops_where_the_trained_turns_end(tmp_path):
     _save_tiny_model(tmp_path / "model", "qwen2", with_template=True)
     (tmp_path / "t.jinja").write_text(ZEPHYR_LIKE.replace("eos_token", "'<|endoftext|>'"))
     data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(40, seed=1))
-    trainer = Trainer(compose(f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'model'}",
-                              f"data.path={data}", f"data.chat_template={tmp_path / 't.jinja'}", "data.max_length=512",
-                              "train.max_steps=1", "eval.every_steps=0", "wandb.mode=disabled"))
+    trainer = Trainer(
+        compose(
+            f"output_dir={tmp_path / 'run'}",
+            f"model.name_or_path={tmp_path / 'model'}",
+            f"data.path={data}",
+            f"data.chat_template={tmp_path / 't.jinja'}",
+            "data.max_length=512",
+            "train.max_steps=1",
+            "eval.every_steps=0",
+            "wandb.mode=disabled",
+        )
+    )
     trainer.fit()
     stop = GenerationConfig.from_pretrained(str(tmp_path / "run" / "final")).eos_token_id
     ids = trainer.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
@@ -110,8 +144,12 @@ def test_a_plain_end_of_turn_token_never_becomes_a_stop_token(caplog):
     plain, special = tokenizer.convert_tokens_to_ids(["\u010a", "<|im_end|>"])  # "\n" in byte-level BPE
     assert plain not in tokenizer.all_special_ids and plain != tokenizer.unk_token_id
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
-    fake = SimpleNamespace(tokenizer=tokenizer, model=model, strategy=SimpleNamespace(unwrap=lambda m: m),
-                           data_report={"end_of_turn_ids": {str(plain): 9}})
+    fake = SimpleNamespace(
+        tokenizer=tokenizer,
+        model=model,
+        strategy=SimpleNamespace(unwrap=lambda m: m),
+        data_report={"end_of_turn_ids": {str(plain): 9}},
+    )
     with caplog.at_level("WARNING"):
         assert Trainer._stop_token_ids(fake) is None
     assert "which is not a special token" in caplog.text

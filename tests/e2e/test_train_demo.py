@@ -17,8 +17,14 @@ from sftdist.data.pipeline import Sample
 from sftdist.errors import ConfigError
 from sftdist.trainer import Trainer, lr_at
 
-REQUIRED_METRICS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/supervised_tokens",
-                    "train/packing_efficiency"}
+REQUIRED_METRICS = {
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_per_s",
+    "train/supervised_tokens",
+    "train/packing_efficiency",
+}
 # The loss of step 1 (before any update) of the default demo with seed 0 on this CPU build of torch.
 # It pins data generation, tokenizer, template masking, data order and model init together.
 GOLDEN_FIRST_LOSS = 6.1755
@@ -71,8 +77,9 @@ def test_final_is_a_hugging_face_directory_with_the_trained_weights(demo_run):
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(str(final))
     tokenizer = AutoTokenizer.from_pretrained(str(final))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 3 + 4?"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     trained = trainer.strategy.full_state_dict(trainer.model)
@@ -81,7 +88,9 @@ def test_final_is_a_hugging_face_directory_with_the_trained_weights(demo_run):
     with torch.no_grad():  # the trainer's model runs packed attention; one sample is a packed row of one
         packed = collate_packed([Sample(ids[0].tolist(), [-100] * ids.shape[1], {})], 64)
         assert torch.allclose(model(ids).logits, trainer._logits(packed), atol=1e-5)
-    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (
+        model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    )
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
@@ -99,15 +108,25 @@ def _max_relative_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
 
 
-@pytest.mark.parametrize("variant", [("data.packing=true", "train.micro_batch_tokens=256"),
-                                     ("data.packing=false", "train.micro_batch_tokens=4096"),
-                                     ("data.packing=false", "train.micro_batch_tokens=256")],
-                         ids=["packed-small-budget", "padded", "padded-small-budget"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ("data.packing=true", "train.micro_batch_tokens=256"),
+        ("data.packing=false", "train.micro_batch_tokens=4096"),
+        ("data.packing=false", "train.micro_batch_tokens=256"),
+    ],
+    ids=["packed-small-budget", "padded", "padded-small-budget"],
+)
 def test_packing_and_the_micro_batch_budget_do_not_change_the_update(tmp_path, variant):
     """Invariant 1 on one process: 3 steps packed in one micro-batch per step, or packed in many, or padded,
     give the same weights up to summation order."""
-    common = ("train.max_steps=3", "eval.every_steps=0", "train.global_batch_size=12", "data.max_length=256",
-              "data.demo_size=300")
+    common = (
+        "train.max_steps=3",
+        "eval.every_steps=0",
+        "train.global_batch_size=12",
+        "data.max_length=256",
+        "data.demo_size=300",
+    )
     one, r1 = _train(tmp_path / "one", *common, "data.packing=true", "train.micro_batch_tokens=4096")
     other, r2 = _train(tmp_path / "other", *common, *variant)
     assert r1["train/micro_batches"] == 1 and one.attention == "sdpa"
@@ -129,8 +148,14 @@ def test_bf16_trains_close_to_fp32(tmp_path):
 
 
 def test_over_long_conversations_are_rejected_and_counted(tmp_path):
-    trainer, _ = _train(tmp_path, "train.max_steps=1", "eval.every_steps=0", "data.max_length=60",
-                        "data.demo_size=300", "data.max_rejected_fraction=0.9")
+    trainer, _ = _train(
+        tmp_path,
+        "train.max_steps=1",
+        "eval.every_steps=0",
+        "data.max_length=60",
+        "data.demo_size=300",
+        "data.max_rejected_fraction=0.9",
+    )
     report = json.loads((tmp_path / "data_report.json").read_text())
     assert report["rejected"]["too_long"] > 0 and len(report["examples"]["too_long"]) == 5
     assert report["records_train"] + report["rejected"]["too_long"] == 300
@@ -155,8 +180,15 @@ def test_gradient_checkpointing_does_not_change_the_update(tmp_path):
 
 
 def test_a_diverged_loss_stops_the_run_before_export(tmp_path):
-    trainer = Trainer(compose(f"output_dir={tmp_path}", "wandb.mode=disabled", "train.max_steps=3",
-                              "eval.every_steps=0", "data.demo_size=200"))
+    trainer = Trainer(
+        compose(
+            f"output_dir={tmp_path}",
+            "wandb.mode=disabled",
+            "train.max_steps=3",
+            "eval.every_steps=0",
+            "data.demo_size=200",
+        )
+    )
     with torch.no_grad():
         trainer.model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="step 1: the loss is nan"):
@@ -166,8 +198,15 @@ def test_a_diverged_loss_stops_the_run_before_export(tmp_path):
 
 def test_a_global_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.global_batch_size=64 is larger than the 50 training records"):
-        Trainer(compose(f"output_dir={tmp_path}", "wandb.mode=disabled", "data.demo_size=50",
-                        "eval.every_steps=0", "train.global_batch_size=64"))
+        Trainer(
+            compose(
+                f"output_dir={tmp_path}",
+                "wandb.mode=disabled",
+                "data.demo_size=50",
+                "eval.every_steps=0",
+                "train.global_batch_size=64",
+            )
+        )
 
 
 def test_final_records_the_template_and_export_warns_when_it_changed(demo_run, tmp_path, caplog):

@@ -16,14 +16,32 @@ ARCHS = [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 16})]
 
 
 def _tiny(arch: str, **extra):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "mistral": (MistralConfig, MistralForCausalLM)}[arch]
-    config = config_cls(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                        num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-                        attn_implementation="sdpa", **extra)
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[arch]
+    config = config_cls(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+        **extra,
+    )
     torch.manual_seed(0)
     return model_cls(config).cuda()
 
@@ -39,8 +57,12 @@ def _inputs():
 def _packed_logits(model, backend, seqs, cu, position_ids):
     packed = copy.deepcopy(model)
     apply_packed_attention(packed, backend)
-    return packed(input_ids=torch.cat(seqs, 1), position_ids=position_ids, use_cache=False,
-                  **packed_attention_kwargs(cu, max(LENGTHS))).logits
+    return packed(
+        input_ids=torch.cat(seqs, 1),
+        position_ids=position_ids,
+        use_cache=False,
+        **packed_attention_kwargs(cu, max(LENGTHS)),
+    ).logits
 
 
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen", "flex"])
@@ -70,8 +92,12 @@ def test_flex_gradients_match_the_reference_on_cuda(arch, extra):
     for backend in ("sdpa", "flex"):
         packed = copy.deepcopy(model)
         apply_packed_attention(packed, backend)
-        logits = packed(input_ids=torch.cat(seqs, 1), position_ids=position_ids, use_cache=False,
-                        **packed_attention_kwargs(cu, max(LENGTHS))).logits
+        logits = packed(
+            input_ids=torch.cat(seqs, 1),
+            position_ids=position_ids,
+            use_cache=False,
+            **packed_attention_kwargs(cu, max(LENGTHS)),
+        ).logits
         logits.float().logsumexp(-1).sum().backward()
         grads[backend] = {k: p.grad for k, p in packed.named_parameters()}
     for name, g in grads["sdpa"].items():
@@ -82,8 +108,16 @@ def test_packed_demo_training_on_cuda_uses_a_varlen_backend(tmp_path):
     from helpers import compose, read_metrics
     from sftdist.trainer import Trainer
 
-    trainer = Trainer(compose(f"output_dir={tmp_path}", "device=cuda", "precision=bf16", "train.max_steps=20",
-                              "eval.every_steps=0", "wandb.mode=disabled"))
+    trainer = Trainer(
+        compose(
+            f"output_dir={tmp_path}",
+            "device=cuda",
+            "precision=bf16",
+            "train.max_steps=20",
+            "eval.every_steps=0",
+            "wandb.mode=disabled",
+        )
+    )
     assert trainer.attention in ("flash_attn", "torch_varlen", "flex")
     trainer.fit()
     metrics = read_metrics(tmp_path)

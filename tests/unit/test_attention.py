@@ -15,15 +15,38 @@ LENGTHS = [5, 9, 3, 7]
 
 
 def _tiny(arch: str, **extra):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM, LlamaConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GemmaConfig,
+        GemmaForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "mistral": (MistralConfig, MistralForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
-                             "gemma2": (Gemma2Config, Gemma2ForCausalLM)}[arch]
-    config = config_cls(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                        attn_implementation="eager" if arch == "gemma2" else "sdpa", **extra)  # Gemma2: no sdpa
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "gemma": (GemmaConfig, GemmaForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    }[arch]
+    config = config_cls(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        attn_implementation="eager" if arch == "gemma2" else "sdpa",
+        **extra,
+    )  # Gemma2: no sdpa
     torch.manual_seed(0)
     return model_cls(config).float()
 
@@ -49,16 +72,25 @@ def _packed(model, backend, seqs, weights, grads=True):
     apply_packed_attention(packed, backend)
     _, _, cu, position_ids = _data()
     with torch.set_grad_enabled(grads):
-        logits = packed(input_ids=torch.cat(seqs, 1), position_ids=position_ids, use_cache=False,
-                        **packed_attention_kwargs(cu, max(LENGTHS))).logits
+        logits = packed(
+            input_ids=torch.cat(seqs, 1),
+            position_ids=position_ids,
+            use_cache=False,
+            **packed_attention_kwargs(cu, max(LENGTHS)),
+        ).logits
     if not grads:
         return logits, None
     (logits * torch.cat(weights, 1)).sum().backward()
     return logits.detach(), {k: p.grad.clone() for k, p in packed.named_parameters()}
 
 
-ARCHS = [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 4}), ("gemma", {}),
-         ("gemma2", {"sliding_window": 4, "attn_logit_softcapping": 5.0})]
+ARCHS = [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("mistral", {"sliding_window": 4}),
+    ("gemma", {}),
+    ("gemma2", {"sliding_window": 4, "attn_logit_softcapping": 5.0}),
+]
 
 
 @pytest.mark.parametrize("arch,extra", ARCHS, ids=[a for a, _ in ARCHS])
@@ -99,8 +131,11 @@ def test_the_canary_restarting_positions_alone_leaks_across_samples():
 def test_backend_choice_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "sdpa" and resolve_backend("sdpa", cpu) == "sdpa"
-    for name, reason in (("flex", "no backward on CPU"), ("flash_attn", "needs a CUDA device"),
-                         ("torch_varlen", "needs a CUDA device")):
+    for name, reason in (
+        ("flex", "no backward on CPU"),
+        ("flash_attn", "needs a CUDA device"),
+        ("torch_varlen", "needs a CUDA device"),
+    ):
         with pytest.raises(ConfigError, match=f"model.attn_impl='{name}': .*{reason}"):
             resolve_backend(name, cpu)
 

@@ -40,8 +40,10 @@ def test_every_shipped_option_composes_and_validates(group, option):
 
 
 def test_three_phase_yaml_holds_the_mission_schedule():
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
     from omegaconf import OmegaConf
+
     from sftdist.config import register_configs
 
     register_configs()
@@ -49,18 +51,45 @@ def test_three_phase_yaml_holds_the_mission_schedule():
         raw = hydra_compose(config_name="sft", overrides=["curriculum=three_phase"])
     phases = OmegaConf.to_container(raw.curriculum.phases)
     assert [(p["until"], p["easy"], p["medium"], p["hard"]) for p in phases] == [
-        (0.2, 0.9, 0.1, 0.0), (0.6, 0.3, 0.5, 0.2), (1.0, 0.1, 0.4, 0.5)]
+        (0.2, 0.9, 0.1, 0.0),
+        (0.6, 0.3, 0.5, 0.2),
+        (1.0, 0.1, 0.4, 0.5),
+    ]
 
 
 # Every override key of DESIGN.md's contract exists from now on (some accept only their first value).
 CONTRACT_OVERRIDES = [
-    "output_dir=/tmp/x", "model=tiny", "model.name_or_path=/tmp/m", "data=demo", "data.path=/tmp/d.jsonl",
-    "data.format=auto", "data.format=messages", "data.format=alpaca", "data.format=sharegpt",
-    "data.truncation=truncate", "data.max_rejected_fraction=0.2", "data.chat_template=/tmp/t.jinja", "strategy=none",
-    "train.max_steps=7", "train.global_batch_size=4", "train.micro_batch_tokens=2048", "train.lr=2e-5",
-    "seed=3", "precision=fp32", "precision=bf16", "data.packing=false", "data.packing=true", "curriculum=none",
-    "checkpoint.every_steps=0", "checkpoint.keep=3", "resume=auto", "resume=never",
-    "wandb.mode=offline", "wandb.mode=online", "wandb.mode=disabled", "eval.every_steps=5",
+    "output_dir=/tmp/x",
+    "model=tiny",
+    "model.name_or_path=/tmp/m",
+    "data=demo",
+    "data.path=/tmp/d.jsonl",
+    "data.format=auto",
+    "data.format=messages",
+    "data.format=alpaca",
+    "data.format=sharegpt",
+    "data.truncation=truncate",
+    "data.max_rejected_fraction=0.2",
+    "data.chat_template=/tmp/t.jinja",
+    "strategy=none",
+    "train.max_steps=7",
+    "train.global_batch_size=4",
+    "train.micro_batch_tokens=2048",
+    "train.lr=2e-5",
+    "seed=3",
+    "precision=fp32",
+    "precision=bf16",
+    "data.packing=false",
+    "data.packing=true",
+    "curriculum=none",
+    "checkpoint.every_steps=0",
+    "checkpoint.keep=3",
+    "resume=auto",
+    "resume=never",
+    "wandb.mode=offline",
+    "wandb.mode=online",
+    "wandb.mode=disabled",
+    "eval.every_steps=5",
 ]
 
 
@@ -77,49 +106,61 @@ def test_contract_override_keys_exist(override):
         assert str(node).lower() == value.lower() or float(node) == float(value)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("curriculum=three_phase", "curriculum.name='three_phase' is not implemented yet"),
-    ("resume=/tmp/ckpt", "resume='/tmp/ckpt': resuming from a checkpoint is not implemented yet"),
-    ("checkpoint.every_steps=10", "checkpoint.every_steps=10: intermediate checkpoints are not implemented yet"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("curriculum=three_phase", "curriculum.name='three_phase' is not implemented yet"),
+        ("resume=/tmp/ckpt", "resume='/tmp/ckpt': resuming from a checkpoint is not implemented yet"),
+        ("checkpoint.every_steps=10", "checkpoint.every_steps=10: intermediate checkpoints are not implemented yet"),
+    ],
+)
 def test_keys_not_yet_implemented_say_so(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         compose(*override.split("  "))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("precision=fp16", "precision='fp16' is not one of: fp32, bf16"),
-    ("wandb.mode=sometimes", "wandb.mode='sometimes' is not one of"),
-    ("strategy.name=megatron", "strategy.name='megatron' is not one of"),
-    ("strategy.cpu_offload=true", "strategy.cpu_offload=True applies to strategy=fsdp2 only (this run uses strategy=none)"),
-    ("strategy=fsdp2  strategy.offload_params=true", "strategy.offload_params=True applies to strategy=zero3 only"),
-    ("strategy=zero3  strategy.reduce_bucket_size=0", "strategy.reduce_bucket_size=0 must be > 0"),
-    ("train.peak_tflops=0", "train.peak_tflops=0.0 must be > 0"),
-    ("train.max_steps=0", "train.max_steps=0 must be > 0"),
-    ("train.lr=-1", "train.lr=-1.0 must be > 0"),
-    ("train.warmup_ratio=1.5", "train.warmup_ratio=1.5 must be in [0.0, 1.0]"),
-    ("train.adam_beta2=1.0", "train.adam_beta2=1.0 must be in [0.0, 1.0)"),
-    ("seed=-1", "seed=-1 must be >= 0"),
-    ("model.rope_theta=-5", "model.rope_theta=-5.0 must be > 0"),
-    ("model.name_or_path=''", "model.name_or_path is an empty string"),
-    ("data.path=' '", "data.path is an empty string"),
-    ("data.max_length=8192", "data.max_length=8192 is larger than train.micro_batch_tokens=4096"),
-    ("model.num_heads=3", "model.hidden_size=256 is not divisible by model.num_heads=3"),
-    ("eval.holdout_records=0", "eval.every_steps=50 needs eval.holdout_records > 0"),
-    ("+model.bar=2", "unknown key model.bar"),
-    ("+bar=2", "unknown key bar"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("precision=fp16", "precision='fp16' is not one of: fp32, bf16"),
+        ("wandb.mode=sometimes", "wandb.mode='sometimes' is not one of"),
+        ("strategy.name=megatron", "strategy.name='megatron' is not one of"),
+        (
+            "strategy.cpu_offload=true",
+            "strategy.cpu_offload=True applies to strategy=fsdp2 only (this run uses strategy=none)",
+        ),
+        ("strategy=fsdp2  strategy.offload_params=true", "strategy.offload_params=True applies to strategy=zero3 only"),
+        ("strategy=zero3  strategy.reduce_bucket_size=0", "strategy.reduce_bucket_size=0 must be > 0"),
+        ("train.peak_tflops=0", "train.peak_tflops=0.0 must be > 0"),
+        ("train.max_steps=0", "train.max_steps=0 must be > 0"),
+        ("train.lr=-1", "train.lr=-1.0 must be > 0"),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio=1.5 must be in [0.0, 1.0]"),
+        ("train.adam_beta2=1.0", "train.adam_beta2=1.0 must be in [0.0, 1.0)"),
+        ("seed=-1", "seed=-1 must be >= 0"),
+        ("model.rope_theta=-5", "model.rope_theta=-5.0 must be > 0"),
+        ("model.name_or_path=''", "model.name_or_path is an empty string"),
+        ("data.path=' '", "data.path is an empty string"),
+        ("data.max_length=8192", "data.max_length=8192 is larger than train.micro_batch_tokens=4096"),
+        ("model.num_heads=3", "model.hidden_size=256 is not divisible by model.num_heads=3"),
+        ("eval.holdout_records=0", "eval.every_steps=50 needs eval.holdout_records > 0"),
+        ("+model.bar=2", "unknown key model.bar"),
+        ("+bar=2", "unknown key bar"),
+    ],
+)
 def test_bad_values_fail_naming_key_and_value(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         compose(*override.split("  "))
 
 
-@pytest.mark.parametrize("override,key", [
-    ("train.foo=1", "train.foo"),
-    ("train.max_steps=abc", "train.max_steps"),
-    ("precision=[1]", "precision"),
-    ("data.packing=maybe", "data.packing"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.foo=1", "train.foo"),
+        ("train.max_steps=abc", "train.max_steps"),
+        ("precision=[1]", "precision"),
+        ("data.packing=maybe", "data.packing"),
+    ],
+)
 def test_unknown_keys_and_wrong_types_fail_at_composition(override, key):
     with pytest.raises(ConfigCompositionException) as info:
         compose(*override.split("  "))

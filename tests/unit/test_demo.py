@@ -6,8 +6,14 @@ import json
 import re
 from collections import Counter
 
-from sftdist.data.demo import (ANSWER_PREFIX, DEMO_CHAT_TEMPLATE, DEMO_TOKENIZER_DIR, DIFFICULTIES,
-                               generate_demo_conversations, train_demo_tokenizer)
+from sftdist.data.demo import (
+    ANSWER_PREFIX,
+    DEMO_CHAT_TEMPLATE,
+    DEMO_TOKENIZER_DIR,
+    DIFFICULTIES,
+    generate_demo_conversations,
+    train_demo_tokenizer,
+)
 
 STEP = re.compile(r"^(-?\d+) ([-+*]) (-?\d+) = (-?\d+)$")
 
@@ -44,7 +50,7 @@ def test_every_answer_shows_correct_steps_and_ends_with_the_answer_line():
             for line in steps:
                 a, op, b, c = STEP.match(line).groups()
                 assert ops[op](int(a), int(b)) == int(c), line
-            assert int(last[len(ANSWER_PREFIX):]) == int(STEP.match(steps[-1]).group(4))
+            assert int(last[len(ANSWER_PREFIX) :]) == int(STEP.match(steps[-1]).group(4))
 
 
 def test_the_shipped_tokenizer_is_what_the_code_trains(tmp_path):
@@ -62,8 +68,9 @@ def test_demo_tokenizer_has_its_template_and_special_tokens(demo_tokenizer):
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text  # byte-level: lossless

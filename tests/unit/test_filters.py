@@ -9,14 +9,42 @@ from sftdist.data.filters import Decontaminator, NearDedup, RecordFilter, repeat
 
 
 def _conv(user: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-            "tools": None, "meta": {}}
+    return {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+        "tools": None,
+        "meta": {},
+    }
 
 
 def _text(n: int, seed: int) -> str:
     rng = random.Random(seed)
-    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "zeta", "rho",
-                                "iota", "lambda", "mu", "nu", "xi", "pi", "tau", "phi", "chi", "psi"]) for _ in range(n))
+    return " ".join(
+        rng.choice(
+            [
+                "alpha",
+                "beta",
+                "gamma",
+                "delta",
+                "omega",
+                "sigma",
+                "kappa",
+                "theta",
+                "zeta",
+                "rho",
+                "iota",
+                "lambda",
+                "mu",
+                "nu",
+                "xi",
+                "pi",
+                "tau",
+                "phi",
+                "chi",
+                "psi",
+            ]
+        )
+        for _ in range(n)
+    )
 
 
 def test_exact_dedup_ignores_case_and_white_space_and_keeps_the_first():
@@ -51,7 +79,9 @@ def test_repetitive_responses_are_dropped_and_normal_ones_kept():
 def test_short_responses_only_when_switched_on():
     assert response_reason(_conv("q", "k"), FiltersConfig()) is None
     on = FiltersConfig(short_response=True, min_response_chars=3)
-    assert response_reason(_conv("q", "o k"), on) == "short_response" and response_reason(_conv("q", "okay"), on) is None
+    assert (
+        response_reason(_conv("q", "o k"), on) == "short_response" and response_reason(_conv("q", "okay"), on) is None
+    )
 
 
 def test_decontamination_needs_a_whole_shared_n_gram():

@@ -23,57 +23,99 @@ GLAIVE = {
 
 
 def test_messages_pass_through_with_meta_and_tools():
-    record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                           {"role": "assistant", "content": "a", "weight": 1}],
-              "tools": [{"name": "calc"}], "meta": {"id": 3}, "difficulty": "hard"}
+    record = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a", "weight": 1},
+        ],
+        "tools": [{"name": "calc"}],
+        "meta": {"id": 3},
+        "difficulty": "hard",
+    }
     conv = normalise(record, "messages")
     assert conv["messages"] == record["messages"] and conv["tools"] == [{"name": "calc"}]
     assert conv["meta"] == {"id": 3, "difficulty": "hard"}
 
 
 def test_alpaca_joins_instruction_and_input_and_keeps_history():
-    conv = normalise({"instruction": "Translate.", "input": "Bonjour", "output": "Hello", "system": "Be exact.",
-                      "history": [["Hi", "Hey"]]}, "alpaca")
+    conv = normalise(
+        {
+            "instruction": "Translate.",
+            "input": "Bonjour",
+            "output": "Hello",
+            "system": "Be exact.",
+            "history": [["Hi", "Hey"]],
+        },
+        "alpaca",
+    )
     assert conv["messages"] == [
-        {"role": "system", "content": "Be exact."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "Translate.\nBonjour"},
-        {"role": "assistant", "content": "Hello"}]
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hey"},
+        {"role": "user", "content": "Translate.\nBonjour"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     assert normalise({"instruction": "Q", "input": "", "output": "A"}, "alpaca")["messages"][0] == {
-        "role": "user", "content": "Q"}
+        "role": "user",
+        "content": "Q",
+    }
 
 
 def test_sharegpt_function_calls_become_tool_calls_and_observations_tool_turns():
     conv = normalise(GLAIVE, "sharegpt")
     assert [m["role"] for m in conv["messages"]] == ["user", "assistant", "tool", "assistant"]
     assert conv["messages"][1]["tool_calls"] == [
-        {"type": "function", "function": {"name": "search_recipes", "arguments": {"ingredients": ["rice"]}}}]
+        {"type": "function", "function": {"name": "search_recipes", "arguments": {"ingredients": ["rice"]}}}
+    ]
     assert conv["messages"][2]["content"] == '{"recipes": ["fried rice"]}'
     assert conv["tools"] == [{"name": "search_recipes", "parameters": {"type": "object"}}]
 
 
-@pytest.mark.parametrize("record,fmt,reason", [
-    ([1, 2], "messages", "not_an_object"),
-    ({"text": "x"}, "messages", "missing_field"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "unknown_role"),
-    ({"messages": [{"role": "user", "content": 3}]}, "messages", "non_string_content"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no_assistant_turn"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "messages",
-     "no_assistant_turn"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}, "messages",
-     "no_assistant_turn"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]}, "messages",
-     "bad_weight"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": "{"},
-     "messages", "bad_tools"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "meta": 3},
-     "messages", "bad_meta"),
-    ({"instruction": "x"}, "alpaca", "missing_field"),
-    ({"instruction": "", "input": " ", "output": "y"}, "alpaca", "empty_prompt"),
-    ({"instruction": "x", "output": "y", "history": [["a"]]}, "alpaca", "bad_history"),
-    ({"conversations": [{"from": "bot", "value": "x"}]}, "sharegpt", "unknown_role"),
-    ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{oops"}]}, "sharegpt",
-     "bad_tool_calls"),
-])
+@pytest.mark.parametrize(
+    "record,fmt,reason",
+    [
+        ([1, 2], "messages", "not_an_object"),
+        ({"text": "x"}, "messages", "missing_field"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "unknown_role"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages", "non_string_content"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no_assistant_turn"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},
+            "messages",
+            "no_assistant_turn",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]},
+            "messages",
+            "no_assistant_turn",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]},
+            "messages",
+            "bad_weight",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": "{"},
+            "messages",
+            "bad_tools",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "meta": 3},
+            "messages",
+            "bad_meta",
+        ),
+        ({"instruction": "x"}, "alpaca", "missing_field"),
+        ({"instruction": "", "input": " ", "output": "y"}, "alpaca", "empty_prompt"),
+        ({"instruction": "x", "output": "y", "history": [["a"]]}, "alpaca", "bad_history"),
+        ({"conversations": [{"from": "bot", "value": "x"}]}, "sharegpt", "unknown_role"),
+        (
+            {"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{oops"}]},
+            "sharegpt",
+            "bad_tool_calls",
+        ),
+    ],
+)
 def test_bad_records_are_rejected_with_a_reason(record, fmt, reason):
     result = normalise(record, fmt)
     assert isinstance(result, Rejected) and result.reason == reason and result.detail
@@ -89,17 +131,40 @@ def test_format_detection():
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12)
-role_like = st.sampled_from(["user", "assistant", "system", "tool", "human", "gpt", "observation", "function_call",
-                             "robot", ""])
-message_like = st.fixed_dictionaries({}, optional={"role": role_like, "from": role_like, "content": json_values,
-                                                   "value": json_values, "weight": json_values,
-                                                   "tool_calls": json_values})
-record_like = st.fixed_dictionaries({}, optional={
-    "messages": st.lists(message_like, max_size=4) | json_values,
-    "conversations": st.lists(message_like, max_size=4) | json_values,
-    "instruction": json_values, "input": json_values, "output": json_values, "history": json_values,
-    "system": json_values, "tools": json_values, "meta": json_values, "difficulty": json_values}) | json_values
+    max_leaves=12,
+)
+role_like = st.sampled_from(
+    ["user", "assistant", "system", "tool", "human", "gpt", "observation", "function_call", "robot", ""]
+)
+message_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": role_like,
+        "from": role_like,
+        "content": json_values,
+        "value": json_values,
+        "weight": json_values,
+        "tool_calls": json_values,
+    },
+)
+record_like = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "messages": st.lists(message_like, max_size=4) | json_values,
+            "conversations": st.lists(message_like, max_size=4) | json_values,
+            "instruction": json_values,
+            "input": json_values,
+            "output": json_values,
+            "history": json_values,
+            "system": json_values,
+            "tools": json_values,
+            "meta": json_values,
+            "difficulty": json_values,
+        },
+    )
+    | json_values
+)
 
 
 @settings(max_examples=400, deadline=None)

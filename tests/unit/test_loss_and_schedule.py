@@ -33,9 +33,12 @@ def test_step_loss_is_the_token_mean_of_the_step_not_a_mean_of_means():
     n = int((t1 != -100).sum() + (t2 != -100).sum())
     step = step_normalised_loss(cross_entropy_sum(l1, t1), n) + step_normalised_loss(cross_entropy_sum(l2, t2), n)
     pooled = torch.nn.functional.cross_entropy(
-        torch.cat([l1.flatten(0, 1), l2.flatten(0, 1)]), torch.cat([t1.flatten(), t2.flatten()]), ignore_index=-100)
+        torch.cat([l1.flatten(0, 1), l2.flatten(0, 1)]), torch.cat([t1.flatten(), t2.flatten()]), ignore_index=-100
+    )
     assert torch.allclose(step, pooled, rtol=1e-6)
-    mean_of_means = (cross_entropy_sum(l1, t1) / (t1 != -100).sum() + cross_entropy_sum(l2, t2) / (t2 != -100).sum()) / 2
+    mean_of_means = (
+        cross_entropy_sum(l1, t1) / (t1 != -100).sum() + cross_entropy_sum(l2, t2) / (t2 != -100).sum()
+    ) / 2
     assert not torch.allclose(mean_of_means, pooled, rtol=1e-3)  # the common bug is measurably different
 
 

@@ -15,7 +15,9 @@ from sftdist.parallel.base import clip_and_norm
 
 def test_strategy_none_refuses_a_multi_process_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="strategy=none trains in one process, but this was launched with WORLD_SIZE=2"):
+    with pytest.raises(
+        ValueError, match="strategy=none trains in one process, but this was launched with WORLD_SIZE=2"
+    ):
         build_strategy(compose())
 
 
@@ -23,8 +25,11 @@ def test_strategy_none_refuses_a_multi_process_launch(monkeypatch):
 def test_a_distributed_strategy_without_torchrun_says_how_to_launch(monkeypatch, strategy):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    with pytest.raises(ConfigError, match=rf"strategy={strategy} needs a process group, but this process was not "
-                                          rf"started by torchrun .*torchrun --nproc_per_node=N -m sftdist.train"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"strategy={strategy} needs a process group, but this process was not "
+        rf"started by torchrun .*torchrun --nproc_per_node=N -m sftdist.train",
+    ):
         build_strategy(compose(f"strategy={strategy}"))
 
 
@@ -47,7 +52,7 @@ def test_clipping_scales_gradients_to_the_max_norm_and_reports_the_norm_before()
     for p, g in zip(model.parameters(), (torch.full((2, 3), 2.0), torch.full((2,), 2.0))):
         p.grad = g.clone()
     norm = clip_and_norm(list(model.parameters()), max_grad_norm=1.0)
-    assert norm == pytest.approx(2.0 * 8 ** 0.5)
+    assert norm == pytest.approx(2.0 * 8**0.5)
     clipped = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
     assert float(clipped) == pytest.approx(1.0, rel=1e-5)
     assert clip_and_norm(list(model.parameters()), max_grad_norm=0.0) == pytest.approx(1.0, rel=1e-5)  # measure only

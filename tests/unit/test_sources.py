@@ -41,10 +41,13 @@ def test_json_parquet_and_dataset_directories_read_the_same(tmp_path):
         assert records[1][0].endswith(label)
 
 
-@pytest.mark.parametrize("content,message", [
-    ("{\"a\": 1}", "must hold a list of records, not dict"),
-    ("[1, 2", "invalid JSON at line 1"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"a": 1}', "must hold a list of records, not dict"),
+        ("[1, 2", "invalid JSON at line 1"),
+    ],
+)
 def test_unreadable_json_files_are_errors_naming_the_file(tmp_path, content, message):
     (tmp_path / "d.json").write_text(content)
     with pytest.raises(DataError, match=message):
@@ -74,8 +77,10 @@ def test_format_is_detected_from_the_first_record_that_shows_it(tmp_path):
 def test_arrow_null_filled_keys_are_absent_and_deep_json_is_a_counted_line(tmp_path):
     import datasets
 
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1}]},
-            {"messages": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yes"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 1}]},
+        {"messages": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yes"}]},
+    ]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))  # Arrow adds weight: null to row 2
     (_, _), (_, second) = _records(tmp_path / "d.parquet")
     assert second["messages"][1] == {"role": "assistant", "content": "yes"}
@@ -98,8 +103,9 @@ def test_sources_from_config(tmp_path, monkeypatch):
     assert [s.name for s in sources_from_config(DataConfig(demo_size=3), seed=0)] == ["demo"]
     one = sources_from_config(DataConfig(path=str(tmp_path / "chat.v2.jsonl"), format="alpaca"), seed=0)
     assert [(s.name, s.format) for s in one] == [("chat", "alpaca")]
-    many = sources_from_config(DataConfig(sources=[SourceConfig(path="a.jsonl", weight=2.0),
-                                                   SourceConfig(path="b.json", name="bee")]), seed=0)
+    many = sources_from_config(
+        DataConfig(sources=[SourceConfig(path="a.jsonl", weight=2.0), SourceConfig(path="b.json", name="bee")]), seed=0
+    )
     assert [(s.name, s.weight) for s in many] == [("a", 2.0), ("bee", 1.0)]
     with pytest.raises(FileNotFoundError, match=r"data.sources\[0\].path='nope.jsonl': no such file"):
         sources_from_config(DataConfig(sources=[SourceConfig(path="nope.jsonl")]), 0)

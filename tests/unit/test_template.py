@@ -38,8 +38,11 @@ def test_tokens_are_exactly_the_rendered_template(demo_tokenizer):
 def test_labels_are_each_answer_and_its_end_of_turn_marker(demo_tokenizer):
     tok = demo_tokenizer
     enc = encode_conversation(tok, CONVERSATION)
-    expected = [tok(m["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-                for m in CONVERSATION if m["role"] == "assistant"]
+    expected = [
+        tok(m["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        for m in CONVERSATION
+        if m["role"] == "assistant"
+    ]
     assert _supervised_runs(enc) == expected
     # Neither system, user, the assistant header, nor the newline after <|im_end|> is supervised.
     supervised_text = "".join(tok.decode(run) for run in _supervised_runs(enc))
@@ -60,8 +63,10 @@ def test_tool_results_are_never_supervised(demo_tokenizer):
 
 
 def test_a_chat_template_argument_overrides_the_tokenizer_template(demo_tokenizer):
-    template = ("{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + '<|im_end|>' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+    template = (
+        "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+    )
     enc = encode_conversation(demo_tokenizer, CONVERSATION[1:3], chat_template=template)
     assert demo_tokenizer.decode(enc["input_ids"]).startswith("[user] What is 2 + 3?")
     assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == ["2 + 3 = 5\n#### 5<|im_end|>"]
@@ -69,9 +74,11 @@ def test_a_chat_template_argument_overrides_the_tokenizer_template(demo_tokenize
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(demo_tokenizer):
     # Renders only the last assistant turn's content: a prefix of the conversation is not a prefix of its text.
-    template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>a\n' }}"
-                "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
-                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>a\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     with pytest.raises(TemplateSplitError, match="assistant turn 2"):
         encode_conversation(demo_tokenizer, CONVERSATION, chat_template=template)
 
@@ -99,9 +106,11 @@ def test_a_token_that_straddles_prompt_and_answer_is_refused_even_with_trimmed_o
     from tokenizers import processors
 
     # "A: " ends the prompt with a space that byte-level BPE glues to the answer's first word (" books").
-    template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\n' }}"
-                "{% else %}{{ 'A: ' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\n' }}"
+        "{% else %}{{ 'A: ' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+    )
     messages = [{"role": "user", "content": "What do you sell?"}, {"role": "assistant", "content": "books"}]
     with pytest.raises(TemplateSplitError, match="straddles the boundary"):
         encode_conversation(demo_tokenizer, messages, chat_template=template)
@@ -120,10 +129,13 @@ def test_weight_zero_turns_stay_in_context_unsupervised(demo_tokenizer):
 
 
 def test_tools_reach_the_template(demo_tokenizer):
-    template = ("{% if tools %}{{ '<|im_start|>system\nTools: ' + tools | map(attribute='name') | join(',') + "
-                "'<|im_end|>\n' }}{% endif %}" + demo_tokenizer.chat_template)
-    enc = encode_conversation(demo_tokenizer, CONVERSATION[1:3], chat_template=template,
-                              tools=[{"name": "calc"}, {"name": "search"}])
+    template = (
+        "{% if tools %}{{ '<|im_start|>system\nTools: ' + tools | map(attribute='name') | join(',') + "
+        "'<|im_end|>\n' }}{% endif %}" + demo_tokenizer.chat_template
+    )
+    enc = encode_conversation(
+        demo_tokenizer, CONVERSATION[1:3], chat_template=template, tools=[{"name": "calc"}, {"name": "search"}]
+    )
     assert demo_tokenizer.decode(enc["input_ids"]).startswith("<|im_start|>system\nTools: calc,search<|im_end|>")
     assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == ["2 + 3 = 5\n#### 5<|im_end|>"]
 
@@ -139,32 +151,47 @@ def test_a_merged_newline_and_space_is_refused_whatever_the_offsets_trimming():
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=trim)
-        tok.train_from_iterator(["assistant\n  Hello world"] * 50, trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                            chat_template=CONVERSATION_TEMPLATE)
+        tok.train_from_iterator(
+            ["assistant\n  Hello world"] * 50,
+            trainers.BpeTrainer(
+                vocab_size=300,
+                special_tokens=["<|im_start|>", "<|im_end|>"],
+                show_progress=False,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|im_end|>", chat_template=CONVERSATION_TEMPLATE
+        )
         with pytest.raises(TemplateSplitError, match="straddles the boundary"):
-            encode_conversation(tokenizer, [{"role": "user", "content": "hi"},
-                                            {"role": "assistant", "content": "  Hello world"}])
+            encode_conversation(
+                tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  Hello world"}]
+            )
 
 
-CONVERSATION_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CONVERSATION_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 THINKING_TEMPLATE = (  # reads `thinking` (gpt-oss style); records carry `reasoning_content`
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
     "{% if m.role == 'assistant' and m.thinking %}<think>{{ m.thinking }}</think>{% endif %}"
     "{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_reasoning_reaches_the_template_under_the_name_it_reads_and_is_supervised(demo_tokenizer):
     from sftdist.data.formats import normalise
 
-    record = {"messages": [{"role": "user", "content": "2+2?"},
-                           {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "two and two"},
+        ]
+    }
     conv = normalise(record, "messages")
     assert conv["messages"][1]["reasoning_content"] == "two and two"  # kept by normalisation
     enc = encode_conversation(demo_tokenizer, conv["messages"], chat_template=THINKING_TEMPLATE)

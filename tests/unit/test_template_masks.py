@@ -1,8 +1,8 @@
 """Assistant-only masks on real chat templates, with no per-template code in sftdist.
 
 The six templates of ../shared/chat_templates (copies in tests/data, checked against the originals where
-they are present) and several others written here, each with a tiny BPE tokenizer that knows its special tokens. A mask is
-checked against what the test knows about the template (its end-of-turn marker) and against the text of
+they are present) and several others written here, each with a tiny BPE tokenizer that knows its special tokens.
+A mask is checked against what the test knows about the template (its end-of-turn marker) and against the text of
 every message: each answer and its end-of-turn marker are trained on; no system, user or tool text, and
 no generation prompt, ever is. Mutated masks (a user token trained on, the end-of-turn marker missing)
 must fail the same check, so the check can fail.
@@ -26,13 +26,36 @@ GLAIVE = TEST_DATA / "glaive_toolcall_40.json"
 # name -> (special tokens, bos, eos, end-of-turn marker the answers must end with, metaspace?)
 SHARED_TEMPLATES = {
     "chatml": (["<|im_start|>", "<|im_end|>", "<s>"], "<s>", "<|im_end|>", "<|im_end|>", False),
-    "llama-3-instruct": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                         "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", False),
+    "llama-3-instruct": (
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|eot_id|>",
+        False,
+    ),
     "mistral-instruct": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", "</s>", True),
-    "phi-3": (["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"], None, "<|endoftext|>",
-              "<|end|>", False),
-    "qwen2.5-instruct": (["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>",
-                          "</tool_response>", "<|endoftext|>"], None, "<|im_end|>", "<|im_end|>", False),
+    "phi-3": (
+        ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"],
+        None,
+        "<|endoftext|>",
+        "<|end|>",
+        False,
+    ),
+    "qwen2.5-instruct": (
+        [
+            "<|im_start|>",
+            "<|im_end|>",
+            "<tool_call>",
+            "</tool_call>",
+            "<tool_response>",
+            "</tool_response>",
+            "<|endoftext|>",
+        ],
+        None,
+        "<|im_end|>",
+        "<|im_end|>",
+        False,
+    ),
     "zephyr": (["<|user|>", "<|assistant|>", "<|system|>", "</s>", "<s>"], "<s>", "</s>", "</s>", False),
 }
 
@@ -45,7 +68,8 @@ OTHER_TEMPLATES = {
         "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
         "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
-        (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>", False)),
+        (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>", False),
+    ),
     "llama-2-chat": (
         "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
         "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
@@ -55,20 +79,24 @@ OTHER_TEMPLATES = {
         "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
         "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
         "{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}",
-        (["<unk>", "<s>", "</s>"], "<s>", "</s>", "</s>", True)),
+        (["<unk>", "<s>", "</s>"], "<s>", "</s>", "</s>", True),
+    ),
     "vicuna": (
-        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}{% set loop_messages = messages[1:] %}"
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
+        "{% set loop_messages = messages[1:] %}"
         "{% else %}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
         "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
         "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token + '\\n' }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
-        (["<s>", "</s>"], "<s>", "</s>", "</s>", False)),
+        (["<s>", "</s>"], "<s>", "</s>", "</s>", False),
+    ),
     "alpaca-no-generation-prompt": (
         "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
         "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
         "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
         "{% endif %}{% endfor %}",
-        (["</s>"], None, "</s>", "</s>", False)),
+        (["</s>"], None, "</s>", "</s>", False),
+    ),
 }
 
 
@@ -89,9 +117,15 @@ def _setup(name: str):
 def _multi_turn_conversations():
     """Distinct words per message, so a leaked prompt word is visible in the trained text."""
     convs = [r["messages"] for r in generate_demo_conversations(60, seed=11) if len(r["messages"]) >= 4][:8]
-    convs.append([{"role": "system", "content": "You answer tersely."}, {"role": "user", "content": "Say hello."},
-                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again, please."},
-                  {"role": "assistant", "content": "Hello again!"}])
+    convs.append(
+        [
+            {"role": "system", "content": "You answer tersely."},
+            {"role": "user", "content": "Say hello."},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Again, please."},
+            {"role": "assistant", "content": "Hello again!"},
+        ]
+    )
     return convs
 
 
@@ -113,7 +147,9 @@ def check_mask(tokenizer, ct, messages, enc, eot: str, tools=None) -> None:
     trained = [m for m in adapted if m["role"] == "assistant" and m.get("weight", 1) == 1]
     runs = [tokenizer.decode(r) for r in _runs(enc)]
     assert len(runs) == len(trained), (runs, [m["content"] for m in trained])
-    prompt_texts = [m["content"].strip() for m in adapted if m["role"] != "assistant" and len(m["content"].strip()) >= 12]
+    prompt_texts = [
+        m["content"].strip() for m in adapted if m["role"] != "assistant" and len(m["content"].strip()) >= 12
+    ]
     for run, message in zip(runs, trained):
         expected = message["content"].strip() or message["tool_calls"][0]["function"]["name"]
         assert expected in run, (expected, run)
@@ -157,7 +193,9 @@ def test_the_vendored_copies_match_the_shared_originals():
     if not (SHARED / "chat_templates").is_dir():
         pytest.skip(f"{SHARED} is absent: nothing to compare the copies in tests/data with")
     for name in SHARED_TEMPLATES:
-        assert (TEMPLATES_DIR / f"{name}.jinja").read_text() == (SHARED / "chat_templates" / f"{name}.jinja").read_text()
+        assert (TEMPLATES_DIR / f"{name}.jinja").read_text() == (
+            SHARED / "chat_templates" / f"{name}.jinja"
+        ).read_text()
     original = json.loads((SHARED / "data" / "glaive_toolcall_en_demo.json").read_text())
     assert json.loads(GLAIVE.read_text()) == original[:40]
 
@@ -190,7 +228,10 @@ def test_a_wrong_mask_fails_the_check(name):
         check_mask(tokenizer, ct, messages, leaked, eot)
 
     eot_id = tokenizer.convert_tokens_to_ids(eot)
-    no_eos = {**enc, "labels": [IGNORE_INDEX if t == eot_id else label for t, label in zip(enc["input_ids"], enc["labels"])]}
+    no_eos = {
+        **enc,
+        "labels": [IGNORE_INDEX if t == eot_id else label for t, label in zip(enc["input_ids"], enc["labels"])],
+    }
     with pytest.raises(AssertionError, match="end-of-turn marker"):
         check_mask(tokenizer, ct, messages, no_eos, eot)
 
@@ -206,7 +247,9 @@ def test_system_prompts_fold_into_the_first_user_turn_where_the_template_refuses
 
 def test_a_template_without_a_generation_prompt_trains_the_header_it_makes_the_model_write():
     tokenizer, eot = _setup("alpaca-no-generation-prompt")
-    enc = encode_conversation(tokenizer, [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}])
+    enc = encode_conversation(
+        tokenizer, [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+    )
     assert [tokenizer.decode(r) for r in _runs(enc)] == ["### Response:\nHi.</s>"]
 
 
@@ -225,7 +268,8 @@ def test_rendering_equals_apply_chat_template_and_both_label_paths_agree(name):
         for upto in range(1, len(adapted) + 1):
             for gen in (False, True):
                 assert ct.render(adapted[:upto], gen, tools) == tokenizer.apply_chat_template(
-                    adapted[:upto], tools=tools, tokenize=False, add_generation_prompt=gen)
+                    adapted[:upto], tools=tools, tokenize=False, add_generation_prompt=gen
+                )
         from sftdist.data.template import assistant_char_spans
 
         text, spans = assistant_char_spans(ct, adapted, tools)
