@@ -11,6 +11,7 @@
 #   MASTER_PORT     the rendezvous port          (20000 + $SLURM_JOB_ID % 10000, else 29500)
 #   RDZV_ID         the job's rendezvous id      ($SLURM_JOB_ID, else sftdist)
 #   PYTHON          the interpreter with sftdist (python3)
+#   SHUTDOWN_TIMEOUT seconds torchrun gives the workers after a stop signal before SIGKILL (330)
 # Arguments are sftdist-train overrides. With NNODES=1 torchrun runs --standalone (a free local port).
 set -euo pipefail
 
@@ -39,6 +40,12 @@ if [[ -z "${MASTER_PORT:-}" ]]; then  # per job: two jobs sharing a first node m
 fi
 RDZV_ID="${RDZV_ID:-${SLURM_JOB_ID:-sftdist}}"
 PYTHON="${PYTHON:-python3}"
+# A restarted worker group (torchrun --max-restarts) must not share torchrun's rendezvous store: it would read
+# the previous attempt's addresses and hang or fail connecting (pytorch/pytorch#135712; seen here with gloo).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+# SIGUSR1 (Slurm's --signal) is forwarded to the workers like SIGTERM, and they get the time to write their
+# checkpoint (checkpoint.stop_timeout_s, 300 s by default) before torchrun kills them.
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-330}"
 
 if [[ "$NNODES" == 1 ]]; then
     rendezvous=(--standalone)
@@ -46,4 +53,6 @@ else
     rendezvous=(--nnodes="$NNODES" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID")
 fi
 echo "launch: $(hostname): ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), rendezvous ${MASTER_ADDR}:${MASTER_PORT}" >&2
-exec "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" -m sftdist.train "$@"
+exec "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
+    -m sftdist.train "$@"

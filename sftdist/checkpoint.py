@@ -1,78 +1,276 @@
-"""Saving what a run produces: the Hugging Face export (``final/``). Resumable checkpoints come later."""
+"""Resumable checkpoints: written atomically, found and checked at start, pruned to the newest complete ones.
+
+    output_dir/checkpoints/step_N/
+        state/              model and optimizer, sharded: every rank writes its own part, in its strategy's format
+                            (torch.distributed.checkpoint for none/ddp/fsdp2, DeepSpeed's own for zero3)
+        rng/rank_R.json     each rank's RNG states: python, numpy, torch CPU and CUDA
+        trainer_state.json  the step, the sampler position, the LR, the curriculum state, the W&B run id, the strategy
+                            and world size, the resolved config, and the run's identity (see sftdist.resume)
+        hf/                 what an export needs besides the weights: config, generation config with the stop tokens,
+                            tokenizer with its chat template, sftdist_training.json
+        COMPLETE            written last, listing every file and its size: a directory without it is torn
+
+All ranks write into ``checkpoints/.tmp-step_N`` and fsync what they wrote; rank 0 then renames it to ``step_N``,
+fsyncs the parent, and writes the marker. A kill at any moment leaves the earlier checkpoints as they were, plus at
+most one torn directory, which resuming skips with a warning naming it. Older checkpoints are deleted only after a
+newer one is complete, so the one a run resumed from survives until there is a better one.
+"""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
+import os
+import random
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from sftdist.errors import InputError
+from sftdist.parallel import Strategy
+
 log = logging.getLogger(__name__)
-TRAINING_INFO = "sftdist_training.json"
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+STATE_DIR = "state"
+HF_DIR = "hf"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def export_hf(
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used: the message names it and says why."""
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step}"
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    strategy: Strategy,
     model: torch.nn.Module,
-    state_dict: dict[str, torch.Tensor],
-    tokenizer: Any,
-    out_dir: Path,
-    dtype: torch.dtype = torch.float32,
-    eos_token_ids: list[int] | None = None,
-    training_info: dict | None = None,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    write_hf_meta: Callable[[Path], None],
+    keep: int,
 ) -> Path:
-    """Write a Hugging Face directory (config, safetensors weights, tokenizer with its chat template).
-
-    Floating-point weights are saved in ``dtype`` (the dtype the model came in); ``eos_token_ids`` become
-    the generation config's stop tokens; ``training_info`` (the chat-template hash, the data fingerprint, ...)
-    goes to ``sftdist_training.json``. Written to a temporary sibling first and renamed, so a crash never
-    leaves a half-written ``out_dir``. Call on rank 0 only, with the full (gathered) ``state_dict``.
-    """
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    model.save_pretrained(str(tmp), state_dict=state_dict)
-    config = copy.deepcopy(model.config)
-    config.dtype = dtype
-    config.save_pretrained(str(tmp))
-    if eos_token_ids and getattr(model, "generation_config", None) is not None:
-        generation_config = copy.deepcopy(model.generation_config)
-        generation_config.eos_token_id = eos_token_ids[0] if len(eos_token_ids) == 1 else list(eos_token_ids)
-        generation_config.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if training_info is not None:
-        (tmp / TRAINING_INFO).write_text(json.dumps(training_info, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    check_export_template(out_dir)
-    return out_dir
+    """Write ``root/step_<step>`` atomically (a collective: every rank calls it) and prune to the ``keep`` newest
+    complete checkpoints. Returns the checkpoint's path."""
+    tmp, final = root / f".tmp-step_{step}", step_dir(root, step)
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    strategy.barrier()
+    strategy.save_state(model, optimizer, tmp / STATE_DIR)
+    _write_json(tmp / "rng" / f"rank_{strategy.rank}.json", capture_rng())
+    if strategy.is_main:
+        _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "world_size": strategy.world_size})
+        write_hf_meta(tmp / HF_DIR)
+    _fsync_tree(tmp)  # each rank flushes what it wrote (files another rank wrote have nothing left to flush)
+    strategy.barrier()
+    if strategy.is_main:
+        _publish(tmp, final, step)
+        prune(root, keep)
+    strategy.barrier()
+    return final
 
 
-def check_export_template(hf_dir: Path) -> bool:
-    """Warn (and return False) when the chat template a Hugging Face directory serves with is not the one
-    its model was trained with (``sftdist_training.json``): training text and serving text would differ."""
-    info_file = Path(hf_dir) / TRAINING_INFO
-    if not info_file.is_file():
-        return True
-    from transformers import AutoTokenizer
+def _publish(tmp: Path, final: Path, step: int) -> None:
+    """Rename the fully written temporary directory into place, then mark it complete (rank 0 only)."""
+    if final.exists():  # a torn directory of an earlier attempt at this step
+        shutil.rmtree(final)
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    _write_json(final / MARKER, {"step": step, "files": files})
+    _fsync_dir(final)
 
-    from sftdist.data.template import resolve_chat_template, template_hash
 
-    trained = json.loads(info_file.read_text()).get("template_hash")
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints, and torn ones older than the newest complete."""
+    complete = [(s, p) for s, p in list_checkpoints(root) if (p / MARKER).is_file()]
+    if not complete:
+        return
+    newest = complete[-1][0]
+    doomed = [p for _, p in complete[:-keep]]
+    doomed += [p for s, p in list_checkpoints(root) if s < newest and not (p / MARKER).is_file()]
+    doomed += [
+        p for p in root.glob(".tmp-step_*") if _step_of(p.name[5:]) is not None and _step_of(p.name[5:]) < newest
+    ]
+    for path in doomed:
+        log.info("checkpoint: removing %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True):  # files before the directories holding them
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        served = template_hash(resolve_chat_template(AutoTokenizer.from_pretrained(str(hf_dir))))
-    except ValueError:
-        served = None
-    if trained is not None and served != trained:
-        log.warning(
-            "%s: the tokenizer's chat template (sha256:%s) is not the one the model was trained with "
-            "(sha256:%s); the model will be served with prompts it was not trained on",
-            hf_dir,
-            served,
-            trained,
-        )
-        return False
-    return True
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- finding -------------------------------------------------------------------------------------------------------
+
+
+def _step_of(name: str) -> int | None:
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Every ``step_N`` directory under ``root``, complete or not, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(_step_of(p.name), p) for p in root.iterdir() if p.is_dir()]
+    return sorted((s, p) for s, p in found if s is not None)
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (torn, unreadable, a file missing or cut short), or
+    None when it is complete."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"it has no {MARKER} marker (its write was interrupted)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+        json.loads((path / STATE_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MARKER} marker or {STATE_FILE} is unreadable ({type(err).__name__}: {err})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes where {size} were written"
+    return None
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``; each newer one that is torn or unreadable is skipped with a
+    warning naming it and why."""
+    for tmp in sorted(root.glob(".tmp-step_*")) if root.is_dir() else []:
+        log.warning("checkpoint: ignoring %s, a checkpoint whose write was interrupted", tmp)
+    for _, path in reversed(list_checkpoints(root)):
+        why = problem(path)
+        if why is None:
+            return path
+        log.warning("checkpoint: skipping %s: %s", path, why)
+    return None
+
+
+def resolve_resume(resume: str, output_dir: str | Path, key: str = "resume") -> Path | None:
+    """The checkpoint a run continues from: ``auto`` the newest complete one in ``output_dir`` (None while there is
+    none), ``never`` None, else ``resume`` itself: a checkpoint directory, or a run directory (its newest complete
+    checkpoint). ``key`` names the setting in errors."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(checkpoints_dir(output_dir))
+    path = Path(resume).expanduser()
+    if (path / MARKER).exists() or (path / STATE_FILE).exists() or _step_of(path.name) is not None:
+        why = problem(path) if path.is_dir() else "no such directory"
+        if why is not None:
+            raise CheckpointError(f"{key}={resume!r} is not a usable checkpoint: {why}")
+        return path
+    if checkpoints_dir(path).is_dir():
+        found = latest_checkpoint(checkpoints_dir(path))
+        if found is None:
+            raise CheckpointError(f"{key}={resume!r}: no complete checkpoint in {checkpoints_dir(path)}")
+        return found
+    raise CheckpointError(
+        f"{key}={resume!r} is neither a checkpoint (a checkpoints/step_N directory with its {MARKER} marker) nor a "
+        "run directory with checkpoints/"
+    )
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+# ---- loading -------------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: Path, strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the model and optimizer state (resharded by the strategy where it can) and this rank's RNG states.
+
+    The optimizer's hyperparameters stay this run's (a changed ``train.weight_decay`` or beta applies from here on);
+    its state (moments, step counts) comes from the checkpoint.
+    """
+    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        strategy.load_state(model, optimizer, path / STATE_DIR)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: cannot load its model and optimizer state ({type(err).__name__}: {str(err)[:500]})"
+        ) from err
+    for group, saved in zip(optimizer.param_groups, hyperparameters):
+        group.update(saved)
+    rng = path / "rng" / f"rank_{strategy.rank}.json"
+    if read_trainer_state(path)["world_size"] == strategy.world_size and rng.is_file():
+        restore_rng(json.loads(rng.read_text()))
+    else:  # the sample stream does not depend on them; only dropout would draw differently
+        log.info("checkpoint: written on another number of processes; RNG states start from the seed")
+
+
+# ---- RNG states ----------------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states as JSON-able values."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    out: dict[str, Any] = {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])

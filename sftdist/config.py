@@ -23,6 +23,7 @@ class ModelConfig:
     name: str = "tiny"  # a label for logs and W&B
     name_or_path: Optional[str] = None  # local Hugging Face model directory; unset builds the tiny demo model
     tokenizer: Optional[str] = None  # tokenizer directory; default: name_or_path, else the bundled demo tokenizer
+    trust_remote_code: bool = False  # run Python code shipped in the model directory (auto_map); only code you trust
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     attn_impl: str = "auto"  # packed attention: auto | flash_attn | torch_varlen | flex | sdpa
     # Architecture of the tiny Llama-shaped demo model (ignored when name_or_path is set).
@@ -128,8 +129,9 @@ class CurriculumConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0: no intermediate checkpoints
-    keep: int = 2  # checkpoints kept on disk, newest first
+    every_steps: int = 500  # a resumable checkpoint every N steps and at the last; 0: only when stopped by a signal
+    keep: int = 2  # newest complete checkpoints kept; the one resumed from stays until a newer one is complete
+    stop_timeout_s: float = 300.0  # after a stop signal, exit anyway (status 128 + signal) if not stopped by then
 
 
 @dataclass
@@ -153,7 +155,7 @@ class SFTConfig:
     seed: int = 0  # model init and data order
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast over fp32 master weights)
     device: str = "auto"  # auto | cpu | cuda
-    resume: str = "auto"  # auto | never | PATH
+    resume: str = "auto"  # auto: the newest complete checkpoint in output_dir, if any | never | PATH (a checkpoint)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -216,16 +218,7 @@ def _validate_features(cfg: SFTConfig) -> None:
         _choice(f"data.sources[{i}].format", source.format, FORMATS)
     _choice("wandb.mode", cfg.wandb.mode, ("auto", "offline", "online", "disabled"))
     _choice("model.attn_impl", cfg.model.attn_impl, ("auto", "flash_attn", "torch_varlen", "flex", "sdpa"))
-    if cfg.resume not in ("auto", "never"):
-        raise ConfigError(
-            f"resume={cfg.resume!r}: resuming from a checkpoint is not implemented yet in this version; "
-            "available now: resume=auto (starts fresh while there are no checkpoints), resume=never"
-        )
-    if cfg.checkpoint.every_steps != 0:
-        raise ConfigError(
-            f"checkpoint.every_steps={cfg.checkpoint.every_steps}: intermediate checkpoints are not implemented "
-            "yet in this version; available now: checkpoint.every_steps=0 (the run still exports final/)"
-        )
+    _not_empty("resume", cfg.resume)
 
 
 _STRATEGY_ONLY = {
@@ -329,7 +322,9 @@ def validate(cfg: SFTConfig) -> SFTConfig:
             f"eval.every_steps={cfg.eval.every_steps} needs eval.holdout_records > 0 (records set aside for eval); "
             "set eval.every_steps=0 to turn eval off"
         )
+    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("checkpoint.stop_timeout_s", cfg.checkpoint.stop_timeout_s)
     _positive("seed", cfg.seed, allow_zero=True)
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir is empty: set output_dir=PATH")

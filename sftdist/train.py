@@ -9,14 +9,24 @@ sftdist-train -m train.lr=1e-4,3e-4 'output_dir=runs/lr${train.lr}'   # a sweep:
 
 from __future__ import annotations
 
+import sys
+
 from sftdist.cli import hydra_main
 from sftdist.config import SFTConfig
+from sftdist.signals import EXIT_STOPPED
 
 
 def train(cfg: SFTConfig) -> None:
+    """Train; exit with EXIT_STOPPED (75) when a stop signal ended the run after a checkpoint."""
     from sftdist.trainer import Trainer  # heavy imports only once the config is known to be good
 
-    Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.fit()
+    finally:  # also after a failure: the metrics file, W&B and the process group are released
+        trainer.close()
+    if "stopped_by" in result:
+        sys.exit(EXIT_STOPPED)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""The one training loop. Reads top to bottom: set up, then per step: set LR, micro-steps, clip, step,
-maybe eval, log; then export.
+"""The one training loop. Reads top to bottom: set up (resuming where a checkpoint is), then per step: set LR,
+micro-steps, clip, step, maybe eval, log, maybe checkpoint or stop; then export.
 
 Whatever the strategy, a step is: the step's samples (chosen by seed and step alone) -> micro-batches ->
 for each, forward and backward of (CE sum / supervised tokens in the whole step) -> clip -> step.
@@ -8,12 +8,15 @@ for each, forward and backward of (CE sum / supervised tokens in the whole step)
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+import shutil
 import sys
+import tempfile
 import time
-from collections import Counter
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +25,28 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from sftdist import __version__
-from sftdist.checkpoint import export_hf
+from sftdist.checkpoint import (
+    CheckpointError,
+    checkpoints_dir,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+    step_dir,
+)
 from sftdist.config import SFTConfig, TrainConfig
 from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
 from sftdist.data.pipeline import Sample, build_datasets
 from sftdist.errors import ConfigError, DataError
+from sftdist.export import export_hf, stop_token_ids, write_hf_meta
 from sftdist.loss import cross_entropy_sum, step_normalised_loss
-from sftdist.metrics import build_metrics_logger, check_wandb
+from sftdist.metrics import MetricsLogger, build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
 from sftdist.model import build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters, pad_token_id
 from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
 from sftdist.parallel import build_strategy
+from sftdist.resume import check_resumable, flat_config, run_identity
+from sftdist.signals import EXIT_STOPPED, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +72,23 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 class Trainer:
+    """One run: ``Trainer(cfg)`` sets it up (resuming from a checkpoint where there is one), ``fit()`` trains it,
+    ``close()`` releases what it holds (call it from a ``finally``: it also runs after a failure)."""
+
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
+        self.metrics: MetricsLogger | None = None
+        self._closed = False
         check_wandb(cfg.wandb)
         self.strategy = build_strategy(cfg)
+        try:
+            self._set_up()
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
         self.device = self.strategy.device
         self.output_dir = Path(cfg.output_dir)
         world = self.strategy.world_size
@@ -83,6 +110,8 @@ class Trainer:
                 f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
                 f"{len(self.train_set)} training records: every step would repeat samples"
             )
+        self.identity = run_identity(cfg, self.data_report)
+        self.resume_from, resumed = self._find_checkpoint()
 
         model = build_model(cfg.model, self.tokenizer, cfg.seed)
         limit = max_positions(model)
@@ -99,13 +128,44 @@ class Trainer:
             self.attention = resolve_backend(cfg.model.attn_impl, self.device)
             apply_packed_attention(model, self.attention)
         self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.train))
+        self.start_step = 0
+        if self.resume_from is not None:
+            load_checkpoint(self.resume_from, self.strategy, self.model, self.optimizer)
+            self.start_step = resumed["step"]
         if self.strategy.is_main:  # only once the inputs proved good: a failed start leaves no trace
             self._prepare_output_dir()
         self.sampler = StepSampler(len(self.train_set), cfg.train.global_batch_size, cfg.seed)
+        self.wandb_run_id = resumed.get("wandb_run_id") or uuid.uuid4().hex[:12]
         self.metrics = build_metrics_logger(
-            cfg.wandb, self.output_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), self.strategy.is_main
+            cfg.wandb,
+            self.output_dir,
+            OmegaConf.to_container(OmegaConf.structured(cfg)),
+            self.strategy.is_main,
+            run_id=self.wandb_run_id,
+            resume_step=self.start_step if self.resume_from is not None else None,
         )
+        self.stop_signals = StopSignals(cfg.checkpoint.stop_timeout_s)
         self._log_plan()
+
+    def _find_checkpoint(self) -> tuple[Path | None, dict[str, Any]]:
+        """The checkpoint this run continues from and its trainer state: rank 0 finds and reads it, every rank
+        follows (or stops with rank 0's reason). A checkpoint of a different run, or one this topology cannot
+        load, is refused naming why."""
+        found: Any = None
+        if self.strategy.is_main:
+            try:
+                path = resolve_resume(self.cfg.resume, self.output_dir)
+                found = (str(path), read_trainer_state(path)) if path is not None else None
+            except CheckpointError as err:
+                found = err
+        found = self.strategy.broadcast_object(found)
+        if isinstance(found, CheckpointError):
+            raise found
+        if found is None:
+            return None, {}
+        path, state = Path(found[0]), found[1]
+        check_resumable(state, path, self.identity, self.cfg, self.strategy)
+        return path, state
 
     @contextlib.contextmanager
     def _main_first(self):
@@ -125,12 +185,17 @@ class Trainer:
         self.strategy.all_sum([0])
 
     def _prepare_output_dir(self) -> None:
-        if (self.output_dir / "metrics.jsonl").exists():
-            log.warning(
-                "%s holds an earlier run and there is no checkpoint to resume: starting fresh, "
-                "overwriting its metrics and final/",
-                self.output_dir,
-            )
+        if self.resume_from is None:
+            stale = checkpoints_dir(self.output_dir)
+            if stale.is_dir() and any(stale.iterdir()):  # resume=never, or none of them complete
+                log.warning(
+                    "%s: starting fresh (resume=%s): removing the checkpoints of an earlier run", stale, self.cfg.resume
+                )
+                shutil.rmtree(stale)
+            if (self.output_dir / "metrics.jsonl").exists():
+                log.warning(
+                    "%s holds an earlier run: starting fresh, overwriting its metrics and final/", self.output_dir
+                )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
         (self.output_dir / "data_report.json").write_text(json.dumps(self.data_report, indent=2) + "\n")
@@ -159,6 +224,8 @@ class Trainer:
             r["filtered"] or "none",
             r["truncated"]["records"],
         )
+        if self.resume_from is not None:
+            log.info("resuming from %s: step %d of %d", self.resume_from, self.start_step, t.max_steps)
         log.info(
             "plan: %d steps x %d samples (%.2f epochs), micro-batches of <= %d tokens",
             t.max_steps,
@@ -196,67 +263,143 @@ class Trainer:
         )
 
     def fit(self) -> dict[str, Any]:
-        """Train for train.max_steps steps, export final/, and return the last step's metrics."""
+        """Train from ``start_step`` to ``train.max_steps``, checkpointing on the way, then export ``final/``; return
+        the last step's metrics. A stop signal ends it at a step boundary, after a checkpoint, with
+        ``stopped_by`` (the signal's name) in the result."""
         t = self.cfg.train
-        bar = tqdm(
-            total=t.max_steps,
+        start, metrics = time.perf_counter(), {}
+        with self.stop_signals, self._progress_bar() as bar:
+            for step in range(self.start_step, t.max_steps):
+                lr = lr_at(step, t)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                step_start = time.perf_counter()
+                samples = [self.train_set[i] for i in self.sampler.indices(step)]
+                micro_batches = self._step_batches(samples)
+                stats = self.train_step(micro_batches)
+                if not math.isfinite(stats["loss"]):  # never train on, or export, a diverged model
+                    raise FloatingPointError(
+                        f"step {step + 1}: the loss is {stats['loss']} (lr {lr:.3g}); "
+                        "lower train.lr, or check the data and precision"
+                    )
+                metrics = self._step_metrics(step, lr, stats, samples, micro_batches, time.perf_counter() - step_start)
+                last = step + 1 == t.max_steps
+                if self.eval_set and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
+                    metrics["eval/loss"] = self.evaluate()
+                self._log_step(step, metrics, bar)
+                stop = self._stop_agreed()
+                every = self.cfg.checkpoint.every_steps
+                if stop or (every and ((step + 1) % every == 0 or last)):
+                    self.save_checkpoint(step + 1)
+                if stop and not last:  # at the last step, finishing (the export) is what is left to do
+                    return self._stopped(step + 1, metrics)
+        wall = time.perf_counter() - start
+        final = self.export(self.output_dir / "final")
+        if self.strategy.is_main:
+            log.info("done: steps %d-%d in %.1f s; final model in %s", self.start_step + 1, t.max_steps, wall, final)
+        self.strategy.barrier()
+        return {**metrics, "wall_s": wall}
+
+    def _progress_bar(self) -> tqdm:
+        return tqdm(
+            total=self.cfg.train.max_steps,
+            initial=self.start_step,
             desc="train",
             unit="step",
             dynamic_ncols=True,
             disable=not (self.strategy.is_main and sys.stderr.isatty()),
         )
-        start = time.perf_counter()
-        metrics: dict[str, Any] = {}
-        for step in range(t.max_steps):
-            lr = lr_at(step, t)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            step_start = time.perf_counter()
-            samples = [self.train_set[i] for i in self.sampler.indices(step)]
-            micro_batches = self._step_batches(samples)
-            stats = self.train_step(micro_batches)
-            if not math.isfinite(stats["loss"]):  # never train on, or export, a diverged model
-                raise FloatingPointError(
-                    f"step {step + 1}: the loss is {stats['loss']} (lr {lr:.3g}); "
-                    "lower train.lr, or check the data and precision"
-                )
-            elapsed = time.perf_counter() - step_start
-            metrics = {
-                "train/loss": stats["loss"],
-                "train/lr": lr,
-                "train/grad_norm": stats["grad_norm"],
-                "train/tokens_per_s": stats["tokens"] / elapsed,
-                "train/step_s": elapsed,
-                "train/supervised_tokens": stats["supervised_tokens"],
-                "train/packing_efficiency": stats["tokens"] / stats["slots"],
-                "train/micro_batches": len(micro_batches),
-                "train/epoch": self.sampler.epoch(step),
-            }
-            if self.peak_tflops:  # model FLOPs with attention from the actual document lengths
-                flops = self.dims.flops([len(s.input_ids) for s in samples])
-                metrics["train/mfu"] = flops / (elapsed * self.strategy.world_size * self.peak_tflops * 1e12)
-            if self.device.type == "cuda":
-                metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            last = step + 1 == t.max_steps
-            if self.eval_set and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
-                metrics["eval/loss"] = self.evaluate()
-            if step == 0 or last or (step + 1) % t.log_every_steps == 0 or "eval/loss" in metrics:
-                self.metrics.log(metrics, step=step + 1)
-                if bar.disable and self.strategy.is_main:  # no terminal (a log file): plain lines
-                    log.info("step %d/%d | %s", step + 1, t.max_steps, _brief(metrics))
-            if "eval/loss" in metrics and not bar.disable:
-                bar.write(f"step {step + 1}/{t.max_steps} | {_brief(metrics)}")
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
-            bar.update(1)
-        bar.close()
-        wall = time.perf_counter() - start
-        final = self.export(self.output_dir / "final")
-        self.metrics.close()
+
+    def _step_metrics(
+        self,
+        step: int,
+        lr: float,
+        stats: dict[str, float],
+        samples: list[Sample],
+        micro_batches: list[MicroBatch],
+        elapsed: float,
+    ) -> dict[str, Any]:
+        metrics = {
+            "train/loss": stats["loss"],
+            "train/lr": lr,
+            "train/grad_norm": stats["grad_norm"],
+            "train/tokens_per_s": stats["tokens"] / elapsed,
+            "train/step_s": elapsed,
+            "train/supervised_tokens": stats["supervised_tokens"],
+            "train/packing_efficiency": stats["tokens"] / stats["slots"],
+            "train/micro_batches": len(micro_batches),
+            "train/epoch": self.sampler.epoch(step),
+        }
+        if self.peak_tflops:  # model FLOPs with attention from the actual document lengths
+            flops = self.dims.flops([len(s.input_ids) for s in samples])
+            metrics["train/mfu"] = flops / (elapsed * self.strategy.world_size * self.peak_tflops * 1e12)
+        if self.device.type == "cuda":
+            metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return metrics
+
+    def _log_step(self, step: int, metrics: dict[str, Any], bar: tqdm) -> None:
+        """metrics.jsonl and W&B on the log cadence (first, last and eval steps always); the bar, or plain lines
+        when there is no terminal (a log file)."""
+        t = self.cfg.train
+        if step == 0 or step + 1 == t.max_steps or (step + 1) % t.log_every_steps == 0 or "eval/loss" in metrics:
+            self.metrics.log(metrics, step=step + 1)
+            if bar.disable and self.strategy.is_main:
+                log.info("step %d/%d | %s", step + 1, t.max_steps, _brief(metrics))
+        if "eval/loss" in metrics and not bar.disable:
+            bar.write(f"step {step + 1}/{t.max_steps} | {_brief(metrics)}")
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+        bar.update(1)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal: one all-reduce at the step boundary, so that all stop together."""
+        (signalled,) = self.strategy.all_sum([float(self.stop_signals.requested is not None)])
+        return signalled > 0
+
+    def _stopped(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        signal_name = self.stop_signals.requested or "a signal to another rank"
         if self.strategy.is_main:
-            log.info("done: %d steps in %.1f s; final model in %s", t.max_steps, wall, final)
-        self.strategy.barrier()
-        self.strategy.close()
-        return {**metrics, "wall_s": wall}
+            log.warning(
+                "stopped by %s after step %d: checkpoint in %s; start the same command again to resume "
+                "(exit status %d)",
+                signal_name,
+                step,
+                step_dir(checkpoints_dir(self.output_dir), step),
+                EXIT_STOPPED,
+            )
+        return {**metrics, "stopped_by": signal_name, "step": step}
+
+    def save_checkpoint(self, step: int) -> Path:
+        """``checkpoints/step_<step>``: everything an exact resume needs (a collective: every rank calls it)."""
+        t = self.cfg.train
+        state = {
+            "lr": lr_at(step - 1, t),
+            "sampler": {
+                "position": step * t.global_batch_size,
+                "num_samples": self.sampler.num_samples,
+                "global_batch_size": t.global_batch_size,
+                "seed": self.sampler.seed,
+            },
+            "curriculum": {"name": self.cfg.curriculum.name},  # the curriculum's own state, once it has one
+            "wandb_run_id": self.wandb_run_id,
+            "strategy": {"name": self.strategy.name, "format": self.strategy.checkpoint_format},
+            "identity": self.identity,
+            "config": flat_config(self.cfg),
+            "sftdist_version": __version__,
+        }
+        begin = time.perf_counter()
+        path = save_checkpoint(
+            checkpoints_dir(self.output_dir),
+            step,
+            self.strategy,
+            self.model,
+            self.optimizer,
+            state,
+            lambda meta: self._write_hf_meta(meta, step),
+            self.cfg.checkpoint.keep,
+        )
+        if self.strategy.is_main:
+            log.info("checkpoint: %s (%.1f s)", path, time.perf_counter() - begin)
+        return path
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches (the same count on every rank): gradients of
@@ -303,56 +446,41 @@ class Trainer:
         return total / count
 
     def export(self, out_dir: Path) -> Path:
-        """The Hugging Face directory of the trained model (weights gathered by the strategy), in the dtype
-        it came in, stopping generation where the training data's assistant turns end."""
+        """The Hugging Face directory of the trained model (weights gathered by the strategy), in the dtype it came
+        in, stopping generation where the training data's assistant turns end: the same path as ``sftdist-export``
+        of a checkpoint."""
         state_dict = self.strategy.full_state_dict(self.model)
         if self.strategy.is_main:
-            info = {
-                "template_hash": self.data_report["template_hash"],
-                "sftdist_version": __version__,
-                "data_fingerprint": self.data_report["fingerprint"],
-                "tokenizer_hash": self.data_report["tokenizer_hash"],
-            }
-            export_hf(
-                self.strategy.unwrap(self.model),
-                state_dict,
-                self.tokenizer,
-                out_dir,
-                dtype=checkpoint_dtype(self.cfg.model),
-                eos_token_ids=self._stop_token_ids(),
-                training_info=info,
-            )
+            with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=".hf-meta-") as meta:
+                self._write_hf_meta(Path(meta), self.cfg.train.max_steps)
+                export_hf(Path(meta), state_dict, out_dir, trust_remote_code=self.cfg.model.trust_remote_code)
         return out_dir
 
-    def _stop_token_ids(self) -> list[int] | None:
-        """The generation config's stop tokens plus the token that ends (nearly) every trained assistant turn."""
-        ends = Counter({int(k): v for k, v in self.data_report["end_of_turn_ids"].items()})
-        if not ends:
-            return None
-        token, count = ends.most_common(1)[0]
-        if count < 0.9 * sum(ends.values()):
-            log.warning(
-                "assistant turns do not end with a common token (the most common, %r, ends %.0f%%): the "
-                "model may not learn to stop; check the chat template's end-of-turn marker",
-                self.tokenizer.convert_ids_to_tokens(token),
-                100 * count / sum(ends.values()),
-            )
-            return None
-        if token not in self.tokenizer.all_special_ids and token not in self.tokenizer.added_tokens_decoder:
-            log.warning(
-                "the trained assistant turns end with %r, which is not a special token: generation cannot "
-                "stop on it reliably; make the template's end-of-turn marker a special token",
-                self.tokenizer.convert_ids_to_tokens(token),
-            )
-            return None
+    def _write_hf_meta(self, out_dir: Path, step: int) -> None:
+        model = self.strategy.unwrap(self.model)
+        info = {
+            "step": step,
+            "template_hash": self.data_report["template_hash"],
+            "sftdist_version": __version__,
+            "data_fingerprint": self.data_report["fingerprint"],
+            "tokenizer_hash": self.data_report["tokenizer_hash"],
+        }
+        write_hf_meta(model, self.tokenizer, out_dir, checkpoint_dtype(self.cfg.model), self._stop_tokens, info)
+
+    @functools.cached_property
+    def _stop_tokens(self) -> list[int] | None:
         current = getattr(getattr(self.strategy.unwrap(self.model), "generation_config", None), "eos_token_id", None)
-        current = [] if current is None else [current] if isinstance(current, int) else list(current)
-        if token not in current:
-            log.info(
-                "generation stops at %r too: it ends the trained assistant turns",
-                self.tokenizer.convert_ids_to_tokens(token),
-            )
-        return current + [token] if token not in current else current
+        return stop_token_ids(self.tokenizer, self.data_report["end_of_turn_ids"], current)
+
+    def close(self) -> None:
+        """Release what the run holds, whether it finished or failed: the metrics file, W&B, the process group.
+        Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.metrics is not None:
+            self.metrics.close()
+        self.strategy.close()
 
 
 def _brief(metrics: dict[str, Any]) -> str:

@@ -60,3 +60,57 @@ def tiny_tokenizer(
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, chat_template=template)
+
+
+def full_grads(trainer) -> dict:
+    """The full, reduced gradients by parameter name on CPU, after a step's backward and before its optimizer step,
+    whatever the strategy; every rank calls it (ZeRO-3 gathers) and gets them."""
+    module = trainer.strategy.unwrap(trainer.model)
+    if trainer.strategy.name == "zero3":
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {name: (safe_get_full_grad(p), p.ds_shape) for name, p in module.named_parameters()}
+        return {name: g.detach().cpu().reshape(shape).clone() for name, (g, shape) in grads.items() if g is not None}
+    grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+    return {
+        name: (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().cpu().clone() for name, g in grads.items()
+    }
+
+
+def fit_and_close(trainer) -> dict:
+    """``trainer.fit()`` the way the entry point runs it: ``close()`` after, whatever happens."""
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def signal_during_step(trainer, step: int, signum: int | None = None, rank: int = 0) -> None:
+    """Send ``signum`` (SIGUSR1) to this process while the 1-based step ``step`` trains, on rank ``rank`` only: what
+    a scheduler's preemption notice does. The run is expected to stop at the end of that step."""
+    import os
+    import signal
+
+    original = trainer.train_step
+    counter = iter(range(trainer.start_step + 1, 10**9))
+
+    def train_step(micro_batches):
+        if next(counter) == step and trainer.strategy.rank == rank:
+            os.kill(os.getpid(), signum or signal.SIGUSR1)
+        return original(micro_batches)
+
+    trainer.train_step = train_step
+
+
+def record_sample_steps(trainer) -> list:
+    """[(0-based step, its sample indices), ...] in the order the trainer asks its sampler for them."""
+    seen: list = []
+    original = trainer.sampler.indices
+
+    def indices(step):
+        chosen = original(step)
+        seen.append((step, list(chosen)))
+        return chosen
+
+    trainer.sampler.indices = indices
+    return seen

@@ -14,6 +14,7 @@ fingerprint of everything it depends on (see ``prepared.py``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -383,5 +384,7 @@ def build_datasets(
         "records_train": int(len(np.unique(train_rows))),
         "records_eval": int(len(eval_rows)),
         "train_samples_per_epoch": int(len(train_rows)),
+        # What the sample stream draws from: a resumed run must draw from the very same rows (sftdist.resume).
+        "train_rows_hash": hashlib.sha256(np.asarray(train_rows, dtype=np.int64).tobytes()).hexdigest()[:16],
     }
     return EncodedSet(table, train_rows), EncodedSet(table, eval_rows), report

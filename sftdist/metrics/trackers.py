@@ -45,10 +45,17 @@ def check_wandb(cfg: WandbConfig) -> None:
 
 
 class JsonlTracker:
-    """One JSON object per logged step; a fresh run starts a fresh file."""
+    """One JSON object per logged step. A fresh run starts a fresh file; a resumed run keeps the rows up to the
+    step it resumes from and appends, so the file holds one row per step however often the run was interrupted
+    (rows logged after the checkpoint, before the interruption, are logged again by the resumed run)."""
 
-    def __init__(self, path: Path):
-        self._file = path.open("w", encoding="utf-8")
+    def __init__(self, path: Path, resume_step: int | None = None):
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.replace(path)
+        self._file = path.open("a" if resume_step is not None else "w", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -58,11 +65,21 @@ class JsonlTracker:
         self._file.close()
 
 
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl row; infinity for a row cut short by a kill (so that it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class WandbTracker:
-    def __init__(self, cfg: WandbConfig, mode: str, output_dir: Path, run_config: dict[str, Any]):
+    def __init__(self, cfg: WandbConfig, mode: str, output_dir: Path, run_config: dict[str, Any], run_id: str):
         import wandb
 
         self._run = wandb.init(
+            id=run_id,  # kept in checkpoints: a resumed run continues the same W&B run
+            resume="allow",
             project=cfg.project,
             entity=cfg.entity,
             name=cfg.name or output_dir.resolve().name,
@@ -95,13 +112,19 @@ class MetricsLogger:
 
 
 def build_metrics_logger(
-    cfg: WandbConfig, output_dir: Path, run_config: dict[str, Any], is_main: bool
+    cfg: WandbConfig,
+    output_dir: Path,
+    run_config: dict[str, Any],
+    is_main: bool,
+    run_id: str,
+    resume_step: int | None = None,
 ) -> MetricsLogger:
+    """metrics.jsonl and W&B (unless disabled) on rank 0; ``resume_step``: a run resumed from that step."""
     if not is_main:
         return MetricsLogger([])
-    trackers: list[Any] = [JsonlTracker(output_dir / "metrics.jsonl")]
+    trackers: list[Any] = [JsonlTracker(output_dir / "metrics.jsonl", resume_step)]
     mode = resolve_wandb_mode(cfg.mode)
     if mode != "disabled":
-        log.info("W&B: %s mode, files under %s", mode, output_dir / "wandb")
-        trackers.append(WandbTracker(cfg, mode, output_dir, run_config))
+        log.info("W&B: %s mode, run %s, files under %s", mode, run_id, output_dir / "wandb")
+        trackers.append(WandbTracker(cfg, mode, output_dir, run_config, run_id))
     return MetricsLogger(trackers)

@@ -36,7 +36,7 @@ def build_tokenizer(cfg: ModelConfig, data_cfg: DataConfig) -> tuple[Any, str]:
     else:
         source, key = DEMO_TOKENIZER_DIR, "the bundled demo tokenizer"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{key}={str(source)!r}: cannot load a tokenizer from it ({err})") from err
     if not getattr(tokenizer, "is_fast", False):
@@ -74,7 +74,8 @@ def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
         return torch.float32
     from transformers import AutoConfig
 
-    dtype = getattr(AutoConfig.from_pretrained(cfg.name_or_path), "dtype", None)
+    config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -87,7 +88,9 @@ def _load_model(cfg: ModelConfig, tokenizer: Any) -> torch.nn.Module:
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path!r}: no config.json in it")
     try:  # fp32 master weights whatever the checkpoint's dtype; precision=bf16 autocasts the compute
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: cannot load a causal LM from it ({err})") from err
     if model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -4,10 +4,12 @@ torch.distributed or deepspeed (deepspeed in parallel/deepspeed.py alone)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from sftdist.config import SFTConfig
+from sftdist.errors import ConfigError
 from sftdist.parallel.base import Strategy
 
 
@@ -16,7 +18,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but this torch build sees no CUDA device; use device=cpu or device=auto")
+        raise ConfigError("device='cuda' but this torch build sees no CUDA device; use device=cpu or device=auto")
     return torch.device(device)
 
 
@@ -28,7 +30,7 @@ def build_strategy(cfg: SFTConfig) -> Strategy:
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1:  # N copies of one run writing one output_dir: never what was meant
-            raise ValueError(
+            raise ConfigError(
                 f"strategy=none trains in one process, but this was launched with WORLD_SIZE="
                 f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy "
                 "(strategy=ddp|fsdp2|zero3)"
@@ -46,7 +48,18 @@ def build_strategy(cfg: SFTConfig) -> Strategy:
         from sftdist.parallel.deepspeed import ZeRO3Strategy
 
         return ZeRO3Strategy(cfg.strategy, cfg.device, cfg.precision, cfg.train.max_grad_norm)
-    raise ValueError(f"strategy.name={name!r}: not one of none, ddp, fsdp2, zero3")
+    raise ConfigError(f"strategy.name={name!r}: not one of none, ddp, fsdp2, zero3")
 
 
-__all__ = ["Strategy", "build_strategy", "resolve_device"]
+def full_model_state_dict(directory: Path, checkpoint_format: str) -> dict[str, torch.Tensor]:
+    """The whole model of a checkpoint's ``state/`` directory on CPU, in one process (for sftdist-export)."""
+    if checkpoint_format == "deepspeed":
+        from sftdist.parallel.deepspeed import full_model_state_dict as from_deepspeed
+
+        return from_deepspeed(directory)
+    from sftdist.parallel.dcp import full_model_state_dict as from_dcp
+
+    return from_dcp(directory)
+
+
+__all__ = ["Strategy", "build_strategy", "full_model_state_dict", "resolve_device"]

@@ -18,8 +18,12 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from sftdist.parallel import dcp
 
 
 class Strategy(ABC):
@@ -74,15 +78,26 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a picklable object: a decision only rank 0 can take)."""
+        return obj
+
+    # Checkpoints: every rank writes and reads its own part (a collective); the format is the strategy's, and a
+    # resumed run must use a strategy of the same format.
+    checkpoint_format: str = dcp.FORMAT
+
+    def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        """Write the model and optimizer state under ``directory``, sharded as this strategy holds it."""
+        dcp.save(model, optimizer, directory)
+
+    def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        """Load what :meth:`save_state` wrote, on any number of processes for the DCP format (resharded)."""
+        dcp.load(model, optimizer, directory)
+
     @abstractmethod
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The full, unsharded weights on CPU, for export. Every rank must call it (it may gather); rank 0
         gets the weights, the others may get an empty dict."""
-
-    @abstractmethod
-    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The full, reduced gradients by parameter name on CPU (after the step's backward, before the
-        optimizer step); every rank calls it and gets them. For tests and debugging."""
 
     def close(self) -> None:
         """Release the process group (when this strategy started it)."""

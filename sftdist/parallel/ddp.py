@@ -39,8 +39,3 @@ class DDPStrategy(DistributedStrategy):
         if not self.is_main:
             return {}
         return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
-
-    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {
-            n: p.grad.detach().cpu().clone() for n, p in self.unwrap(model).named_parameters() if p.grad is not None
-        }

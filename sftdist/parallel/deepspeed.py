@@ -10,8 +10,10 @@ says so, and sftdist.loss compensates.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from sftdist.config import StrategyConfig
 from sftdist.errors import ConfigError
 from sftdist.parallel.dist import DistributedStrategy
 
+FORMAT = "deepspeed"
+_TAG = "zero3"  # the one DeepSpeed tag under a checkpoint's state/ directory
 # Derived from train.* (or owned by the loop): a user JSON may not set them.
 _OURS = (
     "train_batch_size",
@@ -173,12 +177,50 @@ class ZeRO3Strategy(DistributedStrategy):
         state.update({k: b.detach().cpu() for k, b in module.named_buffers() if k in keys})
         return {k: v for k, v in state.items() if k in keys}
 
-    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_grad
+    # Checkpoints in DeepSpeed's own format: each rank's partition of the fp32 masters and optimizer state. They load
+    # on the same number of processes only (DeepSpeed refuses another); sftdist.resume says so at start.
+    checkpoint_format = FORMAT
 
-        out = {}
-        for name, param in self.unwrap(model).named_parameters():
-            grad = safe_get_full_grad(param)
-            if grad is not None:
-                out[name] = grad.detach().cpu().reshape(param.ds_shape).clone()
-        return out
+    def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        self._engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False)
+
+    def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        with weights_only_loads():
+            path, _ = self._engine.load_checkpoint(
+                str(directory), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        if path is None:  # DeepSpeed returns (None, ...) rather than raising when it finds nothing to load
+            raise ValueError(f"DeepSpeed found no checkpoint under {directory}/{_TAG}")
+
+
+def _safe_globals() -> list[Any]:
+    """The bookkeeping classes DeepSpeed pickles into its checkpoints: plain data, allowed by name."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside the block (DeepSpeed's own included, which ask for ``weights_only=False``) loads
+    with ``weights_only=True``: tensors and plain data only, never code, allowing :func:`_safe_globals` by name."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def full_model_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """The consolidated fp32 weights of a zero3 checkpoint, on CPU, without a process group."""
+    _import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with weights_only_loads():
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=_TAG))

@@ -63,6 +63,3 @@ class FSDP2Strategy(DistributedStrategy):
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.is_main else {}
-
-    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.grad.full_tensor().detach().cpu() for n, p in model.named_parameters() if p.grad is not None}

@@ -23,6 +23,3 @@ class SingleProcess(Strategy):
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-    def full_grads(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}

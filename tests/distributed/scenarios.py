@@ -8,11 +8,22 @@ grouped in one launch because process groups are slow to start. Results go to OU
 - fit/<strategy>/<packing>: 3 optimizer steps through Trainer.fit into OUT/fit-<strategy>-<packing>;
   the test compares final/ with a single-process run.
 - bad_global_batch: train.global_batch_size=3 on 2 processes must be refused at start.
+- resume/<strategy>: 4 steps straight, and the same stopped by SIGUSR1 (to rank 0 only) during step 3, then
+  resumed; the test compares them bitwise.
+- one_to_two: a checkpoint of one process (OUT/single-stopped, written by the test) resumed by fsdp2 on two.
+- zero3_on_one (``... scenarios.py OUT DATA zero3_on_one`` on one process): the 2-process zero3 checkpoint refused.
+- crash (``torchrun --max-restarts=1 ... OUT DATA crash``): rank 1 SIGKILLed after step $SFTDIST_TEST_KILL_STEP
+  on the first attempt; the restarted ranks resume from the newest complete checkpoint.
+
+Selected scenarios (a third argument, comma-separated prefixes) write OUT/results-<selection>.json instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from helpers import compose
+from helpers import compose, fit_and_close, full_grads, record_sample_steps, signal_during_step
+from sftdist.checkpoint import CheckpointError
 from sftdist.errors import ConfigError
 from sftdist.trainer import Trainer
 
@@ -69,7 +81,7 @@ def grads(out: Path, data: str, strategy: str, packing: bool) -> dict:
     samples = [trainer.train_set[i] for i in trainer.sampler.indices(0)]
     mbs = trainer._step_batches(samples)
     stats = trainer.accumulate_gradients(mbs)
-    got = trainer.strategy.full_grads(trainer.model)
+    got = full_grads(trainer)
     mine = {
         "micro_batches": len(mbs),
         "real": sum(mb.num_tokens > 0 for mb in mbs),
@@ -103,6 +115,90 @@ def fit(out: Path, data: str, strategy: str, packing: bool, *extra: str) -> dict
     return {"loss": result["train/loss"], "output_dir": str(run)}
 
 
+# Exact resume: 4 steps, checkpoints at 2 and 4 (the last), a stop signal during step 3 (to rank 0 only).
+RESUME = ("train.max_steps=4", "checkpoint.every_steps=2")
+
+
+def resume(out: Path, data: str, strategy: str) -> dict:
+    """4 steps straight, against: stopped by SIGUSR1 during step 3 (rank 0 alone gets it, so the ranks must agree),
+    then resumed by a new Trainer in the same output_dir. The test compares losses and weights bitwise."""
+    args = (*common(out, data), f"strategy={strategy}", *RESUME)
+    straight, stopped = out / f"resume-{strategy}-straight", out / f"resume-{strategy}-stopped"
+    fit_and_close(Trainer(compose(*args, f"output_dir={straight}")))
+    first = Trainer(compose(*args, f"output_dir={stopped}"))
+    signal_during_step(first, 3)
+    samples = record_sample_steps(first)
+    interrupted = fit_and_close(first)
+    second = Trainer(compose(*args, f"output_dir={stopped}"))
+    resumed_samples = record_sample_steps(second)
+    fit_and_close(second)
+    return {
+        "straight": str(straight),
+        "stopped": str(stopped),
+        "stopped_by": interrupted.get("stopped_by"),
+        "stop_step": interrupted.get("step"),
+        "resumed_from": str(second.resume_from),
+        "start_step": second.start_step,
+        "samples": samples + resumed_samples,
+    }
+
+
+def one_to_two(out: Path, data: str) -> dict:
+    """A checkpoint written by one process (the test wrote it before this launch) resumed by fsdp2 on two."""
+    run = out / "one-to-two"
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "single-stopped" / "checkpoints", run / "checkpoints")
+    dist.barrier()
+    trainer = Trainer(compose(*common(out, data), "strategy=fsdp2", *RESUME, f"output_dir={run}"))
+    samples = record_sample_steps(trainer)
+    fit_and_close(trainer)
+    return {"output_dir": str(run), "start_step": trainer.start_step, "samples": samples}
+
+
+def zero3_on_one(out: Path, data: str) -> dict:
+    """On one process: the 2-process zero3 checkpoint must be refused at start, naming what to do."""
+    checkpoint = out / "resume-zero3-stopped" / "checkpoints" / "step_3"
+    try:
+        Trainer(
+            compose(
+                *common(out, data),
+                "strategy=zero3",
+                *RESUME,
+                f"resume={checkpoint}",
+                f"output_dir={out / 'zero3-on-one'}",
+            )
+        )
+    except CheckpointError as err:
+        return {"message": str(err)}
+    return {"message": None}
+
+
+def crash(out: Path, data: str) -> dict:
+    """Under torchrun --max-restarts=1: on the first attempt rank 1 is killed (SIGKILL) after step
+    $SFTDIST_TEST_KILL_STEP; torchrun restarts both ranks, which resume from the newest complete checkpoint."""
+    run, attempt = out / "crash-fsdp2", int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    trainer = Trainer(compose(*common(out, data), "strategy=fsdp2", *RESUME, f"output_dir={run}"))
+    if attempt == 0:
+        kill_step, original = int(os.environ["SFTDIST_TEST_KILL_STEP"]), trainer.train_step
+
+        def train_step(micro_batches):
+            stats = original(micro_batches)
+            if trainer.strategy.rank == 1 and len(done) + 1 == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            done.append(stats)
+            return stats
+
+        done: list = []
+        trainer.train_step = train_step
+    fit_and_close(trainer)
+    return {
+        "output_dir": str(run),
+        "attempt": attempt,
+        "start_step": trainer.start_step,
+        "resumed_from": str(trainer.resume_from),
+    }
+
+
 def main() -> None:
     out, data = Path(sys.argv[1]), sys.argv[2]
     only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
@@ -126,6 +222,12 @@ def main() -> None:
             record(f"fit/{strategy}/{packing}", fit, out, data, strategy, packing)
     for strategy in ("fsdp2", "zero3"):
         record(f"bf16/{strategy}", fit, out, data, strategy, True, "precision=bf16")
+    for strategy in STRATEGIES:
+        record(f"resume/{strategy}", resume, out, data, strategy)
+    record("one_to_two", one_to_two, out, data)
+    if only:  # launched on their own: on one process, or under torchrun --max-restarts
+        record("zero3_on_one", zero3_on_one, out, data)
+        record("crash", crash, out, data)
 
     def bad_global_batch() -> dict:
         try:
@@ -155,7 +257,8 @@ def main() -> None:
 
     record("bad_data_on_rank_0", bad_data_on_rank_0)
     if dist.get_rank() == 0:
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        name = "results.json" if only is None else f"results-{'-'.join(only)}.json"
+        (out / name).write_text(json.dumps(results, indent=2, default=str))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -3,10 +3,6 @@ ZeRO-3 against one process. The scenarios run in one torchrun launch (tests/dist
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,49 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import REPO, compose, read_metrics
-from sftdist.data.demo import generate_demo_conversations
+from launching import free_port, load_scenarios, torchrun_env
 from sftdist.errors import ConfigError
 from sftdist.trainer import Trainer
 
-HERE = Path(__file__).parent
-BIN = Path(sys.executable).parent
-_spec = importlib.util.spec_from_file_location("scenarios", HERE / "scenarios.py")
-scenarios = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scenarios)
-
-
-def write_uneven_data(path: Path) -> str:
-    """Demo conversations, every fifth one four conversations long: steps whose samples, micro-batches and
-    ranks carry very different token counts."""
-    convs = generate_demo_conversations(60, seed=3)
-    lines = []
-    for i, conv in enumerate(convs):
-        messages = conv["messages"]
-        if i % 5 == 0:
-            for other in convs[(i + 1) % 60], convs[(i + 2) % 60], convs[(i + 3) % 60]:
-                messages = messages + [m for m in other["messages"] if m["role"] != "system"]
-        lines.append(json.dumps({"messages": messages, "meta": conv["meta"]}))
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def _env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1", **extra}
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    data = write_uneven_data(out / "data.jsonl")
-    proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(HERE / "scenarios.py"), str(out), data],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, data, json.loads((out / "results.json").read_text())
+scenarios = load_scenarios()
 
 
 def _ok(result: dict) -> dict:
@@ -82,19 +40,6 @@ def test_one_step_gradients_equal_the_single_process_full_batch(launched, strate
         real = [n for r in ranks for n in r["per_micro_batch"]]
         assert max(real) > 1.3 * min(real)
     assert result["max_rel"] < 1e-5  # FACTS: one step agrees to summation order (measured ~5e-7)
-
-
-@pytest.fixture(scope="module")
-def single_process(launched, tmp_path_factory):
-    out, data, _ = launched
-    runs = {}
-    for packing in (True, False):
-        run = tmp_path_factory.mktemp(f"single-{packing}")
-        Trainer(
-            compose(*scenarios.common(out, data), f"data.packing={str(packing).lower()}", f"output_dir={run}")
-        ).fit()
-        runs[packing] = run
-    return runs
 
 
 def _max_relative_difference(a: dict, b: dict) -> float:
@@ -155,21 +100,15 @@ def test_zero3_without_deepspeed_says_how_to_get_it(monkeypatch, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_rehearsed_on_localhost_train_and_export(launched, single_process, tmp_path):
     """Two torchrun agents (two "nodes" of one process each) meet through the c10d rendezvous, the way
     launch/torchrun.sh starts them on a Slurm allocation, and train the same model as one process."""
     out, data, _ = launched
-    env = _env(
+    env = torchrun_env(
         NNODES="2",
         NPROC_PER_NODE="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         RDZV_ID="rehearsal",
         PYTHON=sys.executable,
     )

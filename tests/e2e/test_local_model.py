@@ -136,22 +136,13 @@ def test_generation_stops_where_the_trained_turns_end(tmp_path):
 def test_a_plain_end_of_turn_token_never_becomes_a_stop_token(caplog):
     """Turns that end in an ordinary token (a marker the tokenizer splits, say): stopping there would cut
     generations wherever that token appears, so export keeps the model's own stop tokens and warns."""
-    from types import SimpleNamespace
-
     from sftdist.data.demo import load_demo_tokenizer
+    from sftdist.export import stop_token_ids
 
     tokenizer = load_demo_tokenizer()
     plain, special = tokenizer.convert_tokens_to_ids(["\u010a", "<|im_end|>"])  # "\n" in byte-level BPE
     assert plain not in tokenizer.all_special_ids and plain != tokenizer.unk_token_id
-    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
-    fake = SimpleNamespace(
-        tokenizer=tokenizer,
-        model=model,
-        strategy=SimpleNamespace(unwrap=lambda m: m),
-        data_report={"end_of_turn_ids": {str(plain): 9}},
-    )
     with caplog.at_level("WARNING"):
-        assert Trainer._stop_token_ids(fake) is None
+        assert stop_token_ids(tokenizer, {str(plain): 9}, current=None) is None
     assert "which is not a special token" in caplog.text
-    fake.data_report = {"end_of_turn_ids": {str(special): 9, str(plain): 1}}
-    assert Trainer._stop_token_ids(fake) == [special]
+    assert stop_token_ids(tokenizer, {str(special): 9, str(plain): 1}, current=None) == [special]

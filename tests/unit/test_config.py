@@ -83,6 +83,9 @@ CONTRACT_OVERRIDES = [
     "data.packing=true",
     "curriculum=none",
     "checkpoint.every_steps=0",
+    "checkpoint.every_steps=10",
+    "resume=/tmp/ckpt",
+    "model.trust_remote_code=true",
     "checkpoint.keep=3",
     "resume=auto",
     "resume=never",
@@ -110,8 +113,6 @@ def test_contract_override_keys_exist(override):
     "override,message",
     [
         ("curriculum=three_phase", "curriculum.name='three_phase' is not implemented yet"),
-        ("resume=/tmp/ckpt", "resume='/tmp/ckpt': resuming from a checkpoint is not implemented yet"),
-        ("checkpoint.every_steps=10", "checkpoint.every_steps=10: intermediate checkpoints are not implemented yet"),
     ],
 )
 def test_keys_not_yet_implemented_say_so(override, message):
@@ -181,3 +182,57 @@ def test_readme_documents_every_config_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key in _schema_keys() if f"`{key}`" not in readme]
     assert not missing, f"README's configuration reference lacks: {missing}"
+
+
+def _flat(node, prefix=""):
+    """{"train.lr": 0.001, ...} of a nested dict (lists are values)."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# What a group option is for: the values it sets on purpose, away from the schema's defaults.
+OPTION_VALUES = {("curriculum", "three_phase"): {"curriculum.phases"}}
+
+
+def test_the_yaml_files_state_the_schema_defaults():
+    """Defaults live in the dataclasses and in conf/*.yaml: a default changed in one place only would be silently
+    overridden by the other (or documented wrong), so every value a YAML file sets must be the schema's default
+    (a group option's name, and what OPTION_VALUES says it is for, excepted)."""
+    from omegaconf import OmegaConf
+
+    schema = _flat(dataclasses.asdict(SFTConfig()))
+    top = OmegaConf.to_container(OmegaConf.load(CONF / "sft.yaml"))
+    del top["defaults"], top["hydra"]
+    stated = {"sft.yaml": _flat(top)}
+    for group, option in _group_options():
+        values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+        allowed = {f"{group}.name"} | OPTION_VALUES.get((group, option), set())
+        stated[f"{group}/{option}.yaml"] = {k: v for k, v in _flat(values, f"{group}.").items() if k not in allowed}
+    wrong = [
+        f"{file}: {key}={value!r}, the schema says {schema.get(key, '<no such key>')!r}"
+        for file, values in stated.items()
+        for key, value in values.items()
+        if schema.get(key, ...) != value
+    ]
+    assert not wrong, wrong
+
+
+def test_the_readme_states_the_schema_defaults():
+    """The configuration reference's default column is the schema's default, for every key."""
+    from omegaconf import OmegaConf
+
+    schema = _flat(dataclasses.asdict(SFTConfig()))
+    rows = re.findall(r"^\| `([\w.]+)` \| ([^|]+) \|", (REPO / "README.md").read_text(), flags=re.MULTILINE)
+    documented = {key: cell.strip() for key, cell in rows if key in schema}
+    assert set(documented) == set(schema)
+    wrong = []
+    for key, cell in documented.items():
+        value = None if cell == "unset" else OmegaConf.to_container(OmegaConf.create(f"v: {cell.strip('`')}"))["v"]
+        if value != schema[key]:
+            wrong.append(f"{key}: README {cell}, schema {schema[key]!r}")
+    assert not wrong, wrong

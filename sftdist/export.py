@@ -1,0 +1,213 @@
+"""The Hugging Face export: ``final/`` at the end of a run, and ``sftdist-export CHECKPOINT OUT`` for any checkpoint.
+
+    sftdist-export outputs/sft/checkpoints/step_200 exported/      # one checkpoint
+    sftdist-export outputs/sft exported/ --max-shard-size 2GB      # a run directory: its newest complete checkpoint
+
+Both take the same path: the full weights on CPU plus a *meta* directory (the model config with the dtype the
+model came in, the generation config with the stop tokens, the tokenizer with its chat template, and
+``sftdist_training.json``), which every checkpoint carries under ``hf/``. Every tensor is checked against the
+model the config describes (present, non-empty, of its shape) before anything is written: an empty or truncated
+export (the ZeRO-3 empty-save bug) never ships. Weights are written as safetensors, sharded with an index above
+``max_shard_size``, into a temporary sibling that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TRAINING_INFO = "sftdist_training.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+class ExportError(ValueError):
+    """Weights that do not match the model their config describes."""
+
+
+def write_hf_meta(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: Path,
+    dtype: torch.dtype,
+    eos_token_ids: list[int] | None,
+    training_info: dict[str, Any],
+) -> None:
+    """Everything of a Hugging Face directory but the weights: config (in ``dtype``), generation config stopping at
+    ``eos_token_ids``, tokenizer and chat template, and ``training_info`` as ``sftdist_training.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.save_pretrained(str(out_dir))
+    if getattr(model, "generation_config", None) is not None:
+        generation_config = copy.deepcopy(model.generation_config)
+        if eos_token_ids:
+            generation_config.eos_token_id = eos_token_ids[0] if len(eos_token_ids) == 1 else list(eos_token_ids)
+        generation_config.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / TRAINING_INFO).write_text(json.dumps(training_info, indent=2, sort_keys=True) + "\n")
+
+
+def stop_token_ids(tokenizer: Any, end_of_turn_ids: dict[str, int], current: Any) -> list[int] | None:
+    """The generation config's stop tokens (``current``: an id, a list or None) plus the token that ends (nearly)
+    every trained assistant turn (``end_of_turn_ids``: the data report's count of each turn's last token), or None
+    to leave them as they are."""
+    ends = Counter({int(k): v for k, v in end_of_turn_ids.items()})
+    if not ends:
+        return None
+    token, count = ends.most_common(1)[0]
+    name = tokenizer.convert_ids_to_tokens(token)
+    if count < 0.9 * sum(ends.values()):
+        log.warning(
+            "assistant turns do not end with a common token (the most common, %r, ends %.0f%%): the model may not "
+            "learn to stop; check the chat template's end-of-turn marker",
+            name,
+            100 * count / sum(ends.values()),
+        )
+        return None
+    if token not in tokenizer.all_special_ids and token not in tokenizer.added_tokens_decoder:
+        log.warning(
+            "the trained assistant turns end with %r, which is not a special token: generation cannot stop on it "
+            "reliably; make the template's end-of-turn marker a special token",
+            name,
+        )
+        return None
+    current = [] if current is None else [current] if isinstance(current, int) else list(current)
+    if token in current:
+        return current
+    log.info("generation stops at %r too: it ends the trained assistant turns", name)
+    return [*current, token]
+
+
+def export_hf(
+    meta_dir: Path,
+    state_dict: dict[str, torch.Tensor],
+    out_dir: Path,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write ``out_dir``: the weights of ``state_dict`` (checked, cast to the config's dtype) and the files of
+    ``meta_dir`` (:func:`write_hf_meta`). Call on one process, with the full weights on CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(meta_dir), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):  # the architecture only: names and shapes, no memory
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    state_dict = check_weights(skeleton, state_dict)
+    dtype = _dtype(getattr(config, "dtype", None))
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        skeleton.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size=max_shard_size)
+        for item in Path(meta_dir).iterdir():  # tokenizer, chat template, generation config, training info
+            if item.is_file() and item.name != "config.json":
+                shutil.copy2(item, tmp / item.name)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    check_export_template(out_dir)
+    return out_dir
+
+
+def check_weights(skeleton: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` if every tensor the model has is there, non-empty and of its shape (a tied weight may be
+    given once); else ExportError naming the first offenders."""
+    expected = skeleton.state_dict()
+    tied = getattr(skeleton, "all_tied_weights_keys", None) or {}  # tied name -> the name it shares with
+    problems = [f"unexpected tensor {k}" for k in state_dict if k not in expected]
+    for key, ref in expected.items():
+        if key not in state_dict:
+            if not (key in tied and tied[key] in state_dict):
+                problems.append(f"{key} is missing")
+        elif state_dict[key].numel() == 0:
+            problems.append(f"{key} is empty (the config says shape {tuple(ref.shape)})")
+        elif tuple(state_dict[key].shape) != tuple(ref.shape):
+            problems.append(f"{key} has shape {tuple(state_dict[key].shape)}; the config says {tuple(ref.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ExportError(f"the weights do not match {type(skeleton).__name__}: {'; '.join(problems[:8])}{more}")
+    return state_dict
+
+
+def _dtype(value: Any) -> torch.dtype:
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def check_export_template(hf_dir: Path) -> bool:
+    """Warn (and return False) when the chat template a Hugging Face directory serves with is not the one
+    its model was trained with (``sftdist_training.json``): training text and serving text would differ."""
+    info_file = Path(hf_dir) / TRAINING_INFO
+    if not info_file.is_file():
+        return True
+    from transformers import AutoTokenizer
+
+    from sftdist.data.template import resolve_chat_template, template_hash
+
+    trained = json.loads(info_file.read_text()).get("template_hash")
+    try:
+        served = template_hash(resolve_chat_template(AutoTokenizer.from_pretrained(str(hf_dir))))
+    except ValueError:
+        served = None
+    if trained is not None and served != trained:
+        log.warning(
+            "%s: the tokenizer's chat template (sha256:%s) is not the one the model was trained with "
+            "(sha256:%s); the model will be served with prompts it was not trained on",
+            hf_dir,
+            served,
+            trained,
+        )
+        return False
+    return True
+
+
+def export_checkpoint(
+    checkpoint: Path, out_dir: Path, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, trust_remote_code: bool = False
+) -> Path:
+    """``sftdist-export``: a checkpoint (or a run directory's newest complete one) -> a Hugging Face directory."""
+    from sftdist.checkpoint import HF_DIR, STATE_DIR, read_trainer_state, resolve_resume
+    from sftdist.parallel import full_model_state_dict
+
+    path = resolve_resume(str(checkpoint), checkpoint, key="checkpoint")
+    state = read_trainer_state(path)
+    weights = full_model_state_dict(path / STATE_DIR, state["strategy"]["format"])
+    log.info("%s: step %d, %d tensors (%s)", path, state["step"], len(weights), state["strategy"]["format"])
+    return export_hf(path / HF_DIR, weights, out_dir, max_shard_size, trust_remote_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sftdist.cli import fail, setup_logging
+    from sftdist.errors import InputError
+
+    parser = argparse.ArgumentParser(prog="sftdist-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a checkpoints/step_N directory, or a run's output_dir")
+    parser.add_argument("out", type=Path, help="the Hugging Face directory to write (replaced if it exists)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model config's own code")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.max_shard_size, args.trust_remote_code)
+    except (InputError, ExportError, FileNotFoundError) as err:
+        fail("sftdist-export", "error", err)
+    log.info("exported to %s", out)
+
+
+if __name__ == "__main__":
+    main()

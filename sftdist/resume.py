@@ -1,0 +1,145 @@
+"""What a resumed run must share with the run that wrote its checkpoint, and what it may change.
+
+A checkpoint records the run's *identity*: the config keys that define the model, the data and the sample stream,
+plus content hashes (the data fingerprint, the chat template, the tokenizer, the training rows after the eval
+hold-out and the source weights). Resuming with any of them changed would silently train something else than
+the run that was interrupted, so it is refused at start, naming each key with both values. A moved data file is not
+a change: path keys may differ when every content hash is the same.
+
+Everything else may change and is logged: ``train.max_steps`` (extend a run: the LR schedule is recomputed for the
+new length from the current step on), ``train.lr`` and the other optimizer settings (they apply from the resumed
+step on), ``train.micro_batch_tokens``, ``precision``, logging, eval cadence (``eval.every_steps`` between non-zero
+values; turning eval off would change the hold-out and is refused), ``checkpoint.*``, ``wandb.*``, ``strategy``
+within one checkpoint format, and the number of processes (for none/ddp/fsdp2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sftdist.checkpoint import CheckpointError
+from sftdist.config import SFTConfig
+
+log = logging.getLogger(__name__)
+
+# Config keys (prefixes) that define the run being resumed, and the ones under them that do not.
+_IDENTITY = ("model.", "data.", "seed", "train.global_batch_size", "curriculum.")
+_NOT_IDENTITY = (
+    "model.name",
+    "model.gradient_checkpointing",
+    "model.attn_impl",
+    "model.trust_remote_code",
+    "data.name",
+    "data.num_proc",
+    "data.cache",
+    "data.cache_dir",
+    "data.max_rejected_fraction",
+)
+# Where the inputs are, not what they are: may change when the content hashes below are unchanged.
+_PATHS = ("data.path", "data.prepared", "data.chat_template", "data.filters.decontaminate", "data.sources[")
+_CONTENT = ("data fingerprint", "chat template sha256", "tokenizer sha256", "training rows sha256")
+
+
+def flat_config(cfg: SFTConfig) -> dict[str, Any]:
+    """The resolved config as ``{"train.lr": 0.001, "data.sources[0].path": ..., ...}`` (JSON values)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}[{i}]")
+        else:
+            out[prefix] = node
+
+    walk(json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)))), "")
+    return out
+
+
+def _is_identity(key: str) -> bool:
+    prefixes = tuple(k for k in _IDENTITY if k.endswith("."))
+    return key not in _NOT_IDENTITY and (key in _IDENTITY or key.startswith(prefixes))
+
+
+def run_identity(cfg: SFTConfig, data_report: dict[str, Any]) -> dict[str, Any]:
+    """The keys and content hashes a resumed run must share with the run that wrote the checkpoint."""
+    identity = {k: v for k, v in flat_config(cfg).items() if _is_identity(k)}
+    identity["eval.holdout_records"] = data_report["records_eval"]  # as used: eval.every_steps=0 holds none out
+    identity["data fingerprint"] = data_report["fingerprint"]
+    identity["chat template sha256"] = data_report["template_hash"]
+    identity["tokenizer sha256"] = data_report["tokenizer_hash"]
+    identity["training rows sha256"] = data_report["train_rows_hash"]
+    return identity
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each difference that makes a resume wrong (none: the run may resume)."""
+    current = json.loads(json.dumps(current))
+    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if not any(k in _CONTENT for k in changed):  # the same data wherever it lives now
+        moved = [k for k in changed if k.startswith(_PATHS)]
+        if moved:
+            log.warning("resuming with moved inputs (their content is unchanged): %s", _describe(moved, saved, current))
+        changed = [k for k in changed if k not in moved]
+    return [_describe([k], saved, current) for k in changed]
+
+
+def allowed_changes(saved_config: dict[str, Any], current_config: dict[str, Any]) -> str:
+    """The config keys that differ from the checkpointed run's and may (``key old -> new, ...``), for the log."""
+    current_config = json.loads(json.dumps(current_config))
+    changed = [
+        k
+        for k in sorted(set(saved_config) | set(current_config))
+        if saved_config.get(k) != current_config.get(k) and not _is_identity(k) and not k.startswith(_PATHS)
+    ]
+    return _describe(changed, saved_config, current_config)
+
+
+def _describe(keys: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
+    unset = "<unset>"
+    return ", ".join(f"{k} {old.get(k, unset)!r} -> {new.get(k, unset)!r}" for k in keys)
+
+
+def check_resumable(state: dict[str, Any], path: Path, identity: dict[str, Any], cfg: SFTConfig, strategy: Any) -> None:
+    """Refuse (CheckpointError naming why and what to do) a resume from ``path`` that would not continue the run
+    that wrote it; log the changes that are allowed."""
+    fresh = "start a new run instead (another output_dir, or resume=never, which removes these checkpoints)"
+    export = f"or export it (sftdist-export {path} OUT) and start a new run from it (model.name_or_path=OUT)"
+    differences = identity_differences(state["identity"], identity)
+    if differences:
+        raise CheckpointError(
+            f"{path} belongs to a different run; resuming it with these changes would train "
+            f"something else: {'; '.join(differences)}. Resume with the checkpoint's values, or {fresh}"
+        )
+    saved = state["strategy"]
+    if saved["format"] != strategy.checkpoint_format:
+        raise CheckpointError(
+            f"{path} was written by strategy={saved['name']} ({saved['format']} format), which "
+            f"strategy={strategy.name} cannot load ({strategy.checkpoint_format} format): resume with "
+            f"strategy={saved['name']}, {export}"
+        )
+    if saved["format"] == "deepspeed" and state["world_size"] != strategy.world_size:
+        raise CheckpointError(
+            f"{path} was written by strategy=zero3 on {state['world_size']} processes and DeepSpeed loads it on "
+            f"{state['world_size']} only (this run has {strategy.world_size}): resume on {state['world_size']} "
+            f"processes, {export}"
+        )
+    if state["step"] > cfg.train.max_steps:
+        raise CheckpointError(
+            f"{path} is at step {state['step']}, past train.max_steps={cfg.train.max_steps}: "
+            f"raise train.max_steps, or {fresh}"
+        )
+    changed = allowed_changes(state["config"], flat_config(cfg))
+    if changed and strategy.is_main:
+        log.info("resuming %s with changed settings: %s", path, changed)
+    if state["world_size"] != strategy.world_size and strategy.is_main:
+        log.info(
+            "resuming %s, written on %d processes, on %d (resharded)", path, state["world_size"], strategy.world_size
+        )

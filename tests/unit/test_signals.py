@@ -1,0 +1,59 @@
+"""Stop signals in a real process: the first sets the flag (and the handlers are restored after), a second one or
+the timeout ends the process at once with 128 + the signal, even in a step that never ends."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+_SCRIPT = """
+import signal, sys, time
+from sftdist.signals import StopSignals
+with StopSignals(timeout_s=float(sys.argv[1])) as stop:
+    print("ready", flush=True)
+    while stop.requested is None:
+        time.sleep(0.01)
+    print("requested", stop.requested, flush=True)
+    if sys.argv[2] == "linger":  # a step that never ends: only a second signal or the timeout ends it
+        time.sleep(120)
+print("restored", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+"""
+
+
+def _start(timeout_s: float, mode: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SCRIPT, str(timeout_s), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_the_first_signal_sets_the_flag_and_the_handlers_are_restored_after(signum):
+    proc = _start(60, "finish")
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [f"requested {signal.Signals(signum).name}", "restored True"]
+    assert "finishing this step, then writing a checkpoint (again to stop at once)" in err
+
+
+def test_a_second_signal_stops_at_once():
+    proc = _start(60, "linger")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline() == "requested SIGTERM\n"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "second signal after SIGTERM: stopping at once, without a checkpoint" in err
+
+
+def test_the_timeout_after_the_first_signal_stops_at_once():
+    proc = _start(0.5, "linger")
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGUSR1
+    assert "timeout after SIGUSR1: stopping at once, without a checkpoint" in err
