@@ -12,6 +12,10 @@
 #   RDZV_ID         the job's rendezvous id      ($SLURM_JOB_ID, else sftdist)
 #   PYTHON          the interpreter with sftdist (python3)
 #   SHUTDOWN_TIMEOUT seconds torchrun gives the workers after a stop signal before SIGKILL (330)
+#   MAX_RESTARTS    times torchrun restarts the workers after one fails (0); they resume from the newest
+#                   complete checkpoint, and a restart after a stop signal stops again
+# Exit status: torchrun's own, 0 when training finished; after a stop signal the workers exit 75 and torchrun 1,
+# and output_dir/stopped.json says which signal stopped the run and where its checkpoint is.
 # Arguments are sftdist-train overrides. With NNODES=1 torchrun runs --standalone (a free local port).
 set -euo pipefail
 
@@ -44,8 +48,9 @@ PYTHON="${PYTHON:-python3}"
 # the previous attempt's addresses and hang or fail connecting (pytorch/pytorch#135712; seen here with gloo).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 # SIGUSR1 (Slurm's --signal) is forwarded to the workers like SIGTERM, and they get the time to write their
-# checkpoint (checkpoint.stop_timeout_s, 300 s by default) before torchrun kills them.
-SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-330}"
+# checkpoint (checkpoint.stop_timeout_s, 300 s by default) before torchrun kills them; the workers read it too.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-330}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
 if [[ "$NNODES" == 1 ]]; then
     rendezvous=(--standalone)
@@ -54,5 +59,5 @@ else
 fi
 echo "launch: $(hostname): ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), rendezvous ${MASTER_ADDR}:${MASTER_PORT}" >&2
 exec "$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" \
-    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --max-restarts="$MAX_RESTARTS" \
     -m sftdist.train "$@"

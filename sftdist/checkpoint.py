@@ -68,49 +68,76 @@ def save_checkpoint(
     write_hf_meta: Callable[[Path], None],
     keep: int,
 ) -> Path:
-    """Write ``root/step_<step>`` atomically (a collective: every rank calls it) and prune to the ``keep`` newest
-    complete checkpoints. Returns the checkpoint's path."""
+    """Write ``root/step_<step>`` atomically (a collective: every rank calls it), then prune (:func:`prune`).
+    Returns the checkpoint's path. A failure on any rank stops every rank with an error, none left waiting."""
     tmp, final = root / f".tmp-step_{step}", step_dir(root, step)
-    if strategy.is_main:
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
-    strategy.barrier()
-    strategy.save_state(model, optimizer, tmp / STATE_DIR)
-    _write_json(tmp / "rng" / f"rank_{strategy.rank}.json", capture_rng())
-    if strategy.is_main:
-        _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "world_size": strategy.world_size})
-        write_hf_meta(tmp / HF_DIR)
-    _fsync_tree(tmp)  # each rank flushes what it wrote (files another rank wrote have nothing left to flush)
-    strategy.barrier()
-    if strategy.is_main:
+
+    def write() -> None:
+        written = strategy.save_state(model, optimizer, tmp / STATE_DIR)  # what DCP writes, it has fsynced
+        _write_json(tmp / "rng" / f"rank_{strategy.rank}.json", capture_rng())
+        if strategy.is_main:
+            _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "world_size": strategy.world_size})
+            write_hf_meta(tmp / HF_DIR)
+            written += [p for p in (tmp / HF_DIR).rglob("*") if p.is_file()]
+        for path in written:
+            _fsync(path)
+
+    def publish() -> None:
         _publish(tmp, final, step)
-        prune(root, keep)
-    strategy.barrier()
+        prune(root, keep, step)
+
+    _together(strategy, prepare if strategy.is_main else None, "preparing")
+    _together(strategy, write, "writing")
+    _together(strategy, publish if strategy.is_main else None, "publishing")
     return final
+
+
+def _together(strategy: Strategy, action: Callable[[], None] | None, what: str) -> None:
+    """Run ``action`` (None: nothing to do on this rank), then agree: when it failed on any rank, every rank
+    raises (rather than wait in a collective that the failed rank never reaches)."""
+    error = None
+    try:
+        if action is not None:
+            action()
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the others were told
+        error = err
+    (failures,) = strategy.all_sum([float(error is not None)])
+    if error is not None:
+        raise error
+    if failures:
+        raise CheckpointError(f"checkpoint: another rank failed while {what} the checkpoint (its error says why)")
 
 
 def _publish(tmp: Path, final: Path, step: int) -> None:
     """Rename the fully written temporary directory into place, then mark it complete (rank 0 only)."""
+    for directory in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+        _fsync(directory)  # the entries of every file, whoever wrote it
     if final.exists():  # a torn directory of an earlier attempt at this step
         shutil.rmtree(final)
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     tmp.rename(final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     _write_json(final / MARKER, {"step": step, "files": files})
-    _fsync_dir(final)
+    _fsync(final)
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints, and torn ones older than the newest complete."""
-    complete = [(s, p) for s, p in list_checkpoints(root) if (p / MARKER).is_file()]
-    if not complete:
-        return
-    newest = complete[-1][0]
-    doomed = [p for _, p in complete[:-keep]]
-    doomed += [p for s, p in list_checkpoints(root) if s < newest and not (p / MARKER).is_file()]
-    doomed += [
-        p for p in root.glob(".tmp-step_*") if _step_of(p.name[5:]) is not None and _step_of(p.name[5:]) < newest
-    ]
+def prune(root: Path, keep: int, newest: int) -> None:
+    """After ``step_<newest>`` was completed: keep it and the ``keep - 1`` newest complete checkpoints before it;
+    remove older ones, torn or corrupt ones before it, and every checkpoint after it (of a timeline this run left:
+    it resumed from an older one), so that ``resume=auto`` only ever finds this run's own."""
+    doomed, kept = [], 0
+    for s, path in reversed(list_checkpoints(root)):
+        if s > newest:
+            doomed.append(path)
+        elif problem(path) is None and kept < keep:
+            kept += 1
+        else:
+            doomed.append(path)
+    doomed += list(root.glob(".tmp-step_*"))
     for path in doomed:
         log.info("checkpoint: removing %s", path)
         shutil.rmtree(path, ignore_errors=True)
@@ -125,20 +152,8 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*"), reverse=True):  # files before the directories holding them
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        elif p.is_dir():
-            _fsync_dir(p)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -170,7 +185,10 @@ def problem(path: Path) -> str | None:
         return f"it has no {MARKER} marker (its write was interrupted)"
     try:
         files = json.loads(marker.read_text())["files"]
-        json.loads((path / STATE_FILE).read_text())["step"]
+        state = json.loads((path / STATE_FILE).read_text())
+        missing = [k for k in ("step", "world_size", "strategy", "identity", "config") if k not in state]
+        if missing:
+            return f"its {STATE_FILE} lacks {', '.join(missing)}"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its {MARKER} marker or {STATE_FILE} is unreadable ({type(err).__name__}: {err})"
     for name, size in files.items():
@@ -202,7 +220,16 @@ def resolve_resume(resume: str, output_dir: str | Path, key: str = "resume") -> 
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_checkpoint(checkpoints_dir(output_dir))
+        root = checkpoints_dir(output_dir)
+        found = latest_checkpoint(root)
+        marked = [p for _, p in list_checkpoints(root) if (p / MARKER).is_file()]
+        if found is None and marked:  # completed once, unreadable now: never start over on top of them
+            names = ", ".join(p.name for p in marked)
+            raise CheckpointError(
+                f"{root} holds checkpoints that were completed but cannot be read now ({names}; the warnings above "
+                "say why): repair or remove them, or start over with resume=never"
+            )
+        return found
     path = Path(resume).expanduser()
     if (path / MARKER).exists() or (path / STATE_FILE).exists() or _step_of(path.name) is not None:
         why = problem(path) if path.is_dir() else "no such directory"

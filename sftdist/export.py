@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -186,7 +187,10 @@ def export_checkpoint(
 
     path = resolve_resume(str(checkpoint), checkpoint, key="checkpoint")
     state = read_trainer_state(path)
-    weights = full_model_state_dict(path / STATE_DIR, state["strategy"]["format"])
+    try:
+        weights = full_model_state_dict(path / STATE_DIR, state["strategy"]["format"])
+    except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as err:
+        raise ExportError(f"{path}: cannot read its weights ({type(err).__name__}: {str(err)[:300]})") from err
     log.info("%s: step %d, %d tensors (%s)", path, state["step"], len(weights), state["strategy"]["format"])
     return export_hf(path / HF_DIR, weights, out_dir, max_shard_size, trust_remote_code)
 

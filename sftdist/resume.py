@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sftdist.checkpoint import CheckpointError
+from sftdist.checkpoint import CheckpointError, read_trainer_state, resolve_resume
 from sftdist.config import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,11 @@ def check_resumable(state: dict[str, Any], path: Path, identity: dict[str, Any],
             f"strategy={strategy.name} cannot load ({strategy.checkpoint_format} format): resume with "
             f"strategy={saved['name']}, {export}"
         )
-    if saved["format"] == "deepspeed" and state["world_size"] != strategy.world_size:
+    if not strategy.reshards and state["world_size"] != strategy.world_size:
         raise CheckpointError(
-            f"{path} was written by strategy=zero3 on {state['world_size']} processes and DeepSpeed loads it on "
-            f"{state['world_size']} only (this run has {strategy.world_size}): resume on {state['world_size']} "
-            f"processes, {export}"
+            f"{path} was written by strategy={saved['name']} on {state['world_size']} processes, and its format "
+            f"({saved['format']}) loads on {state['world_size']} only (this run has {strategy.world_size}): resume "
+            f"on {state['world_size']} processes, {export}"
         )
     if state["step"] > cfg.train.max_steps:
         raise CheckpointError(
@@ -143,3 +143,26 @@ def check_resumable(state: dict[str, Any], path: Path, identity: dict[str, Any],
         log.info(
             "resuming %s, written on %d processes, on %d (resharded)", path, state["world_size"], strategy.world_size
         )
+
+
+def find_checkpoint(
+    cfg: SFTConfig, output_dir: Path, identity: dict[str, Any], strategy: Any
+) -> tuple[Path | None, dict[str, Any]]:
+    """The checkpoint a run continues from (``cfg.resume``) and its trainer state, or (None, {}): rank 0 finds and
+    reads it, every rank follows, or stops with rank 0's reason. One of another run, or that this topology cannot
+    load, is refused naming why (:func:`check_resumable`)."""
+    found: Any = None
+    if strategy.is_main:
+        try:
+            path = resolve_resume(cfg.resume, output_dir)
+            found = (str(path), read_trainer_state(path)) if path is not None else None
+        except CheckpointError as err:
+            found = err
+    found = strategy.broadcast_object(found)
+    if isinstance(found, CheckpointError):
+        raise found
+    if found is None:
+        return None, {}
+    path, state = Path(found[0]), found[1]
+    check_resumable(state, path, identity, cfg, strategy)
+    return path, state

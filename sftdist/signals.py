@@ -4,21 +4,27 @@ The first signal only sets a flag. The training loop reads it at the next step b
 (one all-reduce: a rank that got no signal stops too), writes a checkpoint and exits with :data:`EXIT_STOPPED`.
 A second signal, or ``timeout_s`` after the first without the run having stopped, ends the process at once with
 ``128 + signal`` (the status of a process killed by that signal), even while the main thread is blocked in a
-collective: a watcher thread reads the signals from CPython's wake-up pipe and calls ``os._exit``.
+collective: a watcher thread reads the signals from CPython's wake-up pipe and calls ``os._exit``. Signals within
+:data:`SAME_EVENT_S` of the first are the same event, not a second one: a scheduler that signals every process of
+a job reaches a worker both directly and through torchrun, which forwards what it gets.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 from types import FrameType
 
 # Stopped by a signal after writing a checkpoint: resume by starting the same command again (sysexits' EX_TEMPFAIL,
 # "a temporary failure; the user is invited to retry").
 EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SAME_EVENT_S = 5.0
 
 
 class StopSignals:
@@ -33,6 +39,7 @@ class StopSignals:
         self._previous: dict[int, object] = {}
         self._previous_wakeup_fd = -1
         self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
         self._timer: threading.Timer | None = None
 
     def __enter__(self) -> StopSignals:
@@ -44,7 +51,8 @@ class StopSignals:
         self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
-        threading.Thread(target=self._watch, args=(read_fd,), name="sftdist-stop-signals", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, args=(read_fd,), name="sftdist-stop-signals", daemon=True)
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -53,9 +61,10 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(self._previous_wakeup_fd)
-        if self._timer is not None:
+        os.close(self._pipe[1])  # the watcher reads what is left, then end-of-file, and returns
+        self._watcher.join()
+        if self._timer is not None:  # only now: the watcher may have started it while finishing
             self._timer.cancel()
-        os.close(self._pipe[1])  # the watcher reads end-of-file and returns
         self._pipe = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -64,21 +73,21 @@ class StopSignals:
             self.requested = signal.Signals(signum).name
 
     def _watch(self, read_fd: int) -> None:
-        received = 0
+        first: float | None = None
         try:
             while chunk := os.read(read_fd, 64):
                 for signum in chunk:
                     if signum not in STOP_SIGNALS:
                         continue
-                    received += 1
                     name = signal.Signals(signum).name
-                    if received == 1:
+                    if first is None:
+                        first = time.monotonic()
                         self.requested = self.requested or name
                         _say(f"{name}: finishing this step, then writing a checkpoint (again to stop at once)")
                         self._timer = threading.Timer(self.timeout_s, _exit_now, (signum, "timeout"))
                         self._timer.daemon = True
                         self._timer.start()
-                    else:
+                    elif time.monotonic() - first > SAME_EVENT_S:
                         _exit_now(signum, "second signal")
         finally:
             os.close(read_fd)
@@ -91,3 +100,51 @@ def _say(message: str) -> None:
 def _exit_now(signum: int, why: str) -> None:
     _say(f"{why} after {signal.Signals(signum).name}: stopping at once, without a checkpoint")
     os._exit(128 + signum)
+
+
+# In output_dir, written when a stop signal ended a run (after its checkpoint), removed when a run starts: tells a
+# launcher that torchrun's own exit status (1 whenever a worker exits non-zero) means "stopped, resumable".
+STOPPED_FILE = "stopped.json"
+
+
+def stopped_earlier_in_this_launch(output_dir: str | Path) -> str | None:
+    """The signal that stopped this torchrun launch's workers, when this process is their restart
+    (``torchrun --max-restarts``): a restart must not train on after a stop signal. None otherwise."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return None
+    try:
+        info = json.loads((Path(output_dir) / STOPPED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("signal") if info.get("torchelastic_run_id") == run_id else None
+
+
+def check_launcher_grace(timeout_s: float) -> None:
+    """Warn when torchrun would kill the workers before ``timeout_s`` (checkpoint.stop_timeout_s) has passed
+    after a stop signal: a checkpoint that takes that long would be cut short."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    grace = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+    if grace <= timeout_s and os.environ.get("RANK", "0") == "0":
+        _say(
+            f"torchrun kills the workers {grace:g} s after a stop signal (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), before "
+            f"checkpoint.stop_timeout_s={timeout_s:g}: a checkpoint written on a signal may be cut short; "
+            "launch/torchrun.sh gives them SHUTDOWN_TIMEOUT (330 s)"
+        )
+
+
+def record_stop(output_dir: Path, signal_name: str, step: int, checkpoint: Path) -> None:
+    """Write :data:`STOPPED_FILE` and say how to resume (rank 0, after the checkpoint is complete)."""
+    info = {
+        "signal": signal_name,
+        "step": step,
+        "checkpoint": str(checkpoint),
+        "exit_status": EXIT_STOPPED,
+        "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
+    }
+    (Path(output_dir) / STOPPED_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    _say(
+        f"stopped by {signal_name} after step {step}, checkpoint in {checkpoint}: start the same command again "
+        f"to resume (exit status {EXIT_STOPPED})"
+    )

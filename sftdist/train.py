@@ -13,11 +13,16 @@ import sys
 
 from sftdist.cli import hydra_main
 from sftdist.config import SFTConfig
-from sftdist.signals import EXIT_STOPPED
+from sftdist.signals import EXIT_STOPPED, check_launcher_grace, stopped_earlier_in_this_launch
 
 
 def train(cfg: SFTConfig) -> None:
     """Train; exit with EXIT_STOPPED (75) when a stop signal ended the run after a checkpoint."""
+    earlier = stopped_earlier_in_this_launch(cfg.output_dir)
+    if earlier is not None:  # torchrun restarted the workers that a stop signal stopped: stop again
+        print(f"sftdist-train: stopped earlier in this launch by {earlier}; not training on", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    check_launcher_grace(cfg.checkpoint.stop_timeout_s)
     from sftdist.trainer import Trainer  # heavy imports only once the config is known to be good
 
     trainer = Trainer(cfg)

@@ -26,11 +26,8 @@ from tqdm import tqdm
 
 from sftdist import __version__
 from sftdist.checkpoint import (
-    CheckpointError,
     checkpoints_dir,
     load_checkpoint,
-    read_trainer_state,
-    resolve_resume,
     save_checkpoint,
     step_dir,
 )
@@ -45,8 +42,8 @@ from sftdist.metrics.flops import ModelDims, peak_tflops
 from sftdist.model import build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters, pad_token_id
 from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
 from sftdist.parallel import build_strategy
-from sftdist.resume import check_resumable, flat_config, run_identity
-from sftdist.signals import EXIT_STOPPED, StopSignals
+from sftdist.resume import find_checkpoint, flat_config, run_identity
+from sftdist.signals import STOPPED_FILE, StopSignals, record_stop
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +108,7 @@ class Trainer:
                 f"{len(self.train_set)} training records: every step would repeat samples"
             )
         self.identity = run_identity(cfg, self.data_report)
-        self.resume_from, resumed = self._find_checkpoint()
+        self.resume_from, resumed = find_checkpoint(cfg, self.output_dir, self.identity, self.strategy)
 
         model = build_model(cfg.model, self.tokenizer, cfg.seed)
         limit = max_positions(model)
@@ -135,7 +132,13 @@ class Trainer:
         if self.strategy.is_main:  # only once the inputs proved good: a failed start leaves no trace
             self._prepare_output_dir()
         self.sampler = StepSampler(len(self.train_set), cfg.train.global_batch_size, cfg.seed)
-        self.wandb_run_id = resumed.get("wandb_run_id") or uuid.uuid4().hex[:12]
+        # The W&B run continues where this output_dir's own run is resumed; a run branched off another's
+        # checkpoint (resume=PATH elsewhere) is a W&B run of its own.
+        own = (
+            self.resume_from is not None
+            and self.resume_from.parent.resolve() == checkpoints_dir(self.output_dir).resolve()
+        )
+        self.wandb_run_id = resumed["wandb_run_id"] if own else uuid.uuid4().hex[:12]
         self.metrics = build_metrics_logger(
             cfg.wandb,
             self.output_dir,
@@ -146,26 +149,6 @@ class Trainer:
         )
         self.stop_signals = StopSignals(cfg.checkpoint.stop_timeout_s)
         self._log_plan()
-
-    def _find_checkpoint(self) -> tuple[Path | None, dict[str, Any]]:
-        """The checkpoint this run continues from and its trainer state: rank 0 finds and reads it, every rank
-        follows (or stops with rank 0's reason). A checkpoint of a different run, or one this topology cannot
-        load, is refused naming why."""
-        found: Any = None
-        if self.strategy.is_main:
-            try:
-                path = resolve_resume(self.cfg.resume, self.output_dir)
-                found = (str(path), read_trainer_state(path)) if path is not None else None
-            except CheckpointError as err:
-                found = err
-        found = self.strategy.broadcast_object(found)
-        if isinstance(found, CheckpointError):
-            raise found
-        if found is None:
-            return None, {}
-        path, state = Path(found[0]), found[1]
-        check_resumable(state, path, self.identity, self.cfg, self.strategy)
-        return path, state
 
     @contextlib.contextmanager
     def _main_first(self):
@@ -185,6 +168,7 @@ class Trainer:
         self.strategy.all_sum([0])
 
     def _prepare_output_dir(self) -> None:
+        (self.output_dir / STOPPED_FILE).unlink(missing_ok=True)  # this run trains: not stopped (yet)
         if self.resume_from is None:
             stale = checkpoints_dir(self.output_dir)
             if stale.is_dir() and any(stale.iterdir()):  # resume=never, or none of them complete
@@ -358,14 +342,7 @@ class Trainer:
     def _stopped(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         signal_name = self.stop_signals.requested or "a signal to another rank"
         if self.strategy.is_main:
-            log.warning(
-                "stopped by %s after step %d: checkpoint in %s; start the same command again to resume "
-                "(exit status %d)",
-                signal_name,
-                step,
-                step_dir(checkpoints_dir(self.output_dir), step),
-                EXIT_STOPPED,
-            )
+            record_stop(self.output_dir, signal_name, step, step_dir(checkpoints_dir(self.output_dir), step))
         return {**metrics, "stopped_by": signal_name, "step": step}
 
     def save_checkpoint(self, step: int) -> Path:

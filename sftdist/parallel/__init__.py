@@ -53,13 +53,12 @@ def build_strategy(cfg: SFTConfig) -> Strategy:
 
 def full_model_state_dict(directory: Path, checkpoint_format: str) -> dict[str, torch.Tensor]:
     """The whole model of a checkpoint's ``state/`` directory on CPU, in one process (for sftdist-export)."""
-    if checkpoint_format == "deepspeed":
-        from sftdist.parallel.deepspeed import full_model_state_dict as from_deepspeed
+    from sftdist.parallel import dcp, deepspeed  # deepspeed itself is imported only to read its format
 
-        return from_deepspeed(directory)
-    from sftdist.parallel.dcp import full_model_state_dict as from_dcp
-
-    return from_dcp(directory)
+    readers = {dcp.FORMAT: dcp.full_model_state_dict, deepspeed.FORMAT: deepspeed.full_model_state_dict}
+    if checkpoint_format not in readers:
+        raise ConfigError(f"{directory}: unknown checkpoint format {checkpoint_format!r}")
+    return readers[checkpoint_format](directory)
 
 
 __all__ = ["Strategy", "build_strategy", "full_model_state_dict", "resolve_device"]

@@ -83,12 +83,15 @@ class Strategy(ABC):
         return obj
 
     # Checkpoints: every rank writes and reads its own part (a collective); the format is the strategy's, and a
-    # resumed run must use a strategy of the same format.
+    # resumed run must use a strategy of the same format; ``reshards``: it loads on another number of processes.
     checkpoint_format: str = dcp.FORMAT
+    reshards: bool = True
 
-    def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-        """Write the model and optimizer state under ``directory``, sharded as this strategy holds it."""
+    def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> list[Path]:
+        """Write the model and optimizer state under ``directory``, sharded as this strategy holds it; the files
+        this rank wrote that are not yet flushed to disk (DCP flushes its own: none)."""
         dcp.save(model, optimizer, directory)
+        return []
 
     def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         """Load what :meth:`save_state` wrote, on any number of processes for the DCP format (resharded)."""

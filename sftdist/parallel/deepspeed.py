@@ -180,9 +180,16 @@ class ZeRO3Strategy(DistributedStrategy):
     # Checkpoints in DeepSpeed's own format: each rank's partition of the fp32 masters and optimizer state. They load
     # on the same number of processes only (DeepSpeed refuses another); sftdist.resume says so at start.
     checkpoint_format = FORMAT
+    reshards = False
 
-    def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> list[Path]:
         self._engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False)
+        # DeepSpeed does not fsync: each rank's partitions are in its zero_pp_rank_<rank>_* files, and rank 0
+        # writes the rest (the model states' metadata, DeepSpeed's conversion scripts).
+        files = [p for p in directory.rglob("*") if p.is_file()]
+        own = [p for p in files if p.name.startswith(f"zero_pp_rank_{self.rank}_")]
+        shared = [p for p in files if not p.name.startswith("zero_pp_rank_")] if self.is_main else []
+        return own + shared
 
     def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         with weights_only_loads():

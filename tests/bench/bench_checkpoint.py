@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MODELS = {
     "demo": [],  # the tiny Llama of the demo, 3.4M parameters
-    "100m": [
+    "100m": [  # 99.8M parameters
         "model.hidden_size=768",
-        "model.num_layers=12",
+        "model.num_layers=14",
         "model.num_heads=12",
         "model.num_kv_heads=12",
         "model.intermediate_size=2048",

@@ -11,9 +11,10 @@ grouped in one launch because process groups are slow to start. Results go to OU
 - resume/<strategy>: 4 steps straight, and the same stopped by SIGUSR1 (to rank 0 only) during step 3, then
   resumed; the test compares them bitwise.
 - one_to_two: a checkpoint of one process (OUT/single-stopped, written by the test) resumed by fsdp2 on two.
+- ddp_to_fsdp2: the ddp checkpoint of resume/ddp resumed by fsdp2 (the same format, another strategy).
 - zero3_on_one (``... scenarios.py OUT DATA zero3_on_one`` on one process): the 2-process zero3 checkpoint refused.
-- crash (``torchrun --max-restarts=1 ... OUT DATA crash``): rank 1 SIGKILLed after step $SFTDIST_TEST_KILL_STEP
-  on the first attempt; the restarted ranks resume from the newest complete checkpoint.
+- crash (``torchrun --max-restarts=1 ... OUT DATA crash``): with $SFTDIST_TEST_STRATEGY, rank 1 SIGKILLed after
+  step $SFTDIST_TEST_KILL_STEP on the first attempt; the restarted ranks resume from the newest complete checkpoint.
 
 Selected scenarios (a third argument, comma-separated prefixes) write OUT/results-<selection>.json instead.
 """
@@ -155,6 +156,18 @@ def one_to_two(out: Path, data: str) -> dict:
     return {"output_dir": str(run), "start_step": trainer.start_step, "samples": samples}
 
 
+def ddp_to_fsdp2(out: Path, data: str) -> dict:
+    """Another strategy of the same format, same world size: ddp's step-3 checkpoint resumed by fsdp2."""
+    run = out / "ddp-to-fsdp2"
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "resume-ddp-stopped" / "checkpoints" / "step_3", run / "checkpoints" / "step_3")
+    dist.barrier()
+    trainer = Trainer(compose(*common(out, data), "strategy=fsdp2", *RESUME, f"output_dir={run}"))
+    samples = record_sample_steps(trainer)
+    fit_and_close(trainer)
+    return {"output_dir": str(run), "start_step": trainer.start_step, "samples": samples}
+
+
 def zero3_on_one(out: Path, data: str) -> dict:
     """On one process: the 2-process zero3 checkpoint must be refused at start, naming what to do."""
     checkpoint = out / "resume-zero3-stopped" / "checkpoints" / "step_3"
@@ -176,8 +189,9 @@ def zero3_on_one(out: Path, data: str) -> dict:
 def crash(out: Path, data: str) -> dict:
     """Under torchrun --max-restarts=1: on the first attempt rank 1 is killed (SIGKILL) after step
     $SFTDIST_TEST_KILL_STEP; torchrun restarts both ranks, which resume from the newest complete checkpoint."""
-    run, attempt = out / "crash-fsdp2", int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    trainer = Trainer(compose(*common(out, data), "strategy=fsdp2", *RESUME, f"output_dir={run}"))
+    strategy, attempt = os.environ["SFTDIST_TEST_STRATEGY"], int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    run = out / f"crash-{strategy}"
+    trainer = Trainer(compose(*common(out, data), f"strategy={strategy}", *RESUME, f"output_dir={run}"))
     if attempt == 0:
         kill_step, original = int(os.environ["SFTDIST_TEST_KILL_STEP"]), trainer.train_step
 
@@ -225,6 +239,7 @@ def main() -> None:
     for strategy in STRATEGIES:
         record(f"resume/{strategy}", resume, out, data, strategy)
     record("one_to_two", one_to_two, out, data)
+    record("ddp_to_fsdp2", ddp_to_fsdp2, out, data)
     if only:  # launched on their own: on one process, or under torchrun --max-restarts
         record("zero3_on_one", zero3_on_one, out, data)
         record("crash", crash, out, data)

@@ -4,18 +4,25 @@ reshard, and a rank killed with SIGKILL under ``torchrun --max-restarts=1``. Sce
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import compose, fit_and_close, read_metrics, record_sample_steps
-from launching import launch_scenarios, load_scenarios
+from helpers import REPO, compose, fit_and_close, read_metrics, record_sample_steps
+from launching import launch_scenarios, load_scenarios, torchrun_env
 from sftdist.checkpoint import MARKER
 from sftdist.export import export_checkpoint
+from sftdist.signals import STOPPED_FILE
 from sftdist.trainer import Trainer
 
 scenarios = load_scenarios()
@@ -64,10 +71,11 @@ def test_the_export_of_the_last_checkpoint_equals_final(launched, strategy, tmp_
     assert weights and all(w.numel() > 0 for w in weights.values())  # ZeRO-3's empty-save bug cannot ship
 
 
-def test_a_checkpoint_of_two_fsdp2_processes_resumes_on_one(launched, single_resume_reference, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_checkpoint_of_two_processes_resumes_on_one(launched, single_resume_reference, tmp_path, strategy):
     """2 -> 1: DCP reshards; the sample stream continues with no sample repeated or skipped."""
     out, data, results = launched
-    first = _ok(results["resume/fsdp2"])
+    first = _ok(results[f"resume/{strategy}"])
     shutil.copytree(Path(first["stopped"]) / "checkpoints" / "step_3", tmp_path / "checkpoints" / "step_3")
     trainer = Trainer(compose(*scenarios.common(out, data), *scenarios.RESUME, f"output_dir={tmp_path}"))
     assert trainer.start_step == 3 and trainer.strategy.world_size == 1
@@ -87,21 +95,31 @@ def test_a_checkpoint_of_one_process_resumes_on_two_fsdp2_processes(launched, si
     assert _max_relative_difference(_weights(result["output_dir"]), _weights(reference_dir)) < 1e-4
 
 
+def test_a_ddp_checkpoint_resumes_with_fsdp2(launched, single_resume_reference):
+    result = _ok(launched[2]["ddp_to_fsdp2"])
+    reference_dir, reference_samples = single_resume_reference
+    assert result["start_step"] == 3 and [tuple(x) for x in result["samples"]] == [tuple(reference_samples[3])]
+    assert _max_relative_difference(_weights(result["output_dir"]), _weights(reference_dir)) < 1e-4
+
+
 def test_zero3_refuses_a_checkpoint_of_another_world_size_and_says_what_to_do(launched):
     out, data, _ = launched
     results = launch_scenarios(out, data, "--standalone", "--nproc_per_node=1", only="zero3_on_one", timeout=300)
     message = _ok(results["zero3_on_one"])["message"]
-    assert "written by strategy=zero3 on 2 processes and DeepSpeed loads it on 2 only (this run has 1)" in message
+    assert "written by strategy=zero3 on 2 processes, and its format (deepspeed) loads on 2 only (this run has 1)" in (
+        message
+    )
     assert "resume on 2 processes, or export it (sftdist-export" in message
     assert not (out / "zero3-on-one").exists()
 
 
-def test_a_rank_killed_by_sigkill_restarts_and_ends_with_the_uninterrupted_weights(launched):
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_a_rank_killed_by_sigkill_restarts_and_ends_with_the_uninterrupted_weights(launched, strategy):
     """``kill -9`` of rank 1 at a random step: torchrun restarts both ranks, which resume from the newest complete
     checkpoint (step 2) and end bitwise where the uninterrupted 2-process run ends."""
     out, data, results = launched
     kill_step = random.choice([3, 4])
-    print(f"rank 1 is killed after step {kill_step}")
+    print(f"{strategy}: rank 1 is killed after step {kill_step}")
     crashed = launch_scenarios(
         out,
         data,
@@ -110,6 +128,7 @@ def test_a_rank_killed_by_sigkill_restarts_and_ends_with_the_uninterrupted_weigh
         "--max-restarts=1",
         only="crash",
         SFTDIST_TEST_KILL_STEP=str(kill_step),
+        SFTDIST_TEST_STRATEGY=strategy,
         # As launch/torchrun.sh sets it: without it the restarted ranks may read the dead ones' addresses from
         # torchrun's store and hang or fail to connect (pytorch/pytorch#135712; 2 restarts in 3 here).
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
@@ -118,7 +137,71 @@ def test_a_rank_killed_by_sigkill_restarts_and_ends_with_the_uninterrupted_weigh
     assert result["attempt"] == 1, "the kill did not happen"
     assert result["start_step"] == 2 and result["resumed_from"].endswith("checkpoints/step_2")
     assert "failed (exitcode: -9) local_rank: 1" in crashed["_stderr"]  # killed by SIGKILL, then restarted
-    run, straight = Path(result["output_dir"]), Path(_ok(results["resume/fsdp2"])["straight"])
+    run, straight = Path(result["output_dir"]), Path(_ok(results[f"resume/{strategy}"])["straight"])
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
     a, b = _weights(run), _weights(straight)
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _wait_for_rows(run: Path, rows: int, proc: subprocess.Popen) -> None:
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+
+
+def test_stop_signals_through_launch_torchrun_sh(launched, tmp_path):
+    """What a scheduler does, through the launcher users run: (1) a worker alone gets SIGUSR1 under MAX_RESTARTS=1:
+    the ranks stop together after a checkpoint, and torchrun's restart stops again instead of training on;
+    (2) torchrun itself gets SIGTERM and forwards it: the workers checkpoint and exit 75; (3) the same command
+    finishes the run, bitwise where the uninterrupted run ends."""
+    out, data, _ = launched
+    args = [*scenarios.common(out, data), "strategy=ddp", "train.max_steps=10", "checkpoint.every_steps=2"]
+    run = tmp_path / "run"
+
+    def launch(output_dir: Path, **env: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(REPO / "launch" / "torchrun.sh"), *args, f"output_dir={output_dir}"],
+            env=torchrun_env(NPROC_PER_NODE="2", PYTHON=sys.executable, **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stopped() -> dict:
+        return json.loads((run / STOPPED_FILE).read_text())
+
+    straight = launch(tmp_path / "straight")
+    assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
+
+    first = launch(run, MAX_RESTARTS="1")
+    _wait_for_rows(run, 2, first)
+    os.kill(_children(first.pid)[0], signal.SIGUSR1)  # torchrun.sh exec'ed torchrun: its children are the workers
+    _, err = first.communicate(timeout=600)
+    assert first.returncode != 0 and "failed (exitcode: 75)" in err
+    assert "stopped earlier in this launch by SIGUSR1; not training on" in err  # the restart did not train on
+    k = stopped()["step"]
+    assert stopped()["signal"] == "SIGUSR1" and k < 10 and (run / "checkpoints" / f"step_{k}" / MARKER).is_file()
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, k + 1))
+
+    second = launch(run)
+    _wait_for_rows(run, k + 1, second)
+    second.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to the workers
+    _, err = second.communicate(timeout=600)
+    assert second.returncode != 0 and "Received 15 death signal, shutting down workers" in err, err[-3000:]
+    assert err.count("sftdist: SIGTERM: finishing this step, then writing a checkpoint") == 2  # forwarded to both
+    j = stopped()["step"]
+    assert stopped()["signal"] == "SIGTERM" and k < j < 10 and (run / "checkpoints" / f"step_{j}" / MARKER).is_file()
+
+    third = launch(run)
+    _, err = third.communicate(timeout=600)
+    assert third.returncode == 0, err[-3000:]
+    assert not (run / STOPPED_FILE).exists()
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 11))
+    a, b = _weights(run), _weights(tmp_path / "straight")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)

@@ -76,6 +76,14 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(straight, tmp_pa
     result = fit_and_close(first)
     assert (result["stopped_by"], result["step"]) == ("SIGUSR1", 3)
     assert not (tmp_path / "final").exists()  # stopped: a checkpoint, no export
+    stopped = json.loads((tmp_path / "stopped.json").read_text())
+    assert stopped == {
+        **stopped,
+        "signal": "SIGUSR1",
+        "step": 3,
+        "exit_status": 75,
+        "checkpoint": str(tmp_path / "checkpoints" / "step_3"),
+    }
     second = _trainer(tmp_path)
     assert second.start_step == 3 and second.resume_from == tmp_path / "checkpoints" / "step_3"
     resumed_samples = record_sample_steps(second)
@@ -134,6 +142,14 @@ from sftdist.train import main
 sys.argv = ["sftdist-train", *sys.argv[1:]]
 main()
 """
+
+
+def test_a_stop_signal_during_the_last_step_finishes_the_run(tmp_path):
+    trainer = _trainer(tmp_path)
+    signal_during_step(trainer, 6)
+    result = fit_and_close(trainer)
+    assert "stopped_by" not in result and (tmp_path / "final" / "model.safetensors").is_file()
+    assert not (tmp_path / "stopped.json").exists()
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(straight, tmp_path):
@@ -232,6 +248,8 @@ def test_resume_never_starts_fresh_and_removes_the_earlier_checkpoints(finished,
 def test_resume_path_continues_another_runs_checkpoint_in_a_new_directory(finished, tmp_path):
     trainer = _trainer(tmp_path / "new", f"resume={finished}", "train.max_steps=7")
     assert trainer.resume_from == finished / "checkpoints" / "step_6" and trainer.start_step == 6
+    original = json.loads((finished / "checkpoints" / "step_6" / "trainer_state.json").read_text())["wandb_run_id"]
+    assert trainer.wandb_run_id != original  # a branch is a W&B run of its own, not a takeover of the original
     fit_and_close(trainer)
     assert [m["step"] for m in read_metrics(tmp_path / "new")] == [7]
     with pytest.raises(CheckpointError, match="is neither a checkpoint"):

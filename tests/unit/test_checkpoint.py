@@ -25,13 +25,15 @@ from sftdist.checkpoint import (
 from sftdist.metrics.trackers import JsonlTracker
 from sftdist.resume import identity_differences
 
+_STATE = {"world_size": 1, "strategy": {"name": "none", "format": "dcp"}, "identity": {}, "config": {}}
+
 
 def _checkpoint(root, step, complete=True):
     """A checkpoint directory as save_checkpoint leaves it (two small files), complete or torn."""
     tmp = root / f".tmp-step_{step}"
     (tmp / "state").mkdir(parents=True)
     (tmp / "state" / "shard.bin").write_bytes(b"x" * (100 + step))
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **_STATE}))
     if complete:
         _publish(tmp, root / f"step_{step}", step)
     else:
@@ -42,7 +44,7 @@ def _checkpoint(root, step, complete=True):
 def test_a_published_checkpoint_lists_its_files_and_sizes_and_is_complete(tmp_path):
     path = _checkpoint(tmp_path, 3)
     marker = json.loads((path / MARKER).read_text())
-    assert marker == {"step": 3, "files": {"state/shard.bin": 103, STATE_FILE: len(json.dumps({"step": 3}))}}
+    assert marker == {"step": 3, "files": {"state/shard.bin": 103, STATE_FILE: len(json.dumps({"step": 3, **_STATE}))}}
     assert problem(path) is None and not list(tmp_path.glob(".tmp-*"))
 
 
@@ -89,13 +91,51 @@ def test_resume_settings_resolve_to_a_checkpoint_or_say_why_not(tmp_path):
 def test_pruning_keeps_the_newest_complete_and_removes_older_torn_ones(tmp_path):
     for step in (2, 4, 6):
         _checkpoint(tmp_path, step)
-    _checkpoint(tmp_path, 5, complete=False)  # older than the newest complete: stale
-    _checkpoint(tmp_path, 8, complete=False)  # newer: left for its own step to overwrite
+    _checkpoint(tmp_path, 5, complete=False)  # torn, older than the newest complete: useless
     (tmp_path / ".tmp-step_3").mkdir()
-    prune(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_6", "step_8"]
-    prune(tmp_path, keep=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_6", "step_8"]
+    prune(tmp_path, keep=2, newest=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_6"]
+    prune(tmp_path, keep=1, newest=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_6"]
+
+
+def test_pruning_never_removes_the_resumed_checkpoint_for_a_corrupt_or_abandoned_newer_one(tmp_path):
+    """A run that resumed from step 2 (step 6 corrupt, or left behind by resume=PATH) and just wrote step 4: its
+    own newest checkpoints stay, what lies after step 4 is not of its timeline and goes."""
+    _checkpoint(tmp_path, 2)
+    corrupt = _checkpoint(tmp_path, 6)
+    (corrupt / "state" / "shard.bin").write_bytes(b"")
+    _checkpoint(tmp_path, 8)  # complete, but of the timeline the run left
+    _checkpoint(tmp_path, 4)
+    prune(tmp_path, keep=1, newest=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_4"
+
+
+def test_auto_refuses_to_start_over_on_top_of_completed_checkpoints_it_cannot_read(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    broken = _checkpoint(root, 4)
+    (broken / STATE_FILE).write_text("{}")
+    _checkpoint(root, 6, complete=False)
+    with pytest.raises(CheckpointError, match=r"completed but cannot be read now \(step_4; the warnings above"):
+        resolve_resume("auto", tmp_path)
+    (broken / MARKER).unlink()  # torn only (a first checkpoint killed while written): start fresh
+    assert resolve_resume("auto", tmp_path) is None
+
+
+def test_a_restart_by_torchrun_after_a_stop_signal_stops_again(tmp_path, monkeypatch):
+    from sftdist.signals import STOPPED_FILE, record_stop, stopped_earlier_in_this_launch
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    record_stop(tmp_path, "SIGUSR1", 3, tmp_path / "checkpoints" / "step_3")
+    assert json.loads((tmp_path / STOPPED_FILE).read_text())["exit_status"] == 75
+    assert stopped_earlier_in_this_launch(tmp_path) is None  # the first attempt: the launch itself
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert stopped_earlier_in_this_launch(tmp_path) == "SIGUSR1"  # its restart: stop again
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-2")
+    assert stopped_earlier_in_this_launch(tmp_path) is None  # another launch (a requeued job) trains
 
 
 def test_rng_states_round_trip_through_json():

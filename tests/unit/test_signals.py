@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -41,11 +42,16 @@ def test_the_first_signal_sets_the_flag_and_the_handlers_are_restored_after(sign
     assert "finishing this step, then writing a checkpoint (again to stop at once)" in err
 
 
-def test_a_second_signal_stops_at_once():
+def test_a_second_signal_stops_at_once_and_a_duplicate_of_the_first_does_not():
+    from sftdist.signals import SAME_EVENT_S
+
     proc = _start(60, "linger")
     proc.send_signal(signal.SIGTERM)
     assert proc.stdout.readline() == "requested SIGTERM\n"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # the same event, delivered again (directly and forwarded by torchrun)
+    time.sleep(SAME_EVENT_S + 0.5)
+    assert proc.poll() is None  # still finishing its step
+    proc.send_signal(signal.SIGTERM)  # a second signal, later
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "second signal after SIGTERM: stopping at once, without a checkpoint" in err
