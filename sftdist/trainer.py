@@ -279,7 +279,13 @@ class Trainer:
                     return self._stopped(step + 1, metrics)
         wall = time.perf_counter() - start
         final = self.export(self.output_dir / "final")
-        if self.strategy.is_main:
+        if self.strategy.is_main and self.start_step == t.max_steps:
+            log.info(
+                "done: the checkpoint is at train.max_steps=%d, nothing left to train; final model in %s",
+                t.max_steps,
+                final,
+            )
+        elif self.strategy.is_main:
             log.info("done: steps %d-%d in %.1f s; final model in %s", self.start_step + 1, t.max_steps, wall, final)
         self.strategy.barrier()
         return {**metrics, "wall_s": wall}
