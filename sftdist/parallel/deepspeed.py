@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from sftdist.parallel.dist import DistributedStrategy
 
 FORMAT = "deepspeed"
 _TAG = "zero3"  # the one DeepSpeed tag under a checkpoint's state/ directory
+_PARTITION_OWNER = re.compile(r"zero_pp_rank_(\d+)_")
 # Derived from train.* (or owned by the loop): a user JSON may not set them.
 _OURS = (
     "train_batch_size",
@@ -184,12 +186,10 @@ class ZeRO3Strategy(DistributedStrategy):
 
     def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> list[Path]:
         self._engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False)
-        # DeepSpeed does not fsync: each rank's partitions are in its zero_pp_rank_<rank>_* files, and rank 0
-        # writes the rest (the model states' metadata, DeepSpeed's conversion scripts).
-        files = [p for p in directory.rglob("*") if p.is_file()]
-        own = [p for p in files if p.name.startswith(f"zero_pp_rank_{self.rank}_")]
-        shared = [p for p in files if not p.name.startswith("zero_pp_rank_")] if self.is_main else []
-        return own + shared
+        # DeepSpeed does not fsync: each rank's partitions are in its [bf16_]zero_pp_rank_<rank>_* files, and rank 0
+        # writes the rest (DeepSpeed's conversion scripts).
+        owners = {p: _PARTITION_OWNER.search(p.name) for p in directory.rglob("*") if p.is_file()}
+        return [p for p, m in owners.items() if (int(m.group(1)) if m else 0) == self.rank]
 
     def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         with weights_only_loads():
