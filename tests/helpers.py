@@ -114,3 +114,42 @@ def record_sample_steps(trainer) -> list:
 
     trainer.sampler.indices = indices
     return seen
+
+
+def save_tiny_model(directory, arch: str = "llama", with_template: bool = True, dtype=None, **config) -> None:
+    """A tiny random causal LM of ``arch`` (llama, qwen2, mistral) with the demo tokenizer, saved as a local Hugging
+    Face directory; ``config`` overrides its config (``attention_dropout=0.3``, ...)."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    from sftdist.data.demo import load_demo_tokenizer
+
+    tokenizer = load_demo_tokenizer()
+    if not with_template:
+        tokenizer.chat_template = None
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[arch]
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model_cls(config_cls(**{**settings, **config})).to(dtype or torch.float32).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))

@@ -144,23 +144,13 @@ def resume(out: Path, data: str, strategy: str) -> dict:
     }
 
 
-def one_to_two(out: Path, data: str) -> dict:
-    """A checkpoint written by one process (the test wrote it before this launch) resumed by fsdp2 on two."""
-    run = out / "one-to-two"
+def resume_on_fsdp2(out: Path, data: str, checkpoint: Path, name: str) -> dict:
+    """Copy ``checkpoint`` into a new run directory and resume it with fsdp2 on this launch's two processes:
+    a checkpoint of one process (one_to_two: the test wrote it before this launch), or of ddp (ddp_to_fsdp2:
+    another strategy of the same format)."""
+    run = out / name
     if dist.get_rank() == 0:
-        shutil.copytree(out / "single-stopped" / "checkpoints", run / "checkpoints")
-    dist.barrier()
-    trainer = Trainer(compose(*common(out, data), "strategy=fsdp2", *RESUME, f"output_dir={run}"))
-    samples = record_sample_steps(trainer)
-    fit_and_close(trainer)
-    return {"output_dir": str(run), "start_step": trainer.start_step, "samples": samples}
-
-
-def ddp_to_fsdp2(out: Path, data: str) -> dict:
-    """Another strategy of the same format, same world size: ddp's step-3 checkpoint resumed by fsdp2."""
-    run = out / "ddp-to-fsdp2"
-    if dist.get_rank() == 0:
-        shutil.copytree(out / "resume-ddp-stopped" / "checkpoints" / "step_3", run / "checkpoints" / "step_3")
+        shutil.copytree(checkpoint, run / "checkpoints" / checkpoint.name)
     dist.barrier()
     trainer = Trainer(compose(*common(out, data), "strategy=fsdp2", *RESUME, f"output_dir={run}"))
     samples = record_sample_steps(trainer)
@@ -238,8 +228,9 @@ def main() -> None:
         record(f"bf16/{strategy}", fit, out, data, strategy, True, "precision=bf16")
     for strategy in STRATEGIES:
         record(f"resume/{strategy}", resume, out, data, strategy)
-    record("one_to_two", one_to_two, out, data)
-    record("ddp_to_fsdp2", ddp_to_fsdp2, out, data)
+    step_3 = Path("checkpoints") / "step_3"
+    record("one_to_two", resume_on_fsdp2, out, data, out / "single-stopped" / step_3, "one-to-two")
+    record("ddp_to_fsdp2", resume_on_fsdp2, out, data, out / "resume-ddp-stopped" / step_3, "ddp-to-fsdp2")
     if only:  # launched on their own: on one process, or under torchrun --max-restarts
         record("zero3_on_one", zero3_on_one, out, data)
         record("crash", crash, out, data)

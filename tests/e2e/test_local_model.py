@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import compose, read_metrics
+from helpers import compose, read_metrics, save_tiny_model
 from sftdist.data.demo import generate_demo_conversations
 from sftdist.trainer import Trainer
 
@@ -17,33 +17,6 @@ ZEPHYR_LIKE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-
-
-def _save_tiny_model(directory, arch: str, with_template: bool, dtype=torch.float32):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from sftdist.data.demo import load_demo_tokenizer
-
-    tokenizer = load_demo_tokenizer()
-    if not with_template:
-        tokenizer.chat_template = None
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[
-        arch
-    ]
-    config = config_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model_cls(config).to(dtype).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
 
 
 def _write_jsonl(path, records):
@@ -56,7 +29,7 @@ def test_a_local_hf_model_fine_tunes_on_a_jsonl_file(tmp_path, arch, dtype):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    _save_tiny_model(tmp_path / "model", arch, with_template=True, dtype=dtype)
+    save_tiny_model(tmp_path / "model", arch, with_template=True, dtype=dtype)
     data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(200, seed=9))
     cfg = compose(
         f"output_dir={tmp_path / 'run'}",
@@ -82,7 +55,7 @@ def test_a_local_hf_model_fine_tunes_on_a_jsonl_file(tmp_path, arch, dtype):
 def test_a_tokenizer_without_a_template_needs_data_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
-    _save_tiny_model(tmp_path / "model", "qwen2", with_template=False)
+    save_tiny_model(tmp_path / "model", "qwen2", with_template=False)
     data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(40, seed=1))
     common = (
         f"model.name_or_path={tmp_path / 'model'}",
@@ -112,7 +85,7 @@ def test_generation_stops_where_the_trained_turns_end(tmp_path):
     """A template that closes turns with a token other than the tokenizer's EOS: the export stops there too."""
     from transformers import GenerationConfig
 
-    _save_tiny_model(tmp_path / "model", "qwen2", with_template=True)
+    save_tiny_model(tmp_path / "model", "qwen2", with_template=True)
     (tmp_path / "t.jinja").write_text(ZEPHYR_LIKE.replace("eos_token", "'<|endoftext|>'"))
     data = _write_jsonl(tmp_path / "chat.jsonl", generate_demo_conversations(40, seed=1))
     trainer = Trainer(

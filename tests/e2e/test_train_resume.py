@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import compose, fit_and_close, read_metrics, record_sample_steps, signal_during_step
+from helpers import compose, fit_and_close, read_metrics, record_sample_steps, save_tiny_model, signal_during_step
 from sftdist.checkpoint import MARKER, CheckpointError
 from sftdist.data.batching import collate_packed
 from sftdist.signals import EXIT_STOPPED
@@ -336,24 +336,13 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
 
 
 def test_the_rng_states_are_restored_so_dropout_draws_as_in_the_uninterrupted_run(tmp_path, monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sftdist.data.demo import load_demo_tokenizer
-
-    tokenizer = load_demo_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        attention_dropout=0.3,
-        eos_token_id=tokenizer.eos_token_id,
+    save_tiny_model(tmp_path / "model", attention_dropout=0.3)
+    overrides = (
+        f"model.name_or_path={tmp_path / 'model'}",
+        "train.max_steps=4",
+        "eval.every_steps=0",
+        "data.max_length=512",
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "model"))
-    tokenizer.save_pretrained(str(tmp_path / "model"))
-    overrides = (f"model.name_or_path={tmp_path / 'model'}", "train.max_steps=4", "eval.every_steps=0")
 
     def stopped_and_resumed(out: Path) -> list[float]:
         first = _trainer(out, *overrides)
