@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.cli import compose, fail, setup_logging
+from sftdist.config import CurriculumConfig
 from sftdist.errors import ConfigError, InputError
 
 _GREEN, _RESET = "\033[1;32m", "\033[0m"
@@ -83,8 +84,9 @@ def format_audit(report: dict, roles: dict[str, dict[str, list[int]]], audit_rec
     return "\n".join(lines)
 
 
-def _load(target: list[str]) -> tuple[Any, dict, Any, str]:
-    """(table, report, tokenizer, template) from a prepared directory or from training overrides."""
+def _load(target: list[str]) -> tuple[Any, dict, Any, str, CurriculumConfig]:
+    """(table, report, tokenizer, template, curriculum settings) from a prepared directory (the default
+    settings) or from training overrides."""
     from sftdist.config import to_schema
     from sftdist.data.prepared import MANIFEST, check_compatible, load_prepared
     from sftdist.data.template import resolve_chat_template
@@ -100,7 +102,7 @@ def _load(target: list[str]) -> tuple[Any, dict, Any, str]:
 
         table, manifest = load_prepared(directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
-        return table, manifest["report"], tokenizer, resolve_chat_template(tokenizer)
+        return table, manifest["report"], tokenizer, resolve_chat_template(tokenizer), CurriculumConfig()
     from sftdist.data.pipeline import prepare
     from sftdist.model import build_tokenizer
 
@@ -109,16 +111,16 @@ def _load(target: list[str]) -> tuple[Any, dict, Any, str]:
     if cfg.data.prepared is not None:
         table, manifest = load_prepared(cfg.data.prepared)
         check_compatible(manifest, cfg.data.prepared, tokenizer, template, cfg.data.max_length)
-        return table, manifest["report"], tokenizer, template
+        return table, manifest["report"], tokenizer, template, cfg.curriculum
     cfg.data.max_rejected_fraction = 1.0  # show every rejection instead of stopping at the first threshold
     table, report = prepare(cfg.data, tokenizer, template, cfg.seed)
-    return table, report, tokenizer, template
+    return table, report, tokenizer, template, cfg.curriculum
 
 
 def inspect_data(target: list[str], samples: int, source: str | None, color: bool, audit_records: int) -> str:
     from sftdist.data.template import bind_template
 
-    table, report, tokenizer, template = _load(target)
+    table, report, tokenizer, template, curriculum = _load(target)
     ct = bind_template(tokenizer, template)
     roles: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     seen: dict[str, int] = defaultdict(int)
@@ -142,7 +144,31 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
             break
     if source is not None and not seen:
         raise ConfigError(f"--source {source!r}: no such source (sources: {', '.join(report['sources'])})")
-    return "== data audit ==\n" + format_audit(report, roles, audit_records) + "\n\n" + "\n\n".join(out)
+    audit = format_audit(report, roles, audit_records) + "\n" + format_buckets(table, curriculum)
+    return "== data audit ==\n" + audit + "\n\n" + "\n\n".join(out)
+
+
+def format_buckets(table: Any, c: CurriculumConfig) -> str:
+    """The difficulty buckets a curriculum would draw from (every prepared record, per source)."""
+    import numpy as np
+
+    from sftdist.data.difficulty import assign_buckets, bucket_report
+
+    if "model_loss" in (c.difficulty, c.fallback if c.difficulty == "meta" else None):
+        return (
+            f"difficulty buckets (curriculum.difficulty={c.difficulty}): the base model's losses are scored "
+            "by sftdist-train, before training (and cached)"
+        )
+    rows = np.arange(len(table))
+    buckets, report = assign_buckets(table, rows, c, model_losses=None)
+    sizes = bucket_report(buckets, rows, rows[:0], table.data.column("source").to_pylist())
+    how = f"curriculum.difficulty={c.difficulty}"
+    if c.difficulty == "meta":
+        missing = "left out" if c.on_missing == "reject" else f"scored by {c.fallback}"
+        how += f", {report['unlabelled']} unlabelled ({missing})"
+    lines = [f"difficulty buckets ({how}): " + ", ".join(f"{k} {v}" for k, v in sizes["train"].items())]
+    lines += [f"  {source}: " + ", ".join(f"{k} {v}" for k, v in n.items()) for source, n in sizes["by_source"].items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@
                             and world size, the resolved config, and the run's identity (see sftdist.resume)
         hf/                 what an export needs besides the weights: config, generation config with the stop tokens,
                             tokenizer with its chat template, sftdist_training.json
+        curriculum_buckets.npy  with a curriculum: the difficulty bucket of every sample (a resume never recomputes)
         COMPLETE            written last, listing every file and its size: a directory without it is torn
 
 All ranks write into ``checkpoints/.tmp-step_N`` and fsync what they wrote; rank 0 then renames it to ``step_N``,
@@ -40,6 +41,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "state"
 HF_DIR = "hf"
+CURRICULUM_FILE = "curriculum_buckets.npy"  # the difficulty bucket of every prepared sample (rank 0)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -65,7 +67,7 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
-    write_hf_meta: Callable[[Path], None],
+    write_main_files: Callable[[Path], list[Path]],
     keep: int,
 ) -> Path:
     """Write ``root/step_<step>`` atomically (a collective: every rank calls it), then prune (:func:`prune`).
@@ -81,8 +83,7 @@ def save_checkpoint(
         _write_json(tmp / "rng" / f"rank_{strategy.rank}.json", capture_rng())
         if strategy.is_main:
             _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "world_size": strategy.world_size})
-            write_hf_meta(tmp / HF_DIR)
-            written += [p for p in (tmp / HF_DIR).rglob("*") if p.is_file()]
+            written += write_main_files(tmp)
         for path in written:
             _fsync(path)
 

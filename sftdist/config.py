@@ -94,6 +94,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
     log_every_steps: int = 1  # metrics cadence (the first and last steps are always logged)
     peak_tflops: Optional[float] = None  # per-GPU peak for train/mfu; default: known GPUs' dense bf16 peak
+    stop_after_step: Optional[int] = None  # stop with a checkpoint after this step (one job of a longer run)
 
 
 @dataclass
@@ -115,16 +116,22 @@ class StrategyConfig:
 
 @dataclass
 class PhaseConfig:
-    until: float = 1.0  # phase ends at this fraction of max_steps
-    easy: float = 0.0  # sampling weights of the difficulty buckets in this phase
+    until: float = 1.0  # phase ends at this fraction of train.max_steps
+    easy: float = 0.0  # sampling weights of the difficulty buckets in this phase (they sum to 1)
     medium: float = 0.0
     hard: float = 0.0
 
 
 @dataclass
 class CurriculumConfig:
-    name: str = "none"  # none | three_phase
-    phases: List[PhaseConfig] = field(default_factory=list)
+    name: str = "none"  # none (uniform) | three_phase (the mixture of each step follows curriculum.phases)
+    phases: List[PhaseConfig] = field(default_factory=list)  # phase ends increase and end at 1.0
+    difficulty: str = "meta"  # meta (the record's own label) | length | turns | model_loss
+    thresholds: List[float] = field(default_factory=lambda: [1.0, 2.0])  # meta: a number below the first is easy...
+    quantiles: List[float] = field(default_factory=lambda: [1 / 3, 2 / 3])  # bucket edges for length/turns/model_loss
+    on_missing: str = "fallback"  # meta: an unlabelled record is scored by curriculum.fallback | reject: left out
+    fallback: str = "length"  # length | turns | model_loss
+    on_empty: str = "error"  # error | renormalise: a phase that draws from an empty bucket
 
 
 @dataclass
@@ -179,14 +186,9 @@ def register_configs() -> None:
 FORMATS = ("auto", "messages", "alpaca", "sharegpt")
 
 
-def _choice(key: str, value: str, available: tuple[str, ...], planned: tuple[str, ...] = ()) -> None:
-    """``planned`` values are valid keys' values that a later version implements: refused, and said so."""
-    if value in planned:
-        raise ConfigError(
-            f"{key}={value!r} is not implemented yet in this version; available now: {', '.join(available)}"
-        )
+def _choice(key: str, value: str, available: tuple[str, ...]) -> None:
     if value not in available:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(available + planned)}")
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(available)}")
 
 
 def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
@@ -211,7 +213,8 @@ def _validate_features(cfg: SFTConfig) -> None:
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     _choice("strategy.name", cfg.strategy.name, ("none", "ddp", "fsdp2", "zero3"))
     _validate_strategy(cfg.strategy)
-    _choice("curriculum.name", cfg.curriculum.name, ("none",), planned=("three_phase",))
+    _choice("curriculum.name", cfg.curriculum.name, ("none", "three_phase"))
+    _validate_curriculum(cfg.curriculum)
     _choice("data.format", cfg.data.format, FORMATS)
     _choice("data.truncation", cfg.data.truncation, ("drop", "truncate"))
     for i, source in enumerate(cfg.data.sources):
@@ -219,6 +222,44 @@ def _validate_features(cfg: SFTConfig) -> None:
     _choice("wandb.mode", cfg.wandb.mode, ("auto", "offline", "online", "disabled"))
     _choice("model.attn_impl", cfg.model.attn_impl, ("auto", "flash_attn", "torch_varlen", "flex", "sdpa"))
     _not_empty("resume", cfg.resume)
+
+
+def _validate_curriculum(c: CurriculumConfig) -> None:
+    _choice("curriculum.difficulty", c.difficulty, ("meta", "length", "turns", "model_loss"))
+    _choice("curriculum.fallback", c.fallback, ("length", "turns", "model_loss"))
+    _choice("curriculum.on_missing", c.on_missing, ("fallback", "reject"))
+    _choice("curriculum.on_empty", c.on_empty, ("error", "renormalise"))
+    for key in ("thresholds", "quantiles"):
+        values = list(getattr(c, key))
+        if len(values) != 2 or values != sorted(values) or len(set(values)) < 2:
+            raise ConfigError(
+                f"curriculum.{key}={values}: give two increasing numbers (the easy|medium and medium|hard edges)"
+            )
+    if not all(0 < q < 1 for q in c.quantiles):
+        raise ConfigError(f"curriculum.quantiles={list(c.quantiles)}: quantiles lie strictly between 0 and 1")
+    if c.name == "none":
+        return
+    if not c.phases:
+        raise ConfigError(f"curriculum={c.name} needs curriculum.phases: a list of {{until, easy, medium, hard}}")
+    previous = 0.0
+    for i, phase in enumerate(c.phases):
+        weights = {"easy": phase.easy, "medium": phase.medium, "hard": phase.hard}
+        negative = [k for k, w in weights.items() if w < 0]
+        if negative:
+            raise ConfigError(f"curriculum.phases[{i}].{negative[0]}={weights[negative[0]]!r} must be >= 0")
+        if abs(sum(weights.values()) - 1.0) > 1e-6:
+            raise ConfigError(f"curriculum.phases[{i}]: the weights {weights} sum to {sum(weights.values()):g}, not 1")
+        if not previous < phase.until <= 1.0:
+            raise ConfigError(
+                f"curriculum.phases[{i}].until={phase.until!r}: phase ends must increase, within "
+                f"(0, 1] (the previous ends at {previous})"
+            )
+        previous = phase.until
+    if previous != 1.0:
+        raise ConfigError(
+            f"curriculum.phases[{len(c.phases) - 1}].until={previous!r}: the last phase must end at "
+            "1.0 (the end of train.max_steps)"
+        )
 
 
 _STRATEGY_ONLY = {
@@ -255,6 +296,8 @@ def _validate_train(t: TrainConfig) -> None:
     _positive("train.lr", t.lr)
     if t.peak_tflops is not None:
         _positive("train.peak_tflops", t.peak_tflops)
+    if t.stop_after_step is not None and not 0 < t.stop_after_step <= t.max_steps:
+        raise ConfigError(f"train.stop_after_step={t.stop_after_step} must be in [1, train.max_steps={t.max_steps}]")
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
     _positive("train.adam_eps", t.adam_eps)

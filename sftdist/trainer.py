@@ -20,12 +20,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from sftdist import __version__
 from sftdist.checkpoint import (
+    CURRICULUM_FILE,
+    HF_DIR,
     checkpoints_dir,
     load_checkpoint,
     save_checkpoint,
@@ -33,6 +36,8 @@ from sftdist.checkpoint import (
 )
 from sftdist.config import SFTConfig, TrainConfig
 from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
+from sftdist.data.curriculum import BUCKETS, CurriculumSampler
+from sftdist.data.difficulty import MISSING, build_curriculum
 from sftdist.data.pipeline import Sample, build_datasets
 from sftdist.errors import ConfigError, DataError
 from sftdist.export import export_hf, stop_token_ids, write_hf_meta
@@ -43,6 +48,7 @@ from sftdist.model import build_model, build_tokenizer, checkpoint_dtype, max_po
 from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
 from sftdist.parallel import build_strategy
 from sftdist.resume import find_checkpoint, flat_config, run_identity
+from sftdist.scoring import cached_model_loss, score_model_loss
 from sftdist.signals import STOPPED_FILE, StopSignals, record_stop
 
 log = logging.getLogger(__name__)
@@ -125,13 +131,13 @@ class Trainer:
             self.attention = resolve_backend(cfg.model.attn_impl, self.device)
             apply_packed_attention(model, self.attention)
         self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.train))
+        self.sampler = self._build_sampler(resumed)  # before the checkpoint's weights: model_loss is the base's
         self.start_step = 0
         if self.resume_from is not None:
             load_checkpoint(self.resume_from, self.strategy, self.model, self.optimizer)
             self.start_step = resumed["step"]
         if self.strategy.is_main:  # only once the inputs proved good: a failed start leaves no trace
             self._prepare_output_dir()
-        self.sampler = StepSampler(len(self.train_set), cfg.train.global_batch_size, cfg.seed)
         # The W&B run continues where this output_dir's own run is resumed; a run branched off another's
         # checkpoint (resume=PATH elsewhere) is a W&B run of its own.
         own = (
@@ -149,6 +155,30 @@ class Trainer:
         )
         self.stop_signals = StopSignals(cfg.checkpoint.stop_timeout_s)
         self._log_plan()
+
+    def _build_sampler(self, resumed: dict[str, Any]) -> StepSampler | CurriculumSampler:
+        """The step sampler: uniform, or the curriculum's (its buckets from the checkpoint when resuming)."""
+        cfg, self.eval_buckets = self.cfg, None
+        if cfg.curriculum.name == "none":
+            return StepSampler(len(self.train_set), cfg.train.global_batch_size, cfg.seed)
+        saved = None
+        if self.resume_from is not None:
+            saved = (np.load(self.resume_from / CURRICULUM_FILE, allow_pickle=False), resumed["curriculum"]["report"])
+        sampler, self.train_set, self.eval_buckets, self.row_buckets, self.data_report["curriculum"] = build_curriculum(
+            cfg, self.train_set, self.eval_set, self._model_losses, saved
+        )
+        for warning in self.data_report["curriculum"]["warnings"] if self.strategy.is_main else []:
+            log.warning("%s", warning)
+        return sampler
+
+    def _model_losses(self) -> np.ndarray:
+        """The base model's loss of every prepared sample (cached), scored in rows of data.max_length tokens at
+        most (packed attention costs the square of a row's length)."""
+        self.model.eval()
+        score = lambda: score_model_loss(  # noqa: E731
+            self.train_set.table, self._logits, self.cfg.data.max_length, self.pad_id, self.strategy, self.device
+        )
+        return cached_model_loss(self.cfg, self.data_report["fingerprint"], score, self.strategy.is_main)
 
     @contextlib.contextmanager
     def _main_first(self):
@@ -185,37 +215,28 @@ class Trainer:
         (self.output_dir / "data_report.json").write_text(json.dumps(self.data_report, indent=2) + "\n")
 
     def _log_plan(self) -> None:
-        t, r = self.cfg.train, self.data_report
+        c, t, r = self.cfg, self.cfg.train, self.data_report
         if not self.strategy.is_main:
             return
         log.info(
-            "model: %s, %.2fM parameters, %s, %s x %d on %s, attention %s",
-            self.cfg.model.name,
-            self.num_params / 1e6,
-            self.cfg.precision,
-            self.cfg.strategy.name,
-            self.strategy.world_size,
-            self.device.type,
-            self.attention,
+            f"model: {c.model.name}, {self.num_params / 1e6:.2f}M parameters, {c.precision}, {c.strategy.name} "
+            f"x {self.strategy.world_size} on {self.device.type}, attention {self.attention}"
         )
         log.info(
-            "data: %d records in, %d used (%d train, %d eval); rejected %s; filtered %s; truncated %d",
-            r["records_in"],
-            r["records_used"],
-            r["records_train"],
-            r["records_eval"],
-            r["rejected"] or "none",
-            r["filtered"] or "none",
-            r["truncated"]["records"],
+            f"data: {r['records_in']} records in, {r['records_used']} used ({r['records_train']} train, "
+            f"{r['records_eval']} eval); rejected {r['rejected'] or 'none'}; filtered {r['filtered'] or 'none'}; "
+            f"truncated {r['truncated']['records']}"
         )
+        if "curriculum" in r:
+            log.info(
+                f"curriculum: {c.curriculum.name} by {c.curriculum.difficulty}, buckets {r['curriculum']['train']}, "
+                f"phases end at steps {self.sampler.ends}"
+            )
         if self.resume_from is not None:
-            log.info("resuming from %s: step %d of %d", self.resume_from, self.start_step, t.max_steps)
+            log.info(f"resuming from {self.resume_from}: step {self.start_step} of {t.max_steps}")
         log.info(
-            "plan: %d steps x %d samples (%.2f epochs), micro-batches of <= %d tokens",
-            t.max_steps,
-            t.global_batch_size,
-            self.sampler.epoch(t.max_steps - 1),
-            t.micro_batch_tokens,
+            f"plan: {t.max_steps} steps x {t.global_batch_size} samples ({self.sampler.epoch(t.max_steps - 1):.2f} "
+            f"epochs), micro-batches of <= {t.micro_batch_tokens} tokens"
         )
 
     def _autocast(self):
@@ -269,14 +290,22 @@ class Trainer:
                 metrics = self._step_metrics(step, lr, stats, samples, micro_batches, time.perf_counter() - step_start)
                 last = step + 1 == t.max_steps
                 if self.eval_set and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
-                    metrics["eval/loss"] = self.evaluate()
+                    metrics.update(self.evaluate())
                 self._log_step(step, metrics, bar)
                 stop = self._stop_agreed()
+                planned = step + 1 == t.stop_after_step and not last  # this job's share of the run is done
                 every = self.cfg.checkpoint.every_steps
-                if stop or (every and ((step + 1) % every == 0 or last)):
+                if stop or planned or (every and ((step + 1) % every == 0 or last)):
                     self.save_checkpoint(step + 1)
                 if stop and not last:  # at the last step, finishing (the export) is what is left to do
                     return self._stopped(step + 1, metrics)
+                if planned:
+                    log.info(
+                        "train.stop_after_step=%d: stopping with a checkpoint; the same command with another "
+                        "train.stop_after_step (or none) continues the run",
+                        step + 1,
+                    )
+                    return {**metrics, "stopped_at": step + 1}
         wall = time.perf_counter() - start
         final = self.export(self.output_dir / "final")
         if self.strategy.is_main and self.start_step == t.max_steps:
@@ -320,6 +349,12 @@ class Trainer:
             "train/micro_batches": len(micro_batches),
             "train/epoch": self.sampler.epoch(step),
         }
+        if isinstance(self.sampler, CurriculumSampler):  # the realised mixture of this step
+            counts, epochs = self.sampler.counts(step), self.sampler.bucket_epochs(step)
+            metrics["data/phase"] = self.sampler.phase(step) + 1
+            for b, name in enumerate(BUCKETS):
+                metrics[f"data/frac_{name}"] = counts[b] / self.cfg.train.global_batch_size
+                metrics[f"data/epoch_{name}"] = float(epochs[b])
         if self.peak_tflops:  # model FLOPs with attention from the actual document lengths
             flops = self.dims.flops([len(s.input_ids) for s in samples])
             metrics["train/mfu"] = flops / (elapsed * self.strategy.world_size * self.peak_tflops * 1e12)
@@ -362,7 +397,8 @@ class Trainer:
                 "global_batch_size": t.global_batch_size,
                 "seed": self.sampler.seed,
             },
-            "curriculum": {"name": self.cfg.curriculum.name},  # the curriculum's own state, once it has one
+            # The schedule is the config and the step; the buckets are kept whole (CURRICULUM_FILE).
+            "curriculum": {"name": self.cfg.curriculum.name, "report": self.data_report.get("curriculum")},
             "wandb_run_id": self.wandb_run_id,
             "strategy": {"name": self.strategy.name, "format": self.strategy.checkpoint_format},
             "identity": self.identity,
@@ -377,7 +413,7 @@ class Trainer:
             self.model,
             self.optimizer,
             state,
-            lambda meta: self._write_hf_meta(meta, step),
+            lambda directory: self._write_main_files(directory, step),
             self.cfg.checkpoint.keep,
         )
         if self.strategy.is_main:
@@ -414,19 +450,30 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-mean cross-entropy over the held-out samples."""
+    def evaluate(self) -> dict[str, float]:
+        """Token-mean cross-entropy over the held-out samples (``eval/loss``), and over each difficulty bucket's
+        (``eval/loss_<bucket>``) with a curriculum."""
         self.model.eval()
+        groups = {"eval/loss": np.arange(len(self.eval_set))}
+        if self.eval_buckets is not None:
+            groups = {f"eval/loss_{name}": np.flatnonzero(self.eval_buckets == b) for b, name in enumerate(BUCKETS)}
+            groups[""] = np.flatnonzero(self.eval_buckets == MISSING)  # in eval/loss only
+        sums = self.strategy.all_sum([x for rows in groups.values() for x in self._eval_sums(rows)])
+        totals, counts = sums[0::2], sums[1::2]
+        out = {key: total / count for key, total, count in zip(groups, totals, counts) if key and count}
+        out["eval/loss"] = sum(totals) / sum(counts)
+        return out
+
+    def _eval_sums(self, rows: np.ndarray) -> tuple[float, int]:
+        """(summed cross-entropy, supervised tokens) of these eval samples on this rank."""
         total, count = 0.0, 0
         size = self.cfg.train.global_batch_size
-        for start in range(0, len(self.eval_set), size):
-            chunk = [self.eval_set[i] for i in range(start, min(start + size, len(self.eval_set)))]
-            for mb in self._step_batches(chunk):
+        for start in range(0, len(rows), size):
+            for mb in self._step_batches([self.eval_set[int(i)] for i in rows[start : start + size]]):
                 mb = mb.to(self.device)
                 total += float(cross_entropy_sum(self._logits(mb), mb.targets))
                 count += mb.num_supervised
-        total, count = self.strategy.all_sum([total, count])
-        return total / count
+        return total, count
 
     def export(self, out_dir: Path) -> Path:
         """The Hugging Face directory of the trained model (weights gathered by the strategy), in the dtype it came
@@ -450,6 +497,15 @@ class Trainer:
         }
         write_hf_meta(model, self.tokenizer, out_dir, checkpoint_dtype(self.cfg.model), self._stop_tokens, info)
 
+    def _write_main_files(self, checkpoint: Path, step: int) -> list[Path]:
+        """What rank 0 alone adds to a checkpoint: the export's meta files, the curriculum's buckets."""
+        self._write_hf_meta(checkpoint / HF_DIR, step)
+        written = [p for p in (checkpoint / HF_DIR).rglob("*") if p.is_file()]
+        if isinstance(self.sampler, CurriculumSampler):
+            np.save(checkpoint / CURRICULUM_FILE, self.row_buckets, allow_pickle=False)
+            written.append(checkpoint / CURRICULUM_FILE)
+        return written
+
     @functools.cached_property
     def _stop_tokens(self) -> list[int] | None:
         current = getattr(getattr(self.strategy.unwrap(self.model), "generation_config", None), "eos_token_id", None)
@@ -468,6 +524,6 @@ class Trainer:
 
 def _brief(metrics: dict[str, Any]) -> str:
     keys = ("train/loss", "eval/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
-    return " | ".join(
-        f"{k.split('/')[-1] if k.startswith('train') else k} {metrics[k]:.4g}" for k in keys if k in metrics
-    )
+    parts = [f"phase {metrics['data/phase']}"] if "data/phase" in metrics else []
+    parts += [f"{k.split('/')[-1] if k.startswith('train') else k} {metrics[k]:.4g}" for k in keys if k in metrics]
+    return " | ".join(parts)

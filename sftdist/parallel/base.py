@@ -82,6 +82,10 @@ class Strategy(ABC):
         """Rank 0's ``obj`` on every rank (a picklable object: a decision only rank 0 can take)."""
         return obj
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        return [obj]
+
     # Checkpoints: every rank writes and reads its own part (a collective); the format is the strategy's, and a
     # resumed run must use a strategy of the same format; ``reshards``: it loads on another number of processes.
     checkpoint_format: str = dcp.FORMAT

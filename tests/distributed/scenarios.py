@@ -12,6 +12,7 @@ grouped in one launch because process groups are slow to start. Results go to OU
   resumed; the test compares them bitwise.
 - one_to_two: a checkpoint of one process (OUT/single-stopped, written by the test) resumed by fsdp2 on two.
 - ddp_to_fsdp2: the ddp checkpoint of resume/ddp resumed by fsdp2 (the same format, another strategy).
+- curriculum/<difficulty>: the three-phase curriculum on fsdp2 (meta labels; model_loss scored by both ranks).
 - zero3_on_one (``... scenarios.py OUT DATA zero3_on_one`` on one process): the 2-process zero3 checkpoint refused.
 - crash (``torchrun --max-restarts=1 ... OUT DATA crash``): with $SFTDIST_TEST_STRATEGY, rank 1 SIGKILLed after
   step $SFTDIST_TEST_KILL_STEP on the first attempt; the restarted ranks resume from the newest complete checkpoint.
@@ -158,6 +159,24 @@ def resume_on_fsdp2(out: Path, data: str, checkpoint: Path, name: str) -> dict:
     return {"output_dir": str(run), "start_step": trainer.start_step, "samples": samples}
 
 
+def curriculum(out: Path, data: str, difficulty: str) -> dict:
+    """The three-phase curriculum on two fsdp2 processes; with model_loss, the ranks share the scoring."""
+    run = out / f"curriculum-{difficulty}"
+    trainer = Trainer(
+        compose(
+            *common(out, data),
+            "strategy=fsdp2",
+            *RESUME,
+            "curriculum=three_phase",
+            f"curriculum.difficulty={difficulty}",
+            f"output_dir={run}",
+        )
+    )
+    samples = record_sample_steps(trainer)
+    fit_and_close(trainer)
+    return {"output_dir": str(run), "samples": samples, "buckets": trainer.row_buckets.tolist()}
+
+
 def zero3_on_one(out: Path, data: str) -> dict:
     """On one process: the 2-process zero3 checkpoint must be refused at start, naming what to do."""
     checkpoint = out / "resume-zero3-stopped" / "checkpoints" / "step_3"
@@ -231,6 +250,8 @@ def main() -> None:
     step_3 = Path("checkpoints") / "step_3"
     record("one_to_two", resume_on_fsdp2, out, data, out / "single-stopped" / step_3, "one-to-two")
     record("ddp_to_fsdp2", resume_on_fsdp2, out, data, out / "resume-ddp-stopped" / step_3, "ddp-to-fsdp2")
+    for difficulty in ("meta", "model_loss"):
+        record(f"curriculum/{difficulty}", curriculum, out, data, difficulty)
     if only:  # launched on their own: on one process, or under torchrun --max-restarts
         record("zero3_on_one", zero3_on_one, out, data)
         record("crash", crash, out, data)

@@ -205,3 +205,25 @@ def test_stop_signals_through_launch_torchrun_sh(launched, tmp_path):
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 11))
     a, b = _weights(run), _weights(tmp_path / "straight")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("difficulty", ["meta", "model_loss"])
+def test_the_curriculum_draws_the_same_stream_on_two_processes_as_on_one(launched, tmp_path, difficulty):
+    """The samples of every step, the buckets (model_loss scored by both ranks, each its share, gathered) and the
+    weights are those of one process."""
+    out, data, results = launched
+    result = _ok(results[f"curriculum/{difficulty}"])
+    overrides = (
+        *scenarios.common(out, data),
+        *scenarios.RESUME,
+        "curriculum=three_phase",
+        f"curriculum.difficulty={difficulty}",
+        f"data.cache_dir={tmp_path / 'cache'}",  # scored afresh
+        f"output_dir={tmp_path / 'one'}",
+    )
+    trainer = Trainer(compose(*overrides))
+    samples = record_sample_steps(trainer)
+    fit_and_close(trainer)
+    assert trainer.row_buckets.tolist() == result["buckets"] and len(set(result["buckets"])) == 3
+    assert [tuple(x) for x in result["samples"]] == [tuple(x) for x in samples]
+    assert _max_relative_difference(_weights(result["output_dir"]), _weights(tmp_path / "one")) < 1e-4

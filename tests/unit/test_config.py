@@ -12,8 +12,6 @@ from helpers import REPO, compose
 from sftdist.config import ConfigError, SFTConfig
 
 CONF = REPO / "conf"
-# Group options a later version implements: accepted as keys now, refused with a clear message.
-PLANNED = {("curriculum", "three_phase")}
 
 
 def _group_options():
@@ -31,12 +29,8 @@ def test_defaults_compose_to_the_demo():
 
 @pytest.mark.parametrize("group,option", list(_group_options()))
 def test_every_shipped_option_composes_and_validates(group, option):
-    if (group, option) in PLANNED:
-        with pytest.raises(ConfigError, match=rf"{group}.name='{option}' is not implemented yet"):
-            compose(f"{group}={option}")
-    else:
-        cfg = compose(f"{group}={option}")
-        assert getattr(cfg, group).name == option
+    cfg = compose(f"{group}={option}")
+    assert getattr(cfg, group).name == option
 
 
 def test_three_phase_yaml_holds_the_mission_schedule():
@@ -82,6 +76,8 @@ CONTRACT_OVERRIDES = [
     "data.packing=false",
     "data.packing=true",
     "curriculum=none",
+    "curriculum=three_phase",
+    "curriculum.difficulty=length",
     "checkpoint.every_steps=0",
     "checkpoint.every_steps=10",
     "resume=/tmp/ckpt",
@@ -107,17 +103,6 @@ def test_contract_override_keys_exist(override):
         assert node.name == value
     else:
         assert str(node).lower() == value.lower() or float(node) == float(value)
-
-
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        ("curriculum=three_phase", "curriculum.name='three_phase' is not implemented yet"),
-    ],
-)
-def test_keys_not_yet_implemented_say_so(override, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        compose(*override.split("  "))
 
 
 @pytest.mark.parametrize(
