@@ -184,6 +184,7 @@ def register_configs() -> None:
 
 
 FORMATS = ("auto", "messages", "alpaca", "sharegpt")
+SCORERS = ("length", "turns", "model_loss")  # curriculum difficulty from the data or the model (besides meta)
 
 
 def _choice(key: str, value: str, available: tuple[str, ...]) -> None:
@@ -225,8 +226,8 @@ def _validate_features(cfg: SFTConfig) -> None:
 
 
 def _validate_curriculum(c: CurriculumConfig) -> None:
-    _choice("curriculum.difficulty", c.difficulty, ("meta", "length", "turns", "model_loss"))
-    _choice("curriculum.fallback", c.fallback, ("length", "turns", "model_loss"))
+    _choice("curriculum.difficulty", c.difficulty, ("meta", *SCORERS))
+    _choice("curriculum.fallback", c.fallback, SCORERS)
     _choice("curriculum.on_missing", c.on_missing, ("fallback", "reject"))
     _choice("curriculum.on_empty", c.on_empty, ("error", "renormalise"))
     for key in ("thresholds", "quantiles"):

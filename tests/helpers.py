@@ -153,3 +153,23 @@ def save_tiny_model(directory, arch: str = "llama", with_template: bool = True, 
     torch.manual_seed(0)
     model_cls(config_cls(**{**settings, **config})).to(dtype or torch.float32).save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
+
+
+def final_weights(run) -> dict:
+    """The weights of a run's final/ export."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run) / "final" / "model.safetensors"))
+
+
+def bitwise_equal(a: dict, b: dict) -> bool:
+    import torch
+
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    """Largest per-tensor ||a - b|| / ||b||: the measure of FACTS.md. (An element-wise maximum is the wrong
+    yardstick after AdamW: a gradient near eps turns summation-order noise into a visible update.)"""
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)

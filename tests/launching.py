@@ -67,3 +67,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def scenario_ok(result: dict) -> dict:
+    """A scenario's result, or the test fails with the scenario's traceback."""
+    assert "error" not in result, result.get("traceback", result["error"])
+    return result

@@ -24,7 +24,6 @@ from sftdist.data.curriculum import BUCKETS, CurriculumSampler, Phase, check_sch
 from sftdist.data.pipeline import EncodedSet
 from sftdist.errors import DataError
 
-SCORERS = ("meta", "length", "turns", "model_loss")
 MISSING = -1
 
 

@@ -18,8 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, compose, fit_and_close, read_metrics, record_sample_steps
-from launching import launch_scenarios, load_scenarios, torchrun_env
+from helpers import (
+    REPO,
+    compose,
+    final_weights,
+    fit_and_close,
+    max_relative_difference,
+    read_metrics,
+    record_sample_steps,
+)
+from launching import launch_scenarios, load_scenarios, scenario_ok, torchrun_env
 from sftdist.checkpoint import MARKER
 from sftdist.export import export_checkpoint
 from sftdist.signals import STOPPED_FILE
@@ -28,24 +36,9 @@ from sftdist.trainer import Trainer
 scenarios = load_scenarios()
 
 
-def _ok(result: dict) -> dict:
-    assert "error" not in result, result.get("traceback", result["error"])
-    return result
-
-
-def _weights(run: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(run) / "final" / "model.safetensors"))
-
-
-def _max_relative_difference(a: dict, b: dict) -> float:
-    """Largest per-tensor ||a - b|| / ||b||, the measure of FACTS.md."""
-    assert set(a) == set(b)
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
-
-
 @pytest.mark.parametrize("strategy", scenarios.STRATEGIES)
 def test_a_run_stopped_by_a_signal_and_resumed_equals_the_uninterrupted_run(launched, strategy):
-    result = _ok(launched[2][f"resume/{strategy}"])
+    result = scenario_ok(launched[2][f"resume/{strategy}"])
     # Rank 0 alone got SIGUSR1 during step 3; both ranks stopped after it, with a checkpoint of step 3.
     assert (result["stopped_by"], result["stop_step"], result["start_step"]) == ("SIGUSR1", 3, 3)
     assert result["resumed_from"].endswith("checkpoints/step_3")
@@ -54,7 +47,7 @@ def test_a_run_stopped_by_a_signal_and_resumed_equals_the_uninterrupted_run(laun
     ours, theirs = read_metrics(stopped), read_metrics(straight)
     assert [m["step"] for m in ours] == [1, 2, 3, 4]  # one row per step: appended after the resume
     assert [m["train/loss"] for m in ours] == [m["train/loss"] for m in theirs]  # identical, not close
-    a, b = _weights(stopped), _weights(straight)
+    a, b = final_weights(stopped), final_weights(straight)
     assert all(torch.equal(a[k], b[k]) for k in b), strategy  # bitwise
     # keep=2: the stop's checkpoint and the last one; step 2 was removed once a newer one was complete
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step_3", "step_4"]
@@ -63,7 +56,7 @@ def test_a_run_stopped_by_a_signal_and_resumed_equals_the_uninterrupted_run(laun
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
 def test_the_export_of_the_last_checkpoint_equals_final(launched, strategy, tmp_path):
-    stopped = Path(_ok(launched[2][f"resume/{strategy}"])["stopped"])
+    stopped = Path(scenario_ok(launched[2][f"resume/{strategy}"])["stopped"])
     out = export_checkpoint(stopped / "checkpoints" / "step_4", tmp_path / "exported")
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (stopped / "final" / name).read_bytes(), name
@@ -75,7 +68,7 @@ def test_the_export_of_the_last_checkpoint_equals_final(launched, strategy, tmp_
 def test_a_checkpoint_of_two_processes_resumes_on_one(launched, single_resume_reference, tmp_path, strategy):
     """2 -> 1: DCP reshards; the sample stream continues with no sample repeated or skipped."""
     out, data, results = launched
-    first = _ok(results[f"resume/{strategy}"])
+    first = scenario_ok(results[f"resume/{strategy}"])
     shutil.copytree(Path(first["stopped"]) / "checkpoints" / "step_3", tmp_path / "checkpoints" / "step_3")
     trainer = Trainer(compose(*scenarios.common(out, data), *scenarios.RESUME, f"output_dir={tmp_path}"))
     assert trainer.start_step == 3 and trainer.strategy.world_size == 1
@@ -85,27 +78,27 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(launched, single_resume_re
     two_then_one = [(s, i) for s, i in first["samples"] if s < 3] + [tuple(x) for x in samples]
     assert [tuple(x) for x in two_then_one] == [tuple(x) for x in reference_samples]
     # FACTS: fsdp2 on 2 processes ends within 1.3e-5 of one process after 3 steps (summation order)
-    assert _max_relative_difference(_weights(tmp_path), _weights(reference_dir)) < 1e-4
+    assert max_relative_difference(final_weights(tmp_path), final_weights(reference_dir)) < 1e-4
 
 
 def test_a_checkpoint_of_one_process_resumes_on_two_fsdp2_processes(launched, single_resume_reference):
-    result = _ok(launched[2]["one_to_two"])
+    result = scenario_ok(launched[2]["one_to_two"])
     reference_dir, reference_samples = single_resume_reference
     assert result["start_step"] == 3 and [tuple(x) for x in result["samples"]] == [tuple(reference_samples[3])]
-    assert _max_relative_difference(_weights(result["output_dir"]), _weights(reference_dir)) < 1e-4
+    assert max_relative_difference(final_weights(result["output_dir"]), final_weights(reference_dir)) < 1e-4
 
 
 def test_a_ddp_checkpoint_resumes_with_fsdp2(launched, single_resume_reference):
-    result = _ok(launched[2]["ddp_to_fsdp2"])
+    result = scenario_ok(launched[2]["ddp_to_fsdp2"])
     reference_dir, reference_samples = single_resume_reference
     assert result["start_step"] == 3 and [tuple(x) for x in result["samples"]] == [tuple(reference_samples[3])]
-    assert _max_relative_difference(_weights(result["output_dir"]), _weights(reference_dir)) < 1e-4
+    assert max_relative_difference(final_weights(result["output_dir"]), final_weights(reference_dir)) < 1e-4
 
 
 def test_zero3_refuses_a_checkpoint_of_another_world_size_and_says_what_to_do(launched):
     out, data, _ = launched
     results = launch_scenarios(out, data, "--standalone", "--nproc_per_node=1", only="zero3_on_one", timeout=300)
-    message = _ok(results["zero3_on_one"])["message"]
+    message = scenario_ok(results["zero3_on_one"])["message"]
     assert "written by strategy=zero3 on 2 processes, and its format (deepspeed) loads on 2 only (this run has 1)" in (
         message
     )
@@ -133,13 +126,13 @@ def test_a_rank_killed_by_sigkill_restarts_and_ends_with_the_uninterrupted_weigh
         # torchrun's store and hang or fail to connect (pytorch/pytorch#135712; 2 restarts in 3 here).
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
     )
-    result = _ok(crashed["crash"])
+    result = scenario_ok(crashed["crash"])
     assert result["attempt"] == 1, "the kill did not happen"
     assert result["start_step"] == 2 and result["resumed_from"].endswith("checkpoints/step_2")
     assert "failed (exitcode: -9) local_rank: 1" in crashed["_stderr"]  # killed by SIGKILL, then restarted
-    run, straight = Path(result["output_dir"]), Path(_ok(results[f"resume/{strategy}"])["straight"])
+    run, straight = Path(result["output_dir"]), Path(scenario_ok(results[f"resume/{strategy}"])["straight"])
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
-    a, b = _weights(run), _weights(straight)
+    a, b = final_weights(run), final_weights(straight)
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
@@ -203,7 +196,7 @@ def test_stop_signals_through_launch_torchrun_sh(launched, tmp_path):
     assert third.returncode == 0, err[-3000:]
     assert not (run / STOPPED_FILE).exists()
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 11))
-    a, b = _weights(run), _weights(tmp_path / "straight")
+    a, b = final_weights(run), final_weights(tmp_path / "straight")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
 
 
@@ -212,7 +205,7 @@ def test_the_curriculum_draws_the_same_stream_on_two_processes_as_on_one(launche
     """The samples of every step, the buckets (model_loss scored by both ranks, each its share, gathered) and the
     weights are those of one process."""
     out, data, results = launched
-    result = _ok(results[f"curriculum/{difficulty}"])
+    result = scenario_ok(results[f"curriculum/{difficulty}"])
     overrides = (
         *scenarios.common(out, data),
         *scenarios.RESUME,
@@ -226,4 +219,4 @@ def test_the_curriculum_draws_the_same_stream_on_two_processes_as_on_one(launche
     fit_and_close(trainer)
     assert trainer.row_buckets.tolist() == result["buckets"] and len(set(result["buckets"])) == 3
     assert [tuple(x) for x in result["samples"]] == [tuple(x) for x in samples]
-    assert _max_relative_difference(_weights(result["output_dir"]), _weights(tmp_path / "one")) < 1e-4
+    assert max_relative_difference(final_weights(result["output_dir"]), final_weights(tmp_path / "one")) < 1e-4

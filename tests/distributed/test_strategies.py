@@ -11,23 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, compose, read_metrics
-from launching import free_port, load_scenarios, torchrun_env
+from helpers import REPO, compose, max_relative_difference, read_metrics
+from launching import free_port, load_scenarios, scenario_ok, torchrun_env
 from sftdist.errors import ConfigError
 from sftdist.trainer import Trainer
 
 scenarios = load_scenarios()
 
 
-def _ok(result: dict) -> dict:
-    assert "error" not in result, result.get("traceback", result["error"])
-    return result
-
-
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("strategy", scenarios.STRATEGIES)
 def test_one_step_gradients_equal_the_single_process_full_batch(launched, strategy, packing):
-    result = _ok(launched[2][f"grads/{strategy}/{packing}"])
+    result = scenario_ok(launched[2][f"grads/{strategy}/{packing}"])
     ranks = result["ranks"]
     assert result["supervised_tokens"] == result["ref_supervised"] == sum(r["supervised"] for r in ranks)
     assert len({r["micro_batches"] for r in ranks}) == 1  # the same number of micro-steps on every rank
@@ -42,22 +37,16 @@ def test_one_step_gradients_equal_the_single_process_full_batch(launched, strate
     assert result["max_rel"] < 1e-5  # FACTS: one step agrees to summation order (measured ~5e-7)
 
 
-def _max_relative_difference(a: dict, b: dict) -> float:
-    """Largest per-tensor ||a - b|| / ||b||, the measure of FACTS.md."""
-    assert set(a) == set(b)
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
-
-
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("strategy", scenarios.STRATEGIES)
 def test_three_steps_on_two_processes_give_the_weights_of_one(launched, single_process, strategy, packing):
-    result = _ok(launched[2][f"fit/{strategy}/{packing}"])
+    result = scenario_ok(launched[2][f"fit/{strategy}/{packing}"])
     run, reference = Path(result["output_dir"]), single_process[True]  # one process, packed: the reference
     weights = load_file(str(run / "final" / "model.safetensors"))
     expected = load_file(str(reference / "final" / "model.safetensors"))
     # FACTS (3 AdamW steps, uneven samples): DDP 6.4e-6, FSDP2 1.3e-5, ZeRO-3 3.7e-5 from summation order;
     # wrong normalisations 2.2e-2 (per rank) and 7.4e-2 (per micro-batch).
-    difference = _max_relative_difference(weights, expected)
+    difference = max_relative_difference(weights, expected)
     print(f"{strategy} packing={packing}: max per-tensor relative weight difference {difference:.2e}")
     assert difference < 1e-4
     ours, theirs = read_metrics(run), read_metrics(reference)
@@ -68,11 +57,11 @@ def test_three_steps_on_two_processes_give_the_weights_of_one(launched, single_p
 
 
 def test_bf16_sharded_strategies_agree_and_export_the_fp32_masters(launched):
-    fsdp2, zero3 = _ok(launched[2]["bf16/fsdp2"]), _ok(launched[2]["bf16/zero3"])
+    fsdp2, zero3 = scenario_ok(launched[2]["bf16/fsdp2"]), scenario_ok(launched[2]["bf16/zero3"])
     a = load_file(str(Path(fsdp2["output_dir"]) / "final" / "model.safetensors"))
     b = load_file(str(Path(zero3["output_dir"]) / "final" / "model.safetensors"))
     # Both reduce and accumulate gradients in fp32; the bf16 compute differs only in where it rounds.
-    assert _max_relative_difference(b, a) < 1e-2
+    assert max_relative_difference(b, a) < 1e-2
     assert zero3["loss"] == pytest.approx(fsdp2["loss"], rel=1e-2)
     for weights in (a, b):  # the exported tiny model is fp32 masters, not bf16 compute copies
         assert all(w.dtype == torch.float32 for w in weights.values())
@@ -80,7 +69,7 @@ def test_bf16_sharded_strategies_agree_and_export_the_fp32_masters(launched):
 
 
 def test_a_global_batch_the_world_cannot_share_is_refused(launched):
-    result = _ok(launched[2]["bad_global_batch"])
+    result = scenario_ok(launched[2]["bad_global_batch"])
     assert result["message"] == (
         "train.global_batch_size=3 is not divisible by the 2 processes (world size): make it a multiple of 2"
     )
@@ -88,7 +77,7 @@ def test_a_global_batch_the_world_cannot_share_is_refused(launched):
 
 
 def test_when_rank_0_stops_on_bad_data_the_others_stop_too(launched):
-    first, second = _ok(launched[2]["bad_data_on_rank_0"])["messages"]
+    first, second = scenario_ok(launched[2]["bad_data_on_rank_0"])["messages"]
     assert first.startswith("DataError: 5 of 6 records (83.3%) were rejected")
     assert second == "DataError: rank 0 stopped while preparing the data (its error says why); stopping too"
 
@@ -128,5 +117,5 @@ def test_two_nodes_rehearsed_on_localhost_train_and_export(launched, single_proc
     assert "fsdp2 x 2" in "".join(o + e for o, e in outputs)
     weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     expected = load_file(str(single_process[True] / "final" / "model.safetensors"))
-    assert _max_relative_difference(weights, expected) < 1e-4
+    assert max_relative_difference(weights, expected) < 1e-4
     assert torch.equal(torch.tensor([m["step"] for m in read_metrics(tmp_path / "run")]), torch.tensor([1, 2, 3]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import compose, read_metrics
+from helpers import compose, max_relative_difference, read_metrics
 from sftdist.data.batching import collate_packed
 from sftdist.data.pipeline import Sample
 from sftdist.errors import ConfigError
@@ -102,12 +102,6 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     assert runs["a"][0] != runs["c"][0]
 
 
-def _max_relative_difference(a: dict, b: dict) -> float:
-    """Largest per-tensor ||a - b|| / ||b||: the measure of FACTS.md. (An element-wise maximum is the wrong
-    yardstick after AdamW: a gradient near eps turns summation-order noise into a visible update.)"""
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
-
-
 @pytest.mark.parametrize(
     "variant",
     [
@@ -133,7 +127,7 @@ def test_packing_and_the_micro_batch_budget_do_not_change_the_update(tmp_path, v
     if variant[1].endswith("256"):
         assert r2["train/micro_batches"] >= 4
     w1, w2 = one.strategy.full_state_dict(one.model), other.strategy.full_state_dict(other.model)
-    assert _max_relative_difference(w2, w1) < 1e-5  # summation order (FACTS: ~3e-6); wrong normalisations ~1e-2
+    assert max_relative_difference(w2, w1) < 1e-5  # summation order (FACTS: ~3e-6); wrong normalisations ~1e-2
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "other")
     for a, b in zip(m1, m2):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
@@ -176,7 +170,7 @@ def test_gradient_checkpointing_does_not_change_the_update(tmp_path):
     on = [m for m in ckpt.model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert on and not [m for m in plain.model.modules() if getattr(m, "gradient_checkpointing", False)]
     w1, w2 = plain.strategy.full_state_dict(plain.model), ckpt.strategy.full_state_dict(ckpt.model)
-    assert _max_relative_difference(w2, w1) < 1e-6
+    assert max_relative_difference(w2, w1) < 1e-6
 
 
 def test_a_diverged_loss_stops_the_run_before_export(tmp_path):

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import compose, fit_and_close, read_metrics, record_sample_steps, save_tiny_model, signal_during_step
+from helpers import (
+    bitwise_equal,
+    compose,
+    final_weights,
+    fit_and_close,
+    read_metrics,
+    record_sample_steps,
+    save_tiny_model,
+    signal_during_step,
+)
 from sftdist.checkpoint import MARKER, CheckpointError
 from sftdist.data.batching import collate_packed
 from sftdist.signals import EXIT_STOPPED
@@ -38,14 +46,6 @@ BIN = Path(sys.executable).parent
 
 def _trainer(out: Path, *overrides: str) -> Trainer:
     return Trainer(compose(*COMMON, f"output_dir={out}", *overrides))
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "model.safetensors"))
-
-
-def _bitwise_equal(a: dict, b: dict) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
 
 
 def _cli_env() -> dict:
@@ -94,7 +94,7 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(straight, tmp_pa
     timings = {"train/tokens_per_s", "train/step_s"}
     for a, b in zip(ours, theirs):  # losses, grad norms, eval losses: identical, not close
         assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
-    assert _bitwise_equal(_weights(tmp_path), _weights(out))
+    assert bitwise_equal(final_weights(tmp_path), final_weights(out))
 
 
 def test_sigterm_writes_a_checkpoint_exits_75_and_a_plain_restart_finishes(straight, tmp_path):
@@ -123,7 +123,7 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_a_plain_restart_finishes(strai
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {tmp_path / 'run' / 'checkpoints' / f'step_{stopped_at}'}" in again.stdout
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
-    assert _bitwise_equal(_weights(tmp_path / "run"), _weights(out))
+    assert bitwise_equal(final_weights(tmp_path / "run"), final_weights(out))
 
 
 # Kills the process with SIGKILL inside a checkpoint write: after step_4 is renamed into place, before its
@@ -171,7 +171,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(straigh
     assert f"skipping {torn}: it has no COMPLETE marker (its write was interrupted)" in again.stdout
     assert f"resuming from {tmp_path / 'run' / 'checkpoints' / 'step_2'}" in again.stdout
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
-    assert _bitwise_equal(_weights(tmp_path / "run"), _weights(out))
+    assert bitwise_equal(final_weights(tmp_path / "run"), final_weights(out))
     assert (torn / MARKER).is_file()  # written again, whole, by the resumed run
 
 
@@ -234,7 +234,7 @@ def test_a_finished_run_started_again_trains_nothing(finished, straight):
     assert trainer.start_step == 6
     fit_and_close(trainer)
     assert (finished / "metrics.jsonl").read_text() == (straight[0] / "metrics.jsonl").read_text()
-    assert _bitwise_equal(_weights(finished), _weights(straight[0]))
+    assert bitwise_equal(final_weights(finished), final_weights(straight[0]))
 
 
 def test_resume_never_starts_fresh_and_removes_the_earlier_checkpoints(finished, caplog):
