@@ -26,6 +26,28 @@ EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 SAME_EVENT_S = 5.0
 
+_active: list[StopSignals] = []  # the instances catching signals in this process now (entered, not yet exited)
+_fork_hook_registered = False
+
+
+def _forget_in_child() -> None:
+    """In a process forked while signals are caught (a datasets.map or multiprocessing worker): the default
+    handlers and no wake-up fd. Otherwise the child's SIGTERM, when its pool ends it, would land in the parent's
+    pipe and stop the run, and the child would outlive the SIGTERM meant to end it."""
+    if not _active:
+        return
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+    except ValueError:  # forked from a thread that is not the main one: nothing was installed in this thread
+        pass
+    for stop in _active:  # the child's copies of the pipe: the parent's watcher ends when every write end is closed
+        for fd in stop._pipe or ():
+            os.close(fd)
+        stop._pipe = None
+    _active.clear()
+
 
 class StopSignals:
     """A context manager that catches :data:`STOP_SIGNALS` while training; restores the previous handlers after.
@@ -53,11 +75,18 @@ class StopSignals:
             self._previous[signum] = signal.signal(signum, self._handle)
         self._watcher = threading.Thread(target=self._watch, args=(read_fd,), name="sftdist-stop-signals", daemon=True)
         self._watcher.start()
+        global _fork_hook_registered
+        if not _fork_hook_registered:
+            os.register_at_fork(after_in_child=_forget_in_child)
+            _fork_hook_registered = True
+        _active.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pipe is None:
             return
+        if self in _active:
+            _active.remove(self)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(self._previous_wakeup_fd)
@@ -134,17 +163,19 @@ def check_launcher_grace(timeout_s: float) -> None:
         )
 
 
-def record_stop(output_dir: Path, signal_name: str, step: int, checkpoint: Path) -> None:
-    """Write :data:`STOPPED_FILE` and say how to resume (rank 0, after the checkpoint is complete)."""
+def record_stop(output_dir: Path, signal_name: str, step: int, checkpoint: Path | None) -> None:
+    """Write :data:`STOPPED_FILE` and say how to resume (rank 0, after the checkpoint is complete). ``checkpoint`` is
+    None for a run stopped before its first step with nothing to resume from."""
     info = {
         "signal": signal_name,
         "step": step,
-        "checkpoint": str(checkpoint),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
         "exit_status": EXIT_STOPPED,
         "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
     }
     (Path(output_dir) / STOPPED_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    where = "nothing trained yet" if checkpoint is None else f"checkpoint in {checkpoint}"
     _say(
-        f"stopped by {signal_name} after step {step}, checkpoint in {checkpoint}: start the same command again "
-        f"to resume (exit status {EXIT_STOPPED})"
+        f"stopped by {signal_name} after step {step}, {where}: start the same command again to resume "
+        f"(exit status {EXIT_STOPPED})"
     )

@@ -5,6 +5,7 @@ sftdist-train output_dir=runs/x train.max_steps=40
 sftdist-train model.name_or_path=/models/m data.path=chat.jsonl precision=bf16
 sftdist-train --cfg job                         # print the composed config and exit
 sftdist-train -m train.lr=1e-4,3e-4 'output_dir=runs/lr${train.lr}'   # a sweep: one output_dir per job
+sftdist-train --check model.name_or_path=/models/m data.path=chat.jsonl  # validate config and inputs, then exit
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def train(cfg: SFTConfig) -> None:
 
 
 def main() -> None:
-    hydra_main("sftdist-train", train)
+    if "--check" in sys.argv[1:]:  # ours, not Hydra's: validate the config and its inputs, train nothing
+        sys.argv.remove("--check")
+        from sftdist.preflight import check
+
+        hydra_main("sftdist-train", check)
+    else:
+        hydra_main("sftdist-train", train)
 
 
 if __name__ == "__main__":

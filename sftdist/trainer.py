@@ -46,7 +46,7 @@ from sftdist.metrics import MetricsLogger, build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
 from sftdist.model import build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters, pad_token_id
 from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
-from sftdist.parallel import build_strategy
+from sftdist.parallel import build_strategy, check_world_size
 from sftdist.resume import find_checkpoint, flat_config, run_identity
 from sftdist.scoring import cached_model_loss, score_model_loss
 from sftdist.signals import STOPPED_FILE, StopSignals, record_stop
@@ -81,10 +81,13 @@ class Trainer:
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
         self.metrics: MetricsLogger | None = None
-        self._closed = False
+        self._closed = self._fitted = False
         check_wandb(cfg.wandb)
-        self.strategy = build_strategy(cfg)
+        # Stop signals are caught from here to close(): one during the set-up (a preemption while the data is
+        # prepared, say) stops the run before its first step, rather than killing it.
+        self.stop_signals = StopSignals(cfg.checkpoint.stop_timeout_s).__enter__()
         try:
+            self.strategy = build_strategy(cfg)
             self._set_up()
         except BaseException:
             self.close()
@@ -94,12 +97,7 @@ class Trainer:
         cfg = self.cfg
         self.device = self.strategy.device
         self.output_dir = Path(cfg.output_dir)
-        world = self.strategy.world_size
-        if cfg.train.global_batch_size % world:
-            raise ConfigError(
-                f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
-                f"{world} processes (world size): make it a multiple of {world}"
-            )
+        check_world_size(cfg, self.strategy.world_size)
         torch.manual_seed(cfg.seed)
 
         self.tokenizer, self.chat_template = build_tokenizer(cfg.model, cfg.data)
@@ -153,7 +151,6 @@ class Trainer:
             run_id=self.wandb_run_id,
             resume_step=self.start_step if self.resume_from is not None else None,
         )
-        self.stop_signals = StopSignals(cfg.checkpoint.stop_timeout_s)
         self._log_plan()
 
     def _build_sampler(self, resumed: dict[str, Any]) -> StepSampler | CurriculumSampler:
@@ -273,7 +270,11 @@ class Trainer:
         ``stopped_by`` (the signal's name) in the result."""
         t = self.cfg.train
         start, metrics = time.perf_counter(), {}
-        with self.stop_signals, self._progress_bar() as bar:
+        with self._progress_bar() as bar:
+            if self._share_done(self.start_step):  # (a requeue of a job that had already reached it)
+                return self._planned_stop(self.start_step, metrics)
+            if self._stop_agreed():  # a signal came during the set-up: stop before the first step
+                return self._stopped(self.start_step, metrics)
             for step in range(self.start_step, t.max_steps):
                 lr = lr_at(step, t)
                 for group in self.optimizer.param_groups:
@@ -292,20 +293,14 @@ class Trainer:
                 if self.eval_set and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
                     metrics.update(self.evaluate())
                 self._log_step(step, metrics, bar)
-                stop = self._stop_agreed()
-                planned = step + 1 == t.stop_after_step and not last  # this job's share of the run is done
+                stop, planned = self._stop_agreed(), self._share_done(step + 1)
                 every = self.cfg.checkpoint.every_steps
                 if stop or planned or (every and ((step + 1) % every == 0 or last)):
                     self.save_checkpoint(step + 1)
+                if planned:  # (also when a stop signal came in this step: the job's work is done, not cut short)
+                    return self._planned_stop(step + 1, metrics)
                 if stop and not last:  # at the last step, finishing (the export) is what is left to do
                     return self._stopped(step + 1, metrics)
-                if planned:
-                    log.info(
-                        "train.stop_after_step=%d: stopping with a checkpoint; the same command with another "
-                        "train.stop_after_step (or none) continues the run",
-                        step + 1,
-                    )
-                    return {**metrics, "stopped_at": step + 1}
         wall = time.perf_counter() - start
         final = self.export(self.output_dir / "final")
         if self.strategy.is_main and self.start_step == t.max_steps:
@@ -317,6 +312,7 @@ class Trainer:
         elif self.strategy.is_main:
             log.info("done: steps %d-%d in %.1f s; final model in %s", self.start_step + 1, t.max_steps, wall, final)
         self.strategy.barrier()
+        self._fitted = True
         return {**metrics, "wall_s": wall}
 
     def _progress_bar(self) -> tqdm:
@@ -380,10 +376,29 @@ class Trainer:
         (signalled,) = self.strategy.all_sum([float(self.stop_signals.requested is not None)])
         return signalled > 0
 
-    def _stopped(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        signal_name = self.stop_signals.requested or "a signal to another rank"
+    def _share_done(self, step: int) -> bool:
+        """Whether this job's share of a longer run (``train.stop_after_step``) is done after ``step`` steps."""
+        stop_after = self.cfg.train.stop_after_step
+        return stop_after is not None and stop_after < self.cfg.train.max_steps and step >= stop_after
+
+    def _planned_stop(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         if self.strategy.is_main:
-            record_stop(self.output_dir, signal_name, step, step_dir(checkpoints_dir(self.output_dir), step))
+            log.info(
+                "train.stop_after_step=%d: stopping with a checkpoint at step %d; the same command with another "
+                "train.stop_after_step (or none) continues the run",
+                self.cfg.train.stop_after_step,
+                step,
+            )
+        self._fitted = True
+        return {**metrics, "stopped_at": step}
+
+    def _stopped(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """After the stop's checkpoint (at ``step``; before the first step, the one resumed from, if any)."""
+        signal_name = self.stop_signals.requested or "a signal to another rank"
+        checkpoint = step_dir(checkpoints_dir(self.output_dir), step) if step > self.start_step else self.resume_from
+        if self.strategy.is_main:
+            record_stop(self.output_dir, signal_name, step, checkpoint)
+        self._fitted = True
         return {**metrics, "stopped_by": signal_name, "step": step}
 
     def save_checkpoint(self, step: int) -> Path:
@@ -519,7 +534,13 @@ class Trainer:
         self._closed = True
         if self.metrics is not None:
             self.metrics.close()
-        self.strategy.close()
+        try:
+            if self._fitted:  # every rank leaves once rank 0's files are closed: a launcher that ends the others
+                self.strategy.barrier()  # when the first exits (srun --kill-on-bad-exit, after a stop) cuts nothing
+        finally:
+            if hasattr(self, "strategy"):
+                self.strategy.close()
+            self.stop_signals.__exit__(None, None, None)
 
 
 def _brief(metrics: dict[str, Any]) -> str:

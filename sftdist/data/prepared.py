@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.config import DataConfig
+from sftdist.data.sources import must_exist
 from sftdist.errors import ConfigError
 
 PIPELINE_VERSION = 1  # bump when encoding or filtering changes what the same inputs produce
@@ -59,10 +60,7 @@ def fingerprint(sources: list, tokenizer: Any, template: str, cfg: DataConfig) -
         else:
             h.update(json.dumps(source.records, sort_keys=True).encode())
     if cfg.filters.decontaminate:
-        if not Path(cfg.filters.decontaminate).exists():
-            raise FileNotFoundError(
-                f"data.filters.decontaminate={cfg.filters.decontaminate!r}: no such file or directory"
-            )
+        must_exist("data.filters.decontaminate", cfg.filters.decontaminate)
         _update_with_path(h, Path(cfg.filters.decontaminate))
     h.update(tokenizer_hash(tokenizer).encode())
     h.update(template.encode())
@@ -116,15 +114,20 @@ def save_prepared(table: Any, manifest: dict, directory: Path, replace: bool = T
     return directory
 
 
-def load_prepared(directory: str | Path) -> tuple[Any, dict]:
-    import datasets
-
-    directory = Path(directory)
-    if not (directory / MANIFEST).is_file():
+def check_prepared(directory: str | Path) -> None:
+    """Raise ConfigError naming data.prepared when ``directory`` is not a prepared directory."""
+    if not (Path(directory) / MANIFEST).is_file():
         raise ConfigError(
             f"data.prepared={str(directory)!r}: not a prepared directory (no {MANIFEST}); "
             "write one with sftdist-prepare"
         )
+
+
+def load_prepared(directory: str | Path) -> tuple[Any, dict]:
+    import datasets
+
+    directory = Path(directory)
+    check_prepared(directory)
     manifest = json.loads((directory / MANIFEST).read_text())
     return datasets.load_from_disk(str(directory)), manifest
 

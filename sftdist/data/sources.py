@@ -32,11 +32,11 @@ class Source:
 def sources_from_config(cfg: DataConfig, seed: int) -> list[Source]:
     """data.path (one source), data.sources (several, weighted), or the generated demo."""
     if cfg.path is not None:
-        _must_exist("data.path", cfg.path)
+        must_exist("data.path", cfg.path)
         return [Source(_name(cfg.path), cfg.format, 1.0, cfg.path)]
     if cfg.sources:
         for i, s in enumerate(cfg.sources):
-            _must_exist(f"data.sources[{i}].path", s.path)
+            must_exist(f"data.sources[{i}].path", s.path)
         sources = [Source(s.name or _name(s.path), s.format, s.weight, s.path) for s in cfg.sources]
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
@@ -54,7 +54,8 @@ def source_weights(cfg: DataConfig) -> dict[str, float]:
     return {"demo": 1.0}
 
 
-def _must_exist(key: str, path: str) -> None:
+def must_exist(key: str, path: str) -> None:
+    """Raise FileNotFoundError naming ``key`` when ``path`` does not exist."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
 

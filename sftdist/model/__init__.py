@@ -13,7 +13,8 @@ from sftdist.data.template import load_chat_template, resolve_chat_template
 from sftdist.errors import ConfigError
 
 
-def _local_dir(key: str, path: str) -> Path:
+def local_dir(key: str, path: str) -> Path:
+    """``path`` as a directory; FileNotFoundError naming ``key`` when there is none."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -30,9 +31,9 @@ def build_tokenizer(cfg: ModelConfig, data_cfg: DataConfig) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     if cfg.tokenizer is not None:
-        source, key = _local_dir("model.tokenizer", cfg.tokenizer), "model.tokenizer"
+        source, key = local_dir("model.tokenizer", cfg.tokenizer), "model.tokenizer"
     elif cfg.name_or_path is not None:
-        source, key = _local_dir("model.name_or_path", cfg.name_or_path), "model.name_or_path"
+        source, key = local_dir("model.name_or_path", cfg.name_or_path), "model.name_or_path"
     else:
         source, key = DEMO_TOKENIZER_DIR, "the bundled demo tokenizer"
     try:
@@ -81,12 +82,18 @@ def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def model_directory(name_or_path: str) -> Path:
+    """``model.name_or_path`` as a Hugging Face model directory (one with a config.json), or FileNotFoundError."""
+    directory = local_dir("model.name_or_path", name_or_path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path={name_or_path!r}: no config.json in it")
+    return directory
+
+
 def _load_model(cfg: ModelConfig, tokenizer: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    directory = _local_dir("model.name_or_path", cfg.name_or_path)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path!r}: no config.json in it")
+    directory = model_directory(cfg.name_or_path)
     try:  # fp32 master weights whatever the checkpoint's dtype; precision=bf16 autocasts the compute
         model = AutoModelForCausalLM.from_pretrained(
             str(directory), dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code

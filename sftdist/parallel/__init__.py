@@ -22,19 +22,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_world_size(cfg: SFTConfig, world_size: int) -> None:
+    """What the number of processes must allow: ConfigError naming the key otherwise."""
+    if cfg.strategy.name == "none" and world_size > 1:  # N copies of one run writing one output_dir: never meant
+        raise ConfigError(
+            f"strategy=none trains in one process, but this was launched with WORLD_SIZE="
+            f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy "
+            "(strategy=ddp|fsdp2|zero3)"
+        )
+    if cfg.train.global_batch_size % world_size:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
+            f"{world_size} processes (world size): make it a multiple of {world_size}"
+        )
+
+
 def build_strategy(cfg: SFTConfig) -> Strategy:
     """The strategy ``cfg.strategy.name`` names; distributed ones join (or start) the process group."""
     name = cfg.strategy.name
     if name == "none":
         from sftdist.parallel.single import SingleProcess
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1:  # N copies of one run writing one output_dir: never what was meant
-            raise ConfigError(
-                f"strategy=none trains in one process, but this was launched with WORLD_SIZE="
-                f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy "
-                "(strategy=ddp|fsdp2|zero3)"
-            )
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         return SingleProcess(resolve_device(cfg.device))
     if name == "ddp":
         from sftdist.parallel.ddp import DDPStrategy
@@ -51,6 +60,13 @@ def build_strategy(cfg: SFTConfig) -> Strategy:
     raise ConfigError(f"strategy.name={name!r}: not one of none, ddp, fsdp2, zero3")
 
 
+def checkpoint_format(strategy_name: str) -> str:
+    """The format of the checkpoints a strategy writes (and the only one it reads)."""
+    from sftdist.parallel import dcp, deepspeed  # deepspeed itself is not imported
+
+    return deepspeed.FORMAT if strategy_name == "zero3" else dcp.FORMAT
+
+
 def full_model_state_dict(directory: Path, checkpoint_format: str) -> dict[str, torch.Tensor]:
     """The whole model of a checkpoint's ``state/`` directory on CPU, in one process (for sftdist-export)."""
     from sftdist.parallel import dcp, deepspeed  # deepspeed itself is imported only to read its format
@@ -61,4 +77,11 @@ def full_model_state_dict(directory: Path, checkpoint_format: str) -> dict[str, 
     return readers[checkpoint_format](directory)
 
 
-__all__ = ["Strategy", "build_strategy", "full_model_state_dict", "resolve_device"]
+__all__ = [
+    "Strategy",
+    "build_strategy",
+    "check_world_size",
+    "checkpoint_format",
+    "full_model_state_dict",
+    "resolve_device",
+]

@@ -76,3 +76,52 @@ def test_a_sweep_needs_an_output_dir_per_job(tmp_path):
     apart = _sftdist_train(*common, f"output_dir={tmp_path}/s${{seed}}", cwd=tmp_path)
     assert apart.returncode == 0, apart.stderr[-2000:]
     assert (tmp_path / "s0" / "final").is_dir() and (tmp_path / "s1" / "final").is_dir()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "precision=fp16",
+        "data.path=/nonexistent.jsonl",
+        "model.name_or_path=/nonexistent",
+        "data.chat_template=/nonexistent.jinja",
+        "data.prepared=/tmp",
+        "strategy=zero3 strategy.deepspeed_config=/nonexistent.json",
+    ],
+)
+def test_check_finds_the_runs_own_start_errors_without_training(tmp_path, override):
+    """``--check`` (what slurm/sft.sh runs before srun) fails with the line the run itself fails with at start."""
+    checked = _sftdist_train("--check", f"output_dir={tmp_path / 'run'}", *override.split(), cwd=tmp_path)
+    assert checked.returncode == 2 and checked.stdout == ""
+    assert checked.stderr.startswith("sftdist-train: ") and len(checked.stderr.splitlines()) == 1
+    if not override.startswith("strategy=zero3"):  # (a zero3 run stops earlier, without torchrun)
+        run = _sftdist_train(f"output_dir={tmp_path / 'run'}", *override.split(), cwd=tmp_path)
+        assert run.returncode == 2 and run.stderr.splitlines()[-1] == checked.stderr.strip()
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_passes_a_good_config_and_writes_nothing(tmp_path):
+    checked = _sftdist_train("--check", f"output_dir={tmp_path / 'run'}", "train.max_steps=3", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == f"sftdist-train: the config and its inputs are good (output_dir={tmp_path / 'run'})\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_given_the_launchs_world_size_refuses_what_the_processes_would(tmp_path):
+    """slurm/sft.sh passes WORLD_SIZE (nodes x processes per node): a global batch the ranks cannot share, or
+    strategy=none on several processes, fails before any process starts, as the run would fail at start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    exe = shutil.which("sftdist-train", path=os.path.dirname(sys.executable))
+    cases = {
+        ("strategy=ddp", "3"): "train.global_batch_size=16 is not divisible by the 3 processes (world size)",
+        ("strategy=none", "2"): "strategy=none trains in one process, but this was launched with WORLD_SIZE=2",
+        ("strategy=fsdp2", "8"): None,
+    }
+    for (override, world), message in cases.items():
+        proc = subprocess.run(
+            [exe, "--check", override], cwd=tmp_path, env={**env, "WORLD_SIZE": world}, capture_output=True, text=True
+        )
+        if message is None:
+            assert proc.returncode == 0, proc.stderr
+        else:
+            assert proc.returncode == 2 and proc.stderr.startswith(f"sftdist-train: error: {message}"), proc.stderr

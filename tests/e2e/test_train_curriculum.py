@@ -19,10 +19,12 @@ from helpers import (
     fit_and_close,
     read_metrics,
     record_sample_steps,
+    signal_during_step,
 )
 from sftdist.config import ConfigError
 from sftdist.data.demo import generate_demo_conversations
 from sftdist.errors import DataError
+from sftdist.signals import STOPPED_FILE
 from sftdist.trainer import Trainer
 
 COMMON = (
@@ -85,6 +87,20 @@ def test_stopped_at_the_end_of_each_phase_and_continued_it_ends_with_the_uninter
     assert [m["train/loss"] for m in ours] == [m["train/loss"] for m in theirs]
     assert [m["data/frac_easy"] for m in ours] == [m["data/frac_easy"] for m in theirs]
     assert bitwise_equal(final_weights(run), final_weights(tmp_path / "straight"))
+
+
+def test_a_phase_job_signalled_in_its_last_step_or_started_again_does_not_train_past_its_phase(tmp_path):
+    """A stop signal during the step a job ends at is that job's planned end (exit 0: nothing was cut short); the
+    same job started again (a requeue after its checkpoint, say) trains nothing, rather than into the next phase."""
+    run = tmp_path / "run"
+    first = _trainer(run, "train.stop_after_step=4")
+    signal_during_step(first, 4)
+    result = fit_and_close(first)
+    assert result["stopped_at"] == 4 and "stopped_by" not in result and not (run / STOPPED_FILE).exists()
+    again = _trainer(run, "train.stop_after_step=4")
+    assert again.start_step == 4 and fit_and_close(again)["stopped_at"] == 4
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_4"] and not (run / "final").exists()
 
 
 ALPACA = SHARED / "data" / "alpaca_en_demo.json"

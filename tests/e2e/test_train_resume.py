@@ -28,7 +28,7 @@ from helpers import (
 )
 from sftdist.checkpoint import MARKER, CheckpointError
 from sftdist.data.batching import collate_packed
-from sftdist.signals import EXIT_STOPPED
+from sftdist.signals import EXIT_STOPPED, STOPPED_FILE
 from sftdist.trainer import Trainer
 
 # 6 steps, checkpoints at 2, 4 and 6 (the last), eval at 3 and 6: small enough for a few seconds per run.
@@ -142,6 +142,35 @@ from sftdist.train import main
 sys.argv = ["sftdist-train", *sys.argv[1:]]
 main()
 """
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+def test_a_stop_signal_during_the_set_up_stops_before_the_first_step(straight, tmp_path, monkeypatch, resumed):
+    """A preemption while the data is prepared (minutes on a large set) is caught, not fatal: the run stops before
+    its first step, points at what to resume from (nothing, or the checkpoint it resumed), and a restart trains on
+    to the uninterrupted weights."""
+    import sftdist.trainer
+
+    out, _ = straight
+    run = tmp_path / "run"
+    if resumed:
+        shutil.copytree(out / "checkpoints" / "step_2", run / "checkpoints" / "step_2")
+    prepare = sftdist.trainer.build_datasets
+
+    def prepare_and_get_preempted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)  # without the trainer's handler by now, this would end pytest
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(sftdist.trainer, "build_datasets", prepare_and_get_preempted)
+    result = fit_and_close(_trainer(run))
+    monkeypatch.undo()
+    assert (result["stopped_by"], result["step"]) == ("SIGUSR1", 2 if resumed else 0)
+    stopped = json.loads((run / STOPPED_FILE).read_text())
+    assert stopped["checkpoint"] == (str(run / "checkpoints" / "step_2") if resumed else None)
+    assert not (run / "metrics.jsonl").exists() or not read_metrics(run)[2:]  # nothing trained
+    assert sorted(p.name for p in (run / "checkpoints").glob("*")) == (["step_2"] if resumed else [])
+    fit_and_close(_trainer(run))
+    assert bitwise_equal(final_weights(run), final_weights(out))
 
 
 def test_a_stop_signal_during_the_last_step_finishes_the_run(tmp_path):

@@ -63,3 +63,24 @@ def test_the_timeout_after_the_first_signal_stops_at_once():
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGUSR1
     assert "timeout after SIGUSR1: stopping at once, without a checkpoint" in err
+
+
+_FORK_SCRIPT = """
+import os, signal, time
+from sftdist.signals import StopSignals
+with StopSignals(timeout_s=60) as stop:
+    pid = os.fork()
+    if pid == 0:  # a worker forked during the run (datasets.map, multiprocessing), ended by its pool's SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        os._exit(7)
+    _, status = os.waitpid(pid, 0)
+    time.sleep(0.5)  # time for the watcher to read anything in the pipe
+    print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, stop.requested, flush=True)
+"""
+
+
+def test_a_forked_worker_ended_by_sigterm_dies_and_does_not_stop_the_run():
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "True None\n"  # the child got the default action; the parent saw no signal
