@@ -7,7 +7,8 @@
 # Environment (each optional; under Slurm the defaults come from the job):
 #   NNODES          nodes in the job step        ($SLURM_STEP_NUM_NODES, $SLURM_NNODES, else 1)
 #   NPROC_PER_NODE  processes on this node       (GPUs in $CUDA_VISIBLE_DEVICES, else nvidia-smi's, else 1)
-#   MASTER_ADDR     the rendezvous host          (first node of the step's/job's node list, else 127.0.0.1)
+#   MASTER_ADDR     the rendezvous host          (first node of the step's/job's node list (its NodeAddr), else
+#                                                127.0.0.1)
 #   MASTER_PORT     the rendezvous port          (20000 + $SLURM_JOB_ID % 10000, else 29500)
 #   RDZV_ID         the job's rendezvous id      ($SLURM_JOB_ID, else sftdist)
 #   PYTHON          the interpreter with sftdist (python3)
@@ -31,11 +32,15 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
         [[ "$gpus" -gt 0 ]] && NPROC_PER_NODE="$gpus"
     fi
 fi
+[[ "${1:-}" != --print-nproc ]] || { echo "$NPROC_PER_NODE"; exit 0; }  # for slurm/sft.sh's checks
 if [[ -z "${MASTER_ADDR:-}" ]]; then
     MASTER_ADDR=127.0.0.1
     nodelist="${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-}}"
     if [[ -n "$nodelist" ]] && command -v scontrol >/dev/null 2>&1; then
-        MASTER_ADDR="$(scontrol show hostnames "$nodelist" | head -n 1)"
+        head_node="$(scontrol show hostnames "$nodelist" | head -n 1)"
+        # The address Slurm itself reaches that node at (its NodeAddr: the node name on most clusters).
+        MASTER_ADDR="$(scontrol show node -o "$head_node" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)"
+        MASTER_ADDR="${MASTER_ADDR:-$head_node}"
     fi
 fi
 if [[ -z "${MASTER_PORT:-}" ]]; then  # per job: two jobs sharing a first node must not share a store

@@ -91,6 +91,14 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     return [_describe([k], saved, current) for k in changed]
 
 
+def refused_changes(old: SFTConfig, new: SFTConfig) -> list[str]:
+    """``key old -> new`` for each config key that a resume from ``old``'s checkpoints would refuse in ``new``
+    (checked before any data is read: content hashes are not compared here)."""
+    a, b = flat_config(old), flat_config(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and _is_identity(k)]
+    return [_describe([k], a, b) for k in keys]
+
+
 def allowed_changes(saved_config: dict[str, Any], current_config: dict[str, Any]) -> str:
     """The config keys that differ from the checkpointed run's and may (``key old -> new, ...``), for the log."""
     current_config = json.loads(json.dumps(current_config))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sftdist.config import PhaseConfig
 from sftdist.errors import ConfigError
 
 BUCKETS = ("easy", "medium", "hard")
@@ -34,6 +35,11 @@ _STRIDE = 1024
 class Phase:
     until: float  # ends at this fraction of max_steps
     weights: tuple[float, float, float]  # easy, medium, hard
+
+
+def config_phases(phases: Sequence[PhaseConfig]) -> list[Phase]:
+    """``curriculum.phases`` as :class:`Phase` objects."""
+    return [Phase(p.until, (p.easy, p.medium, p.hard)) for p in phases]
 
 
 def phase_ends(phases: Sequence[Phase], max_steps: int) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from sftdist.config import CurriculumConfig, SFTConfig
-from sftdist.data.curriculum import BUCKETS, CurriculumSampler, Phase, check_schedule
+from sftdist.data.curriculum import BUCKETS, CurriculumSampler, check_schedule, config_phases
 from sftdist.data.pipeline import EncodedSet
 from sftdist.errors import DataError
 
@@ -132,7 +132,7 @@ def build_curriculum(
     sources = train_set.table.data.column("source").to_pylist()
     report = {**report, **bucket_report(row_buckets, train_set.rows, eval_set.rows, sources)}
     sizes = [report["train"][name] for name in BUCKETS]
-    phases = [Phase(p.until, (p.easy, p.medium, p.hard)) for p in c.phases]
+    phases = config_phases(c.phases)
     phases, warnings = check_schedule(phases, sizes, t.global_batch_size, t.max_steps, c.on_empty == "renormalise")
     if len(eval_set):
         warnings += [

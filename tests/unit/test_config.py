@@ -15,7 +15,8 @@ CONF = REPO / "conf"
 
 
 def _group_options():
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_")):
+    """The options of the groups that mirror the schema (recipe/ holds whole runs: tests/unit/test_recipes.py)."""
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name in SFTConfig.__dataclass_fields__):
         for option in sorted(group.glob("*.yaml")):
             yield group.name, option.stem
 
