@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.cli import compose, fail, setup_logging
-from sftdist.config import CurriculumConfig
-from sftdist.errors import ConfigError, InputError
+from sftdist.config import CurriculumConfig, SFTConfig
+from sftdist.errors import ConfigError, DataError, InputError
 
 _GREEN, _RESET = "\033[1;32m", "\033[0m"
 
@@ -84,9 +84,9 @@ def format_audit(report: dict, roles: dict[str, dict[str, list[int]]], audit_rec
     return "\n".join(lines)
 
 
-def _load(target: list[str]) -> tuple[Any, dict, Any, str, CurriculumConfig]:
-    """(table, report, tokenizer, template, curriculum settings) from a prepared directory (the default
-    settings) or from training overrides."""
+def _load(target: list[str]) -> tuple[Any, dict, Any, str, SFTConfig]:
+    """(table, report, tokenizer, template, config) from a prepared directory (with the default settings) or from
+    training overrides."""
     from sftdist.config import to_schema
     from sftdist.data.prepared import MANIFEST, check_compatible, load_prepared
     from sftdist.data.template import resolve_chat_template
@@ -102,7 +102,8 @@ def _load(target: list[str]) -> tuple[Any, dict, Any, str, CurriculumConfig]:
 
         table, manifest = load_prepared(directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
-        return table, manifest["report"], tokenizer, resolve_chat_template(tokenizer), CurriculumConfig()
+        cfg = to_schema(compose([f"data.prepared={directory}"]))
+        return table, manifest["report"], tokenizer, resolve_chat_template(tokenizer), cfg
     from sftdist.data.pipeline import prepare
     from sftdist.model import build_tokenizer
 
@@ -111,16 +112,16 @@ def _load(target: list[str]) -> tuple[Any, dict, Any, str, CurriculumConfig]:
     if cfg.data.prepared is not None:
         table, manifest = load_prepared(cfg.data.prepared)
         check_compatible(manifest, cfg.data.prepared, tokenizer, template, cfg.data.max_length)
-        return table, manifest["report"], tokenizer, template, cfg.curriculum
+        return table, manifest["report"], tokenizer, template, cfg
     cfg.data.max_rejected_fraction = 1.0  # show every rejection instead of stopping at the first threshold
     table, report = prepare(cfg.data, tokenizer, template, cfg.seed)
-    return table, report, tokenizer, template, cfg.curriculum
+    return table, report, tokenizer, template, cfg
 
 
 def inspect_data(target: list[str], samples: int, source: str | None, color: bool, audit_records: int) -> str:
     from sftdist.data.template import bind_template
 
-    table, report, tokenizer, template, curriculum = _load(target)
+    table, report, tokenizer, template, cfg = _load(target)
     ct = bind_template(tokenizer, template)
     roles: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     seen: dict[str, int] = defaultdict(int)
@@ -144,7 +145,8 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
             break
     if source is not None and not seen:
         raise ConfigError(f"--source {source!r}: no such source (sources: {', '.join(report['sources'])})")
-    audit = format_audit(report, roles, audit_records) + "\n" + format_buckets(table, curriculum)
+    audit = format_audit(report, roles, audit_records) + "\n" + format_buckets(table, cfg.curriculum)
+    audit += "\n" + format_probes(cfg, table, report, tokenizer)
     return "== data audit ==\n" + audit + "\n\n" + "\n\n".join(out)
 
 
@@ -168,6 +170,30 @@ def format_buckets(table: Any, c: CurriculumConfig) -> str:
         how += f", {report['unlabelled']} unlabelled ({missing})"
     lines = [f"difficulty buckets ({how}): " + ", ".join(f"{k} {v}" for k, v in sizes["train"].items())]
     lines += [f"  {source}: " + ", ".join(f"{k} {v}" for k, v in n.items()) for source, n in sizes["by_source"].items()]
+    return "\n".join(lines)
+
+
+def format_probes(cfg: SFTConfig, table: Any, report: dict, tokenizer: Any) -> str:
+    """The generation probes a run with these settings asks at every eval, and the checks of each."""
+    from sftdist.data.pipeline import EncodedSet, split_and_weight
+    from sftdist.evaluation import build_probes
+
+    if not cfg.eval.every_steps:
+        return "probes: none (eval.every_steps=0)"
+    weights = {name: s.get("weight", 1.0) for name, s in report["sources"].items()}
+    try:
+        _, eval_rows = split_and_weight(table, weights, cfg.eval.holdout_records, cfg.seed)
+    except DataError as err:  # the audit shows what training would stop on, and goes on
+        return f"probes: none ({err})"
+    probes = build_probes(cfg, EncodedSet(table, eval_rows), tokenizer)
+    if not probes:
+        return "probes: none (eval.probes.num=0)"
+    origin = cfg.eval.probes.path or ("the demo's probe set" if probes[0].messages else "held-out conversations")
+    lines = [f"probes: {len(probes)} from {origin}, up to {cfg.eval.probes.max_new_tokens} new tokens each"]
+    for probe in probes:
+        prompt = probe.messages[-1]["content"] if probe.messages else tokenizer.decode(probe.prompt_ids[-40:])
+        checks = ", ".join(f"{k}={json.dumps(v)}" for k, v in probe.checks.items())
+        lines.append(f"  {probe.id}: {checks}\n    prompt ends: {' '.join(prompt.split())[-100:]!r}")
     return "\n".join(lines)
 
 

@@ -142,9 +142,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalSourceConfig:
+    path: str = "???"  # an eval data file (jsonl, json, parquet or dataset dir), never trained on
+    format: str = "auto"  # auto | messages | alpaca | sharegpt
+    name: Optional[str] = None  # its metrics are eval/<name>/loss; default: the file name without suffix
+
+
+@dataclass
+class ProbesConfig:
+    # Generation probes at every eval: greedy answers to fixed prompts, checked for format (see the README).
+    path: Optional[str] = None  # probe file (jsonl); unset: the demo's own set for the demo, else held-out prompts
+    num: int = 32  # without a file: probes from the first `num` held-out conversations; 0 turns probes off
+    max_new_tokens: int = 128  # generation limit per probe (a response that reaches it did not stop)
+    batch_size: int = 8  # probes generated together; batches are dealt to the ranks whole
+    repetition_ngram: int = 3  # eval/repetition_rate counts repeated word n-grams of this n within a response
+    length_factor: float = 3.0  # held-out probes: the response's word count within this factor of the reference's
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 50  # held-out loss every N steps and at the last step; 0 turns eval off
     holdout_records: int = 64  # records set aside from the training data for eval (chosen by seed)
+    before_training: bool = True  # also evaluate once before the first step (logged at step 0): the baseline
+    sources: List[EvalSourceConfig] = field(default_factory=list)  # extra eval sets: eval/<name>/loss
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
 
 
 @dataclass
@@ -154,6 +175,7 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None  # run name; default: the output_dir's folder name
     tags: List[str] = field(default_factory=list)
+    init_timeout_s: float = 60.0  # online start-up longer than this (no network, a bad key): warn, log offline
 
 
 @dataclass
@@ -347,6 +369,19 @@ def _validate_data(d: DataConfig) -> None:
     _positive("data.filters.decontaminate_ngram", f.decontaminate_ngram)
 
 
+def _validate_eval_extras(e: EvalConfig) -> None:
+    for i, source in enumerate(e.sources):
+        _not_empty(f"eval.sources[{i}].path", source.path)
+        _choice(f"eval.sources[{i}].format", source.format, FORMATS)
+    p = e.probes
+    _not_empty("eval.probes.path", p.path)
+    _positive("eval.probes.num", p.num, allow_zero=True)
+    for key in ("max_new_tokens", "batch_size", "repetition_ngram"):
+        _positive(f"eval.probes.{key}", getattr(p, key))
+    if p.length_factor < 1:
+        raise ConfigError(f"eval.probes.length_factor={p.length_factor!r} must be >= 1")
+
+
 def validate(cfg: SFTConfig) -> SFTConfig:
     """Check what types cannot; raise ConfigError naming the key and value. Returns cfg."""
     _validate_features(cfg)
@@ -361,6 +396,8 @@ def validate(cfg: SFTConfig) -> SFTConfig:
         )
     _positive("eval.every_steps", cfg.eval.every_steps, allow_zero=True)
     _positive("eval.holdout_records", cfg.eval.holdout_records, allow_zero=True)
+    _validate_eval_extras(cfg.eval)
+    _positive("wandb.init_timeout_s", cfg.wandb.init_timeout_s)
     if cfg.eval.every_steps and not cfg.eval.holdout_records:
         raise ConfigError(
             f"eval.every_steps={cfg.eval.every_steps} needs eval.holdout_records > 0 (records set aside for eval); "

@@ -37,9 +37,10 @@ from sftdist.checkpoint import (
 from sftdist.config import SFTConfig, TrainConfig
 from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
 from sftdist.data.curriculum import BUCKETS, CurriculumSampler
-from sftdist.data.difficulty import MISSING, build_curriculum
+from sftdist.data.difficulty import build_curriculum
 from sftdist.data.pipeline import Sample, build_datasets
 from sftdist.errors import ConfigError, DataError
+from sftdist.evaluation import Evaluator, build_eval_sources, build_probes
 from sftdist.export import export_hf, stop_token_ids, write_hf_meta
 from sftdist.loss import cross_entropy_sum, step_normalised_loss
 from sftdist.metrics import MetricsLogger, build_metrics_logger, check_wandb
@@ -106,6 +107,11 @@ class Trainer:
             self.train_set, self.eval_set, self.data_report = build_datasets(
                 cfg.data, cfg.eval, self.tokenizer, self.chat_template, cfg.seed
             )
+            eval_sources, reports = (
+                build_eval_sources(cfg, self.tokenizer, self.chat_template) if cfg.eval.every_steps else ({}, {})
+            )
+        if reports:
+            self.data_report["eval_sources"] = reports
         if cfg.train.global_batch_size > len(self.train_set):
             raise ConfigError(
                 f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
@@ -130,6 +136,10 @@ class Trainer:
             apply_packed_attention(model, self.attention)
         self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.train))
         self.sampler = self._build_sampler(resumed)  # before the checkpoint's weights: model_loss is the base's
+        probes = build_probes(cfg, self.eval_set, self.tokenizer) if cfg.eval.every_steps else []
+        self.evaluator = Evaluator(
+            cfg, self.eval_set, self.eval_buckets, eval_sources, probes, self.tokenizer, self.chat_template
+        )
         self.start_step = 0
         if self.resume_from is not None:
             load_checkpoint(self.resume_from, self.strategy, self.model, self.optimizer)
@@ -224,6 +234,11 @@ class Trainer:
             f"{r['records_eval']} eval); rejected {r['rejected'] or 'none'}; filtered {r['filtered'] or 'none'}; "
             f"truncated {r['truncated']['records']}"
         )
+        for name, e in r.get("eval_sources", {}).items():
+            log.info(
+                f"eval set {name}: {e['records_in']} records in, {e['records_used']} used; rejected "
+                f"{e['rejected'] or 'none'}; filtered {e['filtered'] or 'none'}; truncated {e['truncated']['records']}"
+            )
         if "curriculum" in r:
             log.info(
                 f"curriculum: {c.curriculum.name} by {c.curriculum.difficulty}, buckets {r['curriculum']['train']}, "
@@ -275,6 +290,8 @@ class Trainer:
                 return self._planned_stop(self.start_step, metrics)
             if self._stop_agreed():  # a signal came during the set-up: stop before the first step
                 return self._stopped(self.start_step, metrics)
+            if self.cfg.eval.every_steps and self.cfg.eval.before_training and self.start_step == 0:
+                self._log_step(-1, self.evaluate(0), bar)  # the baseline, logged as step 0
             for step in range(self.start_step, t.max_steps):
                 lr = lr_at(step, t)
                 for group in self.optimizer.param_groups:
@@ -290,8 +307,8 @@ class Trainer:
                     )
                 metrics = self._step_metrics(step, lr, stats, samples, micro_batches, time.perf_counter() - step_start)
                 last = step + 1 == t.max_steps
-                if self.eval_set and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
-                    metrics.update(self.evaluate())
+                if self.cfg.eval.every_steps and ((step + 1) % self.cfg.eval.every_steps == 0 or last):
+                    metrics.update(self.evaluate(step + 1))
                 self._log_step(step, metrics, bar)
                 stop, planned = self._stop_agreed(), self._share_done(step + 1)
                 every = self.cfg.checkpoint.every_steps
@@ -362,14 +379,15 @@ class Trainer:
         """metrics.jsonl and W&B on the log cadence (first, last and eval steps always); the bar, or plain lines
         when there is no terminal (a log file)."""
         t = self.cfg.train
-        if step == 0 or step + 1 == t.max_steps or (step + 1) % t.log_every_steps == 0 or "eval/loss" in metrics:
+        if step <= 0 or step + 1 == t.max_steps or (step + 1) % t.log_every_steps == 0 or "eval/loss" in metrics:
             self.metrics.log(metrics, step=step + 1)
             if bar.disable and self.strategy.is_main:
                 log.info("step %d/%d | %s", step + 1, t.max_steps, _brief(metrics))
         if "eval/loss" in metrics and not bar.disable:
             bar.write(f"step {step + 1}/{t.max_steps} | {_brief(metrics)}")
-        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
-        bar.update(1)
+        if step >= 0:  # (step -1: the eval before training)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+            bar.update(1)
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got a stop signal: one all-reduce at the step boundary, so that all stop together."""
@@ -465,26 +483,28 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Token-mean cross-entropy over the held-out samples (``eval/loss``), and over each difficulty bucket's
-        (``eval/loss_<bucket>``) with a curriculum."""
-        self.model.eval()
-        groups = {"eval/loss": np.arange(len(self.eval_set))}
-        if self.eval_buckets is not None:
-            groups = {f"eval/loss_{name}": np.flatnonzero(self.eval_buckets == b) for b, name in enumerate(BUCKETS)}
-            groups[""] = np.flatnonzero(self.eval_buckets == MISSING)  # in eval/loss only
-        sums = self.strategy.all_sum([x for rows in groups.values() for x in self._eval_sums(rows)])
-        totals, counts = sums[0::2], sums[1::2]
-        out = {key: total / count for key, total, count in zip(groups, totals, counts) if key and count}
-        out["eval/loss"] = sum(totals) / sum(counts)
-        return out
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The eval metrics after ``step`` steps (sftdist.evaluation); the probes' answers go to probes.jsonl and
+        W&B."""
+        metrics = self.evaluator.losses(self._loss_sums, self.strategy.all_sum)
+        probed, rows = self.evaluator.probe(
+            self.strategy.unwrap(self.model),
+            self.strategy,
+            self._probe_stop_ids,
+            self.pad_id,
+            self.device,
+            self._autocast,
+        )
+        self.metrics.log_probes(rows, step)
+        return {**metrics, **probed}
 
-    def _eval_sums(self, rows: np.ndarray) -> tuple[float, int]:
-        """(summed cross-entropy, supervised tokens) of these eval samples on this rank."""
+    def _loss_sums(self, samples: list[Sample]) -> tuple[float, int]:
+        """(summed cross-entropy, supervised tokens) of these samples on this rank (its share of them)."""
+        self.model.eval()
         total, count = 0.0, 0
         size = self.cfg.train.global_batch_size
-        for start in range(0, len(rows), size):
-            for mb in self._step_batches([self.eval_set[int(i)] for i in rows[start : start + size]]):
+        for start in range(0, len(samples), size):
+            for mb in self._step_batches(samples[start : start + size]):
                 mb = mb.to(self.device)
                 total += float(cross_entropy_sum(self._logits(mb), mb.targets))
                 count += mb.num_supervised
@@ -522,9 +542,21 @@ class Trainer:
         return written
 
     @functools.cached_property
+    def _probe_stop_ids(self) -> list[int]:
+        """Where a probe's answer ends: at the stop tokens an export writes (the trained end-of-turn token and the
+        model's EOS), else at the tokenizer's EOS."""
+        ids = self._stop_tokens if self._stop_tokens is not None else self._model_eos
+        return ids or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+
+    @functools.cached_property
     def _stop_tokens(self) -> list[int] | None:
+        return stop_token_ids(self.tokenizer, self.data_report["end_of_turn_ids"], self._model_eos)
+
+    @functools.cached_property
+    def _model_eos(self) -> list[int]:
+        """The model's generation config's EOS tokens (none when it has none)."""
         current = getattr(getattr(self.strategy.unwrap(self.model), "generation_config", None), "eos_token_id", None)
-        return stop_token_ids(self.tokenizer, self.data_report["end_of_turn_ids"], current)
+        return [] if current is None else [current] if isinstance(current, int) else list(current)
 
     def close(self) -> None:
         """Release what the run holds, whether it finished or failed: the metrics file, W&B, the process group.

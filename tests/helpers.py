@@ -23,8 +23,43 @@ def compose(*overrides: str):
         return to_schema(hydra_compose(config_name="sft", overrides=list(overrides)))
 
 
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(output_dir: Path, baseline: bool = False) -> list[dict]:
+    """metrics.jsonl's rows of the training steps; with ``baseline``, the eval before training (step 0) too."""
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if baseline or row["step"] > 0]
+
+
+def wandb_history(output_dir: Path) -> list[dict]:
+    """The history rows (``{key: value}``) of a run's offline W&B run, read back from W&B's own .wandb file (a
+    LevelDB-style log of protobuf records), not from what sftdist logged."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(output_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data, block, position, pending, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B", "not a W&B data file"
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
+        if kind == 1:  # a whole record
+            records.append(chunk)
+        elif kind in (2, 3):  # its first or a middle part
+            pending = chunk if kind == 2 else pending + chunk
+        elif kind == 4:  # its last part
+            records.append(pending + chunk)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.HasField("history"):
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
+    return rows
 
 
 def tiny_tokenizer(
@@ -173,3 +208,47 @@ def max_relative_difference(a: dict, b: dict) -> float:
     yardstick after AdamW: a gradient near eps turns summation-order noise into a visible update.)"""
     assert set(a) == set(b), sorted(set(a) ^ set(b))
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
+
+
+def assert_real_plot(path: Path) -> None:
+    """A PNG of sftdist-report's size that is a real plot, not a blank canvas."""
+    import matplotlib.image
+    import numpy as np
+
+    from sftdist.report import DPI, FIGSIZE
+
+    pixels = matplotlib.image.imread(str(path))
+    assert pixels.shape[:2] == (int(FIGSIZE[1] * DPI), int(FIGSIZE[0] * DPI)), path
+    assert np.std(pixels[..., :3]) > 0.05, f"{path} is (nearly) blank"
+
+
+VOID_ELEMENTS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+def html_images(path: Path) -> dict[str, str]:
+    """The images of an HTML page ({data-file: src}), after checking that the page parses: every element closed in
+    order, nothing left open."""
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.open: list[str] = []
+            self.images: dict[str, str] = {}
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                attrs = dict(attrs)
+                self.images[attrs["data-file"]] = attrs["src"]
+            if tag not in VOID_ELEMENTS:
+                self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.open and self.open[-1] == tag, f"</{tag}> closes <{self.open[-1] if self.open else None}>"
+            self.open.pop()
+
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    assert page.open == [], f"{path}: elements left open: {page.open}"
+    return page.images

@@ -12,17 +12,23 @@ Everything is a pure function of the seed.
 
 The tokenizer is a byte-level BPE (digits split one by one) trained by :func:`train_demo_tokenizer`
 on demo conversations and shipped in ``sftdist/assets/demo_tokenizer`` with a ChatML template;
-``python -m sftdist.data.demo --write-tokenizer DIR`` regenerates it, and a test checks that the
-shipped copy is what the code produces.
+``python -m sftdist.data.demo`` regenerates it and the demo's probe set (``sftdist/assets/demo_probes.jsonl``: demo
+prompts checked for the ``#### <number>`` answer format), and a test checks that the shipped copies are what the
+code produces.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 
 DEMO_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_tokenizer"
+DEMO_PROBES = Path(__file__).resolve().parent.parent / "assets" / "demo_probes.jsonl"
+# The demo's answer format, which its probes check: the last line is "#### <number>", then the turn ends.
+DEMO_PROBE_CHECKS = {"regex": r"(^|\n)#### -?\d+\s*$", "stops": True}
+_PROBE_SEED = 424242
 DEMO_VOCAB_SIZE = 512  # an upper bound: the demo corpus yields ~500 tokens at min_frequency=2
 # ChatML, the template family of Qwen and SmolLM: each turn is <|im_start|>ROLE\nCONTENT<|im_end|>\n.
 DEMO_CHAT_TEMPLATE = (
@@ -141,6 +147,23 @@ def generate_demo_conversations(num: int, seed: int = 0) -> list[dict]:
     return records
 
 
+def demo_probes(num: int = 16) -> list[dict]:
+    """The demo's probe set: demo conversations of all three buckets up to their last answer (drawn apart from any
+    training seed), each checked for the answer format (``DEMO_PROBE_CHECKS``); shipped as ``DEMO_PROBES``."""
+    probes = []
+    for record in generate_demo_conversations(num, seed=_PROBE_SEED):
+        messages = record["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        difficulty = record["meta"]["difficulty"]
+        probe_id = f"demo-{len(probes)}-{difficulty}"
+        probes.append({"id": probe_id, "messages": messages[:last], "checks": DEMO_PROBE_CHECKS})
+    return probes
+
+
+def write_demo_probes(path: Path = DEMO_PROBES) -> None:
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in demo_probes()), encoding="utf-8")
+
+
 def train_demo_tokenizer(vocab_size: int = DEMO_VOCAB_SIZE):
     """Train the demo's byte-level BPE deterministically and wrap it as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -184,11 +207,14 @@ def load_demo_tokenizer():
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(description="Regenerate the bundled demo tokenizer.")
+    parser = argparse.ArgumentParser(description="Regenerate the bundled demo tokenizer and probe set.")
     parser.add_argument("--write-tokenizer", metavar="DIR", default=str(DEMO_TOKENIZER_DIR))
+    parser.add_argument("--write-probes", metavar="FILE", default=str(DEMO_PROBES))
     args = parser.parse_args()
     train_demo_tokenizer().save_pretrained(args.write_tokenizer)
     print(f"wrote the demo tokenizer to {args.write_tokenizer}")
+    write_demo_probes(Path(args.write_probes))
+    print(f"wrote the demo probes to {args.write_probes}")
 
 
 if __name__ == "__main__":

@@ -73,11 +73,18 @@ def _step(line: str) -> float:
         return float("inf")
 
 
+# The probe table's columns in W&B (one row per probe per eval).
+PROBE_COLUMNS = ("step", "id", "prompt", "response", "tokens", "stopped", "passed", "checks")
+
+
 class WandbTracker:
+    """One W&B run: train/*, eval/* and data/* on one step axis (``step``), the probe answers in a table that grows
+    by the new rows of each eval (W&B's incremental tables: nothing is uploaded twice)."""
+
     def __init__(self, cfg: WandbConfig, mode: str, output_dir: Path, run_config: dict[str, Any], run_id: str):
         import wandb
 
-        self._run = wandb.init(
+        settings = dict(
             id=run_id,  # kept in checkpoints: a resumed run continues the same W&B run
             resume="allow",
             project=cfg.project,
@@ -85,15 +92,62 @@ class WandbTracker:
             name=cfg.name or output_dir.resolve().name,
             tags=list(cfg.tags) or None,
             dir=str(output_dir),
-            mode=mode,
             config=run_config,
         )
+        try:  # online start-up is bounded: no network or a bad key costs init_timeout_s, then the run goes on
+            self._run = wandb.init(**settings, mode=mode, settings=wandb.Settings(init_timeout=cfg.init_timeout_s))
+        except Exception as err:  # noqa: BLE001 - wandb raises many kinds here; none may end the training
+            if mode == "offline":
+                raise
+            log.warning(
+                "W&B: the online start-up failed (%s: %s); logging offline instead under %s (upload it later with "
+                "`wandb sync`)",
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+                output_dir / "wandb",
+            )
+            wandb.teardown()  # the failed attempt still holds the run id in W&B's service
+            self._run = wandb.init(**settings, mode="offline")
+        self._run.define_metric("step")
+        for prefix in ("train", "eval", "data"):
+            self._run.define_metric(f"{prefix}/*", step_metric="step")
+        for key, summary in (("eval/loss", "min"), ("eval/format_pass_rate", "max"), ("eval/eos_rate", "max")):
+            self._run.define_metric(key, step_metric="step", summary=summary)
+        self._table = wandb.Table(columns=list(PROBE_COLUMNS), log_mode="INCREMENTAL")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._run.log(metrics, step=step)
+        # After a resume, the steps between the checkpoint and the interruption come again: W&B keeps the first
+        # (it ignores a step below its current one, with a warning); resume is exact, so they are the same values.
+        self._run.log({"step": step, **metrics}, step=step)
+
+    def log_probes(self, rows: list[dict[str, Any]], step: int) -> None:
+        for row in rows:
+            self._table.add_data(*[_cell(row, column, step) for column in PROBE_COLUMNS])
+        self._run.log({"eval/probe_samples": self._table}, step=step)
 
     def close(self) -> None:
         self._run.finish()
+
+
+def _cell(row: dict[str, Any], column: str, step: int) -> Any:
+    if column == "step":
+        return step
+    return json.dumps(row[column]) if column == "checks" else row[column]
+
+
+class ProbeFile:
+    """``probes.jsonl``: one row per probe per eval (step, id, prompt, response, tokens, stopped, passed, checks),
+    kept to the resumed step on a resume as metrics.jsonl is."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self._jsonl = JsonlTracker(path, resume_step)
+
+    def log_probes(self, rows: list[dict[str, Any]], step: int) -> None:
+        for row in rows:
+            self._jsonl.log(row, step)
+
+    def close(self) -> None:
+        self._jsonl.close()
 
 
 class MetricsLogger:
@@ -104,7 +158,16 @@ class MetricsLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for tracker in self._trackers:
-            tracker.log(metrics, step)
+            if hasattr(tracker, "log"):
+                tracker.log(metrics, step)
+
+    def log_probes(self, rows: list[dict[str, Any]], step: int) -> None:
+        """The probes' answers of the eval at ``step`` (nothing when there are none)."""
+        if not rows:
+            return
+        for tracker in self._trackers:
+            if hasattr(tracker, "log_probes"):
+                tracker.log_probes(rows, step)
 
     def close(self) -> None:
         for tracker in self._trackers:
@@ -122,7 +185,10 @@ def build_metrics_logger(
     """metrics.jsonl and W&B (unless disabled) on rank 0; ``resume_step``: a run resumed from that step."""
     if not is_main:
         return MetricsLogger([])
-    trackers: list[Any] = [JsonlTracker(output_dir / "metrics.jsonl", resume_step)]
+    trackers: list[Any] = [
+        JsonlTracker(output_dir / "metrics.jsonl", resume_step),
+        ProbeFile(output_dir / "probes.jsonl", resume_step),
+    ]
     mode = resolve_wandb_mode(cfg.mode)
     if mode != "disabled":
         log.info("W&B: %s mode, run %s, files under %s", mode, run_id, output_dir / "wandb")

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,3 +286,18 @@ def apply_packed_attention(model: torch.nn.Module, backend: str) -> str:
     AttentionMaskInterface.register(name, _no_mask)
     model.set_attn_implementation(name)
     return name
+
+
+@contextmanager
+def standard_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``model`` attends as transformers' sdpa does, masks from ``attention_mask`` included (what
+    generation with a KV cache and padded prompts needs); the packed backend, if any, is back after it."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current not in _REGISTERED.values():
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)

@@ -13,6 +13,9 @@ grouped in one launch because process groups are slow to start. Results go to OU
 - one_to_two: a checkpoint of one process (OUT/single-stopped, written by the test) resumed by fsdp2 on two.
 - ddp_to_fsdp2: the ddp checkpoint of resume/ddp resumed by fsdp2 (the same format, another strategy).
 - curriculum/<difficulty>: the three-phase curriculum on fsdp2 (meta labels; model_loss scored by both ranks).
+- probes/<strategy>: the evals before and after one step of a briefly trained demo model (the test trains it into
+  OUT/probe-model before the launch): held-out loss per source (two sources) and on an extra eval set, and probes
+  whose answers end at very different lengths on the two ranks (OUT/uneven-probes.jsonl, in batches of 2).
 - zero3_on_one (``... scenarios.py OUT DATA zero3_on_one`` on one process): the 2-process zero3 checkpoint refused.
 - crash (``torchrun --max-restarts=1 ... OUT DATA crash``): with $SFTDIST_TEST_STRATEGY, rank 1 SIGKILLed after
   step $SFTDIST_TEST_KILL_STEP on the first attempt; the restarted ranks resume from the newest complete checkpoint.
@@ -53,6 +56,29 @@ def common(out: Path, data: str) -> list[str]:
         "train.max_steps=3",
         f"data.cache_dir={out / 'cache'}",
     ]
+
+
+def probe_settings(out: Path) -> list[str]:
+    """The probe scenarios' run, also trained on one process by the test."""
+    return [
+        f"model.name_or_path={out / 'probe-model' / 'final'}",
+        f"data.sources=[{{path: {out / 'data.jsonl'}, name: uneven}}, {{path: {out / 'demo.jsonl'}, name: demo}}]",
+        f"eval.sources=[{{path: {out / 'extra-eval.jsonl'}, name: extra}}]",
+        "train.max_steps=1",
+        "train.global_batch_size=8",
+        "eval.every_steps=1",
+        f"eval.probes.path={out / 'uneven-probes.jsonl'}",
+        "eval.probes.batch_size=2",
+        "eval.probes.max_new_tokens=96",
+        "wandb.mode=disabled",
+        f"data.cache_dir={out / 'cache'}",
+    ]
+
+
+def probes(out: Path, strategy: str) -> dict:
+    run = out / f"probes-{strategy}"
+    fit_and_close(Trainer(compose(*probe_settings(out), f"strategy={strategy}", f"output_dir={run}")))
+    return {"output_dir": str(run)}
 
 
 def reference_grads(trainer: Trainer, samples) -> dict[str, torch.Tensor]:
@@ -252,6 +278,8 @@ def main() -> None:
     record("ddp_to_fsdp2", resume_on_fsdp2, out, data, out / "resume-ddp-stopped" / step_3, "ddp-to-fsdp2")
     for difficulty in ("meta", "model_loss"):
         record(f"curriculum/{difficulty}", curriculum, out, data, difficulty)
+    for strategy in ("fsdp2", "zero3"):
+        record(f"probes/{strategy}", probes, out, strategy)
     if only:  # launched on their own: on one process, or under torchrun --max-restarts
         record("zero3_on_one", zero3_on_one, out, data)
         record("crash", crash, out, data)

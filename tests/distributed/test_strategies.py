@@ -3,6 +3,7 @@ ZeRO-3 against one process. The scenarios run in one torchrun launch (tests/dist
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, compose, max_relative_difference, read_metrics
+from helpers import REPO, compose, fit_and_close, max_relative_difference, read_metrics
 from launching import free_port, load_scenarios, scenario_ok, torchrun_env
 from sftdist.errors import ConfigError
 from sftdist.trainer import Trainer
@@ -119,3 +120,32 @@ def test_two_nodes_rehearsed_on_localhost_train_and_export(launched, single_proc
     expected = load_file(str(single_process[True] / "final" / "model.safetensors"))
     assert max_relative_difference(weights, expected) < 1e-4
     assert torch.equal(torch.tensor([m["step"] for m in read_metrics(tmp_path / "run")]), torch.tensor([1, 2, 3]))
+
+
+def _probe_rows(run) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "probes.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_evals_on_two_processes_equal_one_whatever_the_answer_lengths(launched, strategy, tmp_path):
+    """Probes in batches of 2: rank 0's first answers stop early, rank 1's run ~5x longer, and in the last round
+    rank 1 has no batch: no rank hangs, and the answers and metrics are those of one process; the held-out loss per
+    source and the extra eval set's loss too."""
+    out, _, results = launched
+    result = scenario_ok(results[f"probes/{strategy}"])
+    fit_and_close(Trainer(compose(*scenarios.probe_settings(out), f"output_dir={tmp_path}")))
+    ours, theirs = _probe_rows(result["output_dir"]), _probe_rows(tmp_path)
+    before = {r["id"]: r["tokens"] for r in theirs if r["step"] == 0}
+    assert max(before["long-0"], before["long-1"]) >= 3 * max(before["short-0"], before["short-1"]), before  # uneven
+    strip = ("step", "id", "response", "tokens", "stopped", "checks")
+    assert [{k: r[k] for k in strip} for r in ours if r["step"] == 0] == [
+        {k: r[k] for k in strip} for r in theirs if r["step"] == 0
+    ]  # the same weights before training: the same answers, token for token
+    (a,) = [m for m in read_metrics(result["output_dir"], baseline=True) if m["step"] == 0]
+    (b,) = [m for m in read_metrics(tmp_path, baseline=True) if m["step"] == 0]
+    losses = ["eval/loss", "eval/loss/uneven", "eval/loss/demo", "eval/extra/loss"]
+    assert {k: a[k] for k in losses} == pytest.approx({k: b[k] for k in losses}, rel=1e-5)  # summed in another order
+    assert a["eval/loss/uneven"] != pytest.approx(a["eval/loss/demo"], rel=1e-2)  # two different sets, not mixed up
+    probe_keys = [k for k in b if k.startswith("eval/") and "loss" not in k]
+    assert probe_keys and {k: a[k] for k in probe_keys} == {k: b[k] for k in probe_keys}
+    assert {r["step"] for r in ours} == {0, 1}  # and again after the step (the last one)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import read_metrics
+from helpers import assert_real_plot, html_images, read_metrics, wandb_history
 
 REQUIRED_METRICS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/supervised_tokens"}
 
@@ -22,20 +23,83 @@ def _sftdist_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_forty_demo_steps_learn_and_leave_the_contract_outputs(tmp_path):
+EVAL_METRICS = {
+    "eval/loss",
+    "eval/format_pass_rate",
+    "eval/format/regex",
+    "eval/format/stops",
+    "eval/repetition_rate",
+    "eval/distinct_2",
+    "eval/eos_rate",
+    "eval/response_tokens",
+}
+
+
+@pytest.fixture(scope="module")
+def default_demo(tmp_path_factory):
+    """``make demo``'s run: sftdist-train with no overrides but where it writes, W&B offline."""
+    tmp_path = tmp_path_factory.mktemp("default-demo")
     out = tmp_path / "run"
-    proc = _sftdist_train(f"output_dir={out}", "train.max_steps=40", "wandb.mode=offline", cwd=tmp_path)
+    proc = _sftdist_train(f"output_dir={out}", "wandb.mode=offline", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_the_default_demo_learns_and_leaves_the_contract_outputs(default_demo):
+    out, proc = default_demo
     metrics = read_metrics(out)
-    assert len(metrics) == 40 and all(REQUIRED_METRICS <= m.keys() for m in metrics)
+    assert len(metrics) == 200 and all(REQUIRED_METRICS <= m.keys() for m in metrics)
     first, last = metrics[0]["train/loss"], metrics[-1]["train/loss"]
-    assert last < 0.4 * first, (first, last)
-    assert OmegaConf.load(out / "config.yaml").train.max_steps == 40
+    assert last < 0.2 * first, (first, last)
+    assert OmegaConf.load(out / "config.yaml").train.max_steps == 200
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
         p.name for p in (out / "final").iterdir()
     }
-    assert list((out / "wandb").glob("offline-run-*")), "W&B offline run files are missing"
-    assert "step 40/40" in proc.stdout  # not a TTY: plain progress lines instead of a bar
+    assert "step 200/200" in proc.stdout  # not a TTY: plain progress lines instead of a bar
+
+
+def test_the_default_demo_learns_its_answer_format_and_logs_every_eval_metric(default_demo):
+    """Evals before training (step 0) and every 50 steps: every probe metric in metrics.jsonl and in W&B's own
+    files; the demo's format (the "#### <number>" line, then the end of the turn) goes from none to nearly all."""
+    out, _ = default_demo
+    evals = [m for m in read_metrics(out, baseline=True) if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [0, 50, 100, 150, 200]
+    assert all(EVAL_METRICS <= m.keys() for m in evals)
+    rates = [m["eval/format_pass_rate"] for m in evals]
+    assert rates[0] <= 0.2 and rates[-1] >= 0.9, rates
+    assert evals[0]["eval/eos_rate"] < evals[-1]["eval/eos_rate"]
+    history = wandb_history(out)
+    logged = {key for row in history for key in row}
+    assert (REQUIRED_METRICS | EVAL_METRICS) <= logged and "eval/probe_samples/nrows" in logged
+    tables = [row for row in history if "eval/probe_samples/nrows" in row]  # appended to, not re-logged whole
+    assert [t["eval/probe_samples/increment_num"] for t in tables] == [0, 1, 2, 3, 4]  # 16 new rows each time
+    assert [t["eval/probe_samples/nrows"] for t in tables] == [16, 32, 48, 64, 80]
+    assert [row["eval/format_pass_rate"] for row in history if "eval/format_pass_rate" in row] == rates
+    probes = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
+    assert len(probes) == 5 * 16 and {p["step"] for p in probes} == {0, 50, 100, 150, 200}
+    last = [p for p in probes if p["step"] == 200]
+    assert sum(p["passed"] for p in last) / 16 == rates[-1] and all(
+        set(p["checks"]) == {"regex", "stops"} for p in last
+    )
+
+
+def test_sftdist_report_plots_the_default_demo(default_demo, tmp_path):
+    out, _ = default_demo
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "sftdist-report"), str(out), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    written = [line.split("wrote ", 1)[1] for line in proc.stdout.splitlines() if " wrote " in line]
+    names = {Path(p).name for p in written}
+    assert {"loss.png", "format_pass_rate.png", "eos_rate.png", "lr.png", "report.html"} <= names
+    for path in written:
+        if path.endswith(".png"):
+            assert_real_plot(Path(path))
+    assert set(html_images(tmp_path / "report" / "report.html")) == names - {"report.html"}
+    assert "no curriculum plot" in proc.stdout  # the demo has no curriculum: said, not drawn blank
 
 
 @pytest.mark.parametrize(

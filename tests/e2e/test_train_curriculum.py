@@ -32,6 +32,7 @@ COMMON = (
     "data.demo_size=600",
     "train.max_steps=20",
     "eval.every_steps=10",
+    "eval.probes.max_new_tokens=24",  # (the probes are tested elsewhere; here they only have to resume exactly)
     "checkpoint.every_steps=0",
     "wandb.mode=disabled",
 )

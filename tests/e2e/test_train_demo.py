@@ -39,7 +39,7 @@ def _train(tmp_path, *overrides):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    trainer, result = _train(out, "train.max_steps=30", "eval.every_steps=10")
+    trainer, result = _train(out, "train.max_steps=30", "eval.every_steps=10", "eval.probes.max_new_tokens=24")
     return out, trainer, result
 
 

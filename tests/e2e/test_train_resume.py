@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from helpers import (
+    assert_real_plot,
     bitwise_equal,
     compose,
     final_weights,
     fit_and_close,
+    html_images,
     read_metrics,
     record_sample_steps,
     save_tiny_model,
@@ -28,6 +30,7 @@ from helpers import (
 )
 from sftdist.checkpoint import MARKER, CheckpointError
 from sftdist.data.batching import collate_packed
+from sftdist.report import build_report, load_run
 from sftdist.signals import EXIT_STOPPED, STOPPED_FILE
 from sftdist.trainer import Trainer
 
@@ -39,6 +42,7 @@ COMMON = (
     "checkpoint.every_steps=2",
     "checkpoint.keep=3",
     "eval.every_steps=3",
+    "eval.probes.max_new_tokens=24",  # (the probes are tested elsewhere; here they only have to resume exactly)
     "wandb.mode=disabled",
 )
 BIN = Path(sys.executable).parent
@@ -95,6 +99,16 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(straight, tmp_pa
     for a, b in zip(ours, theirs):  # losses, grad norms, eval losses: identical, not close
         assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
     assert bitwise_equal(final_weights(tmp_path), final_weights(out))
+    assert _lines(tmp_path / "probes.jsonl") == _lines(out / "probes.jsonl")  # each eval's answers once, the same
+    report, drawn = build_report([tmp_path], tmp_path / "report")  # plotted as one run
+    assert [r["step"] for r in load_run(tmp_path).rows] == list(range(7)) and "loss" in drawn
+    for name in drawn:
+        assert_real_plot(report / f"{name}.png")
+    assert set(html_images(report / "report.html")) == {f"{name}.png" for name in drawn}
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
 
 
 def test_sigterm_writes_a_checkpoint_exits_75_and_a_plain_restart_finishes(straight, tmp_path):

@@ -75,3 +75,19 @@ def test_demo_tokenizer_has_its_template_and_special_tokens(demo_tokenizer):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text  # byte-level: lossless
     assert [tok.decode([i]) for i in tok("1234", add_special_tokens=False)["input_ids"]] == list("1234")
+
+
+def test_the_shipped_probe_set_is_what_the_code_generates_and_checks_the_answer_format(tmp_path):
+    from sftdist.data.demo import DEMO_PROBES, generate_demo_conversations, write_demo_probes
+    from sftdist.metrics.probes import Probe, Response, check, load_probe_file
+
+    write_demo_probes(tmp_path / "probes.jsonl")
+    assert (tmp_path / "probes.jsonl").read_text() == DEMO_PROBES.read_text()
+    probes = load_probe_file(DEMO_PROBES)
+    assert len(probes) == 16 and {p.id.rsplit("-", 1)[1] for p in probes} == {"easy", "medium", "hard"}
+    # the demo's own answers pass; an answer without the final line, or that never stops, does not
+    answer = generate_demo_conversations(1)[0]["messages"][-1]["content"]
+    assert check(probes[0], Response(answer, 9, True)).passed
+    assert not check(probes[0], Response(answer.rsplit("\n", 1)[0], 9, True)).passed
+    assert not check(probes[0], Response(answer, 9, False)).passed
+    assert not check(Probe("x", probes[0].checks), Response("#### twelve", 2, True)).passed
