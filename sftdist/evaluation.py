@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from sftdist.data.curriculum import BUCKETS
 from sftdist.data.demo import DEMO_PROBES
 from sftdist.data.difficulty import MISSING
 from sftdist.data.pipeline import EncodedSet, Sample, prepare
+from sftdist.data.sources import source_name, uses_demo
 from sftdist.data.template import IGNORE_INDEX, bind_template
 from sftdist.errors import DataError
 from sftdist.metrics.generation import generate_greedy
@@ -48,7 +48,7 @@ def build_eval_sources(cfg: SFTConfig, tokenizer: Any, template: str) -> tuple[d
     cached), by name, and each one's data report (what was rejected, filtered or truncated: for data_report.json)."""
     sets, reports = {}, {}
     for i, source in enumerate(cfg.eval.sources):
-        name = source.name or Path(source.path).name.split(".")[0]
+        name = source.name or source_name(source.path)
         if name in sets:
             raise DataError(f"eval.sources[{i}]: the name {name!r} is taken; give each eval set a distinct `name`")
         data = dataclasses.replace(cfg.data, path=source.path, format=source.format, sources=[], prepared=None)
@@ -68,7 +68,7 @@ def build_probes(cfg: SFTConfig, eval_set: EncodedSet, tokenizer: Any) -> list[P
         return []
     if p.path is not None:
         return load_probe_file(p.path)
-    if d.path is None and not d.sources and d.prepared is None:
+    if uses_demo(d):
         return load_probe_file(DEMO_PROBES)
     probes = []
     for i in range(min(p.num, len(eval_set))):
@@ -114,6 +114,7 @@ class Evaluator:
         template: str,
     ):
         self.cfg, self.eval_set, self.buckets, self.extra, self.probes = cfg, eval_set, buckets, extra, probes
+        self.sources = np.asarray(eval_set.table.data.column("source").to_pylist(), dtype=object)[eval_set.rows]
         self.tokenizer = tokenizer
         ct = bind_template(tokenizer, template)
         self.prompts = [_prompt_ids(probe, ct, tokenizer) for probe in probes]
@@ -121,9 +122,8 @@ class Evaluator:
     def losses(self, loss_sums: LossSums, all_sum: Callable[[list[float]], list[float]]) -> dict[str, float]:
         """``eval/loss`` and its breakdowns: each held-out sample is scored once, in the part of its (source,
         bucket), and the parts are added up per metric (one all-reduce for all of them)."""
-        n = len(self.eval_set)
-        sources = np.asarray(self.eval_set.table.data.column("source").to_pylist(), dtype=object)[self.eval_set.rows]
-        buckets = self.buckets if self.buckets is not None else np.full(n, MISSING)
+        sources = self.sources
+        buckets = self.buckets if self.buckets is not None else np.full(len(sources), MISSING)
         parts = sorted(set(zip(sources.tolist(), buckets.tolist())))  # sorted: the same order on every rank
         scored = [(self.eval_set, np.flatnonzero((sources == s) & (buckets == b))) for s, b in parts]
         scored += [(data, np.arange(len(data))) for data in self.extra.values()]

@@ -33,11 +33,11 @@ def sources_from_config(cfg: DataConfig, seed: int) -> list[Source]:
     """data.path (one source), data.sources (several, weighted), or the generated demo."""
     if cfg.path is not None:
         must_exist("data.path", cfg.path)
-        return [Source(_name(cfg.path), cfg.format, 1.0, cfg.path)]
+        return [Source(source_name(cfg.path), cfg.format, 1.0, cfg.path)]
     if cfg.sources:
         for i, s in enumerate(cfg.sources):
             must_exist(f"data.sources[{i}].path", s.path)
-        sources = [Source(s.name or _name(s.path), s.format, s.weight, s.path) for s in cfg.sources]
+        sources = [Source(s.name or source_name(s.path), s.format, s.weight, s.path) for s in cfg.sources]
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise DataError(f"data.sources have the same name twice ({names}); give each a distinct `name`")
@@ -45,12 +45,17 @@ def sources_from_config(cfg: DataConfig, seed: int) -> list[Source]:
     return [Source("demo", "messages", 1.0, None, generate_demo_conversations(cfg.demo_size, seed=seed))]
 
 
+def uses_demo(cfg: DataConfig) -> bool:
+    """Whether the run trains on the generated demo: no data.path, no data.sources, no prepared directory."""
+    return cfg.path is None and not cfg.sources and cfg.prepared is None
+
+
 def source_weights(cfg: DataConfig) -> dict[str, float]:
     """{source name: sampling weight} of the configuration, without reading anything."""
     if cfg.path is not None:
-        return {_name(cfg.path): 1.0}
+        return {source_name(cfg.path): 1.0}
     if cfg.sources:
-        return {s.name or _name(s.path): s.weight for s in cfg.sources}
+        return {s.name or source_name(s.path): s.weight for s in cfg.sources}
     return {"demo": 1.0}
 
 
@@ -60,7 +65,8 @@ def must_exist(key: str, path: str) -> None:
         raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
 
 
-def _name(path: str) -> str:
+def source_name(path: str) -> str:
+    """A source's default name: its file name without suffixes (a directory's whole name)."""
     p = Path(path)
     return p.name if p.is_dir() else p.name.split(".")[0]
 
