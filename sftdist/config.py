@@ -24,7 +24,11 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # local Hugging Face model directory; unset builds the tiny demo model
     tokenizer: Optional[str] = None  # tokenizer directory; default: name_or_path, else the bundled demo tokenizer
     trust_remote_code: bool = False  # run Python code shipped in the model directory (auto_map); only code you trust
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    # Recompute activations in backward: full (every decoder block: least memory, ~30% more compute) | selective
+    # (keep the matrix products' outputs, recompute the cheap element-wise ops: less memory for ~5% more compute)
+    activation_checkpointing: str = "none"  # none | full | selective
+    gradient_checkpointing: bool = False  # the older spelling of activation_checkpointing=full
+    compile: bool = False  # torch.compile each decoder block (the first steps compile; later ones run faster)
     attn_impl: str = "auto"  # packed attention: auto | flash_attn | torch_varlen | flex | sdpa
     # Architecture of the tiny Llama-shaped demo model (ignored when name_or_path is set).
     hidden_size: int = 256
@@ -95,6 +99,9 @@ class TrainConfig:
     log_every_steps: int = 1  # metrics cadence (the first and last steps are always logged)
     peak_tflops: Optional[float] = None  # per-GPU peak for train/mfu; default: known GPUs' dense bf16 peak
     stop_after_step: Optional[int] = None  # stop with a checkpoint after this step (one job of a longer run)
+    # The loss: auto (chunked where the model allows it) | chunked (the output head on supervised tokens only, a
+    # chunk at a time: the full logits never exist) | naive (the model's logits, then cross-entropy)
+    loss_impl: str = "auto"
 
 
 @dataclass
@@ -104,6 +111,9 @@ class StrategyConfig:
     # fsdp2 (torch.distributed.fsdp.fully_shard per decoder layer and the root)
     reshard_after_forward: bool = True  # free gathered layer weights after forward (ZeRO-3-like); false: ZeRO-2-like
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state on CPU
+    # Reduce-scatter gradients after every micro-batch (every: least memory) or only after a step's last one
+    # (last: one reduction per step, unsharded gradients held meanwhile)
+    grad_sync: str = "every"
     # zero3 (DeepSpeed stage 3; its config generated from these, deepspeed_config merged on top)
     overlap_comm: bool = True  # overlap gradient reduction with backward
     reduce_bucket_size: int = 50_000_000  # elements per gradient reduce bucket
@@ -207,6 +217,17 @@ def register_configs() -> None:
 
 FORMATS = ("auto", "messages", "alpaca", "sharegpt")
 SCORERS = ("length", "turns", "model_loss")  # curriculum difficulty from the data or the model (besides meta)
+LOSS_IMPLS = ("auto", "chunked", "naive")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+# model.* keys that say how the model runs, not what it is: they may change between a run and its resume.
+MODEL_EXECUTION_KEYS = (
+    "name",
+    "gradient_checkpointing",
+    "activation_checkpointing",
+    "compile",
+    "attn_impl",
+    "trust_remote_code",
+)
 
 
 def _choice(key: str, value: str, available: tuple[str, ...]) -> None:
@@ -244,6 +265,14 @@ def _validate_features(cfg: SFTConfig) -> None:
         _choice(f"data.sources[{i}].format", source.format, FORMATS)
     _choice("wandb.mode", cfg.wandb.mode, ("auto", "offline", "online", "disabled"))
     _choice("model.attn_impl", cfg.model.attn_impl, ("auto", "flash_attn", "torch_varlen", "flex", "sdpa"))
+    _choice("model.activation_checkpointing", cfg.model.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    if cfg.model.gradient_checkpointing and cfg.model.activation_checkpointing == "selective":
+        raise ConfigError(
+            "model.gradient_checkpointing=true (activation_checkpointing=full) contradicts "
+            "model.activation_checkpointing=selective: set one of them"
+        )
+    _choice("train.loss_impl", cfg.train.loss_impl, LOSS_IMPLS)
+    _choice("strategy.grad_sync", cfg.strategy.grad_sync, ("every", "last"))
     _not_empty("resume", cfg.resume)
 
 
@@ -288,6 +317,7 @@ def _validate_curriculum(c: CurriculumConfig) -> None:
 _STRATEGY_ONLY = {
     "reshard_after_forward": "fsdp2",
     "cpu_offload": "fsdp2",
+    "grad_sync": "fsdp2",
     "overlap_comm": "zero3",
     "reduce_bucket_size": "zero3",
     "prefetch_bucket_size": "zero3",

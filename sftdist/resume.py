@@ -23,17 +23,14 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sftdist.checkpoint import CheckpointError, read_trainer_state, resolve_resume
-from sftdist.config import SFTConfig
+from sftdist.config import MODEL_EXECUTION_KEYS, SFTConfig
 
 log = logging.getLogger(__name__)
 
 # Config keys (prefixes) that define the run being resumed, and the ones under them that do not.
 _IDENTITY = ("model.", "data.", "seed", "train.global_batch_size", "curriculum.")
 _NOT_IDENTITY = (
-    "model.name",
-    "model.gradient_checkpointing",
-    "model.attn_impl",
-    "model.trust_remote_code",
+    *(f"model.{key}" for key in MODEL_EXECUTION_KEYS),
     "data.name",
     "data.num_proc",
     "data.cache",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftdist.config import SFTConfig
+from sftdist.config import MODEL_EXECUTION_KEYS, SFTConfig
 from sftdist.data.batching import MicroBatch, assign_to_ranks, collate_packed, empty_micro_batch, plan_packed
 from sftdist.data.pipeline import Sample
 from sftdist.data.prepared import cache_root
@@ -31,9 +31,7 @@ def model_identity(cfg: SFTConfig) -> str:
     """What determines the base model's weights: its directory's config and weight files (names, sizes, times),
     or the tiny model's settings and seed."""
     if cfg.model.name_or_path is None:
-        settings = {
-            k: v for k, v in vars(cfg.model).items() if k not in ("name", "gradient_checkpointing", "attn_impl")
-        }
+        settings = {k: v for k, v in vars(cfg.model).items() if k not in MODEL_EXECUTION_KEYS}
         return json.dumps({"tiny": settings, "seed": cfg.seed}, sort_keys=True, default=str)
     directory = Path(cfg.model.name_or_path)
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))

@@ -42,7 +42,7 @@ from sftdist.data.pipeline import Sample, build_datasets
 from sftdist.errors import ConfigError, DataError
 from sftdist.evaluation import Evaluator, build_eval_sources, build_probes
 from sftdist.export import export_hf, stop_token_ids, write_hf_meta
-from sftdist.loss import cross_entropy_sum, step_normalised_loss
+from sftdist.loss import cross_entropy_sum, install_loss_head, loss_impl, step_normalised_loss, supervised_targets
 from sftdist.metrics import MetricsLogger, build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
 from sftdist.model import build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters, pad_token_id
@@ -135,6 +135,7 @@ class Trainer:
             self.attention = resolve_backend(cfg.model.attn_impl, self.device)
             apply_packed_attention(model, self.attention)
         self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.train))
+        self.loss_impl, self.loss_why = self._choose_loss_impl()
         self.sampler = self._build_sampler(resumed)  # before the checkpoint's weights: model_loss is the base's
         probes = build_probes(cfg, self.eval_set, self.tokenizer) if cfg.eval.every_steps else []
         self.evaluator = Evaluator(
@@ -227,7 +228,7 @@ class Trainer:
             return
         log.info(
             f"model: {c.model.name}, {self.num_params / 1e6:.2f}M parameters, {c.precision}, {c.strategy.name} "
-            f"x {self.strategy.world_size} on {self.device.type}, attention {self.attention}"
+            f"x {self.strategy.world_size} on {self.device.type}, attention {self.attention}, loss {self.loss_why}"
         )
         log.info(
             f"data: {r['records_in']} records in, {r['records_used']} used ({r['records_train']} train, "
@@ -266,6 +267,33 @@ class Trainer:
                     **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen),
                 ).logits
             return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+
+    def _ce_sum(self, mb: MicroBatch, impl: str | None = None) -> torch.Tensor:
+        """The micro-batch's summed cross-entropy over its supervised targets (sftdist.loss), as ``impl`` (default:
+        the run's) computes it: chunked, the model's head returns it in place of the logits."""
+        if (impl or self.loss_impl) == "chunked":
+            with supervised_targets(self.strategy.unwrap(self.model), mb.targets, mb.supervised_index):
+                return self._logits(mb)
+        return cross_entropy_sum(self._logits(mb), mb.targets)
+
+    def _choose_loss_impl(self) -> tuple[str, str]:
+        """train.loss_impl resolved (sftdist.loss.loss_impl), checked on the first training sample both ways through
+        the strategy's model; rank 0's answer for all (every rank runs the same forwards)."""
+        if self.cfg.train.loss_impl != "naive":
+            install_loss_head(self.strategy.unwrap(self.model))
+
+        @torch.no_grad()
+        def naive_and_chunked() -> tuple[float, float]:
+            self.model.eval()
+            (mb,) = build_micro_batches(
+                [self.train_set[0]], self.cfg.train.micro_batch_tokens, self.pad_id, self.cfg.data.packing
+            )
+            mb = mb.to(self.device)
+            return float(self._ce_sum(mb, "naive")), float(self._ce_sum(mb, "chunked"))
+
+        return self.strategy.broadcast_object(
+            loss_impl(self.cfg.train.loss_impl, self.strategy.unwrap(self.model), naive_and_chunked)
+        )
 
     def _step_batches(self, samples: list[Sample]) -> list[MicroBatch]:
         """This rank's micro-batches of a step (the same number on every rank), balanced by training FLOPs."""
@@ -469,7 +497,7 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             mb = mb.to(self.device)
             with self.strategy.micro_step(last=i == len(micro_batches) - 1):
-                ce = cross_entropy_sum(self._logits(mb), mb.targets)
+                ce = self._ce_sum(mb)
                 self.strategy.backward(step_normalised_loss(ce, int(num_step_tokens), self.strategy.grad_divisor))
             ce_total += ce.detach()
         ce_sum, tokens, slots = self.strategy.all_sum(
@@ -506,7 +534,7 @@ class Trainer:
         for start in range(0, len(samples), size):
             for mb in self._step_batches(samples[start : start + size]):
                 mb = mb.to(self.device)
-                total += float(cross_entropy_sum(self._logits(mb), mb.targets))
+                total += float(self._ce_sum(mb))
                 count += mb.num_supervised
         return total, count
 

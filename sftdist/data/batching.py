@@ -112,26 +112,29 @@ class MicroBatch:
     position_ids: torch.Tensor | None = None  # (1, L) packed: restarting at each sample
     cu_seqlens: torch.Tensor | None = None  # (N + 1,) int32 packed: sample boundaries
     max_seqlen: int = 0  # packed: the longest sample
+    # Flat positions (into targets.flatten()) of the supervised targets: found on the host, where the targets are
+    # made, so that selecting them on a device never waits for it (sftdist.loss).
+    supervised_index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.supervised_index is None:
+            self.supervised_index = (self.targets.flatten() != IGNORE_INDEX).nonzero()[:, 0]
 
     @property
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
-    def to(self, device: torch.device | str) -> MicroBatch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+    def pin(self) -> MicroBatch:
+        """The same micro-batch in page-locked host memory, so that :meth:`to` a GPU copies asynchronously."""
+        return self._map(lambda t: t.pin_memory())
 
-        return MicroBatch(
-            move(self.input_ids),
-            move(self.targets),
-            move(self.attention_mask),
-            self.num_tokens,
-            self.num_supervised,
-            self.num_slots,
-            move(self.position_ids),
-            move(self.cu_seqlens),
-            self.max_seqlen,
-        )
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """On ``device``; the copies do not block the host when the batch is pinned (:meth:`pin`)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def _map(self, move: Callable[[torch.Tensor], torch.Tensor]) -> MicroBatch:
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return MicroBatch(**{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
 
 
 def collate_packed(samples: list[Sample], micro_batch_tokens: int) -> MicroBatch:

@@ -11,6 +11,7 @@ from sftdist.config import DataConfig, ModelConfig
 from sftdist.data.demo import DEMO_TOKENIZER_DIR
 from sftdist.data.template import load_chat_template, resolve_chat_template
 from sftdist.errors import ConfigError
+from sftdist.model.blocks import checkpoint_blocks, compile_blocks
 
 
 def local_dir(key: str, path: str) -> Path:
@@ -60,13 +61,20 @@ def pad_token_id(tokenizer: Any) -> int:
 def build_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
     """The model in fp32 on CPU: loaded from ``model.name_or_path``, or the tiny Llama initialised from ``seed``."""
     model = _load_model(cfg, tokenizer) if cfg.name_or_path is not None else _tiny_model(cfg, tokenizer, seed)
-    if cfg.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    prepare_blocks(model, cfg)
     return model
+
+
+def prepare_blocks(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """model.compile and activation checkpointing on the decoder blocks (sftdist.model.blocks)."""
+    if cfg.compile:
+        compile_blocks(model)
+    checkpoint_blocks(model, activation_checkpointing(cfg))
+
+
+def activation_checkpointing(cfg: ModelConfig) -> str:
+    """none | full | selective: model.activation_checkpointing, or full for model.gradient_checkpointing=true."""
+    return "full" if cfg.gradient_checkpointing else cfg.activation_checkpointing
 
 
 def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:

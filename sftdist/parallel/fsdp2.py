@@ -1,6 +1,7 @@
 """``strategy=fsdp2``: ``fully_shard`` on each decoder layer, then the root; parameters, gradients and
 optimizer state sharded over the ranks. Gradients are reduce-scattered (averaged) in every micro-batch's
-backward and accumulate as shards. precision=bf16 computes in bf16 and reduces in fp32."""
+backward and accumulate as shards (``strategy.grad_sync=last``: unsharded gradients accumulate locally and are
+reduce-scattered once, after the step's last micro-batch). precision=bf16 computes in bf16 and reduces in fp32."""
 
 from __future__ import annotations
 
@@ -11,28 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from sftdist.config import StrategyConfig
-from sftdist.errors import ConfigError
+from sftdist.model.blocks import decoder_layers
 from sftdist.parallel.dist import DistributedStrategy
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks, by the classes Hugging Face declares unsplittable (``_no_split_modules``):
-    LlamaDecoderLayer, Qwen2DecoderLayer, ... with no per-model code."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers: list[torch.nn.Module] = []
-    inside: set[int] = set()  # the outermost match only: a block nested in a chosen one is sharded with it
-    for module in model.modules():  # parents come before their children
-        if id(module) in inside:
-            continue
-        if type(module).__name__ in names:
-            layers.append(module)
-            inside.update(id(m) for m in module.modules())
-    if not layers:
-        raise ConfigError(
-            f"strategy=fsdp2: found no decoder layers in {type(model).__name__} (its "
-            f"_no_split_modules is {sorted(names) or 'empty'}); use strategy=zero3 or ddp"
-        )
-    return layers
 
 
 class FSDP2Strategy(DistributedStrategy):
@@ -56,7 +37,13 @@ class FSDP2Strategy(DistributedStrategy):
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
         fully_shard(model, reshard_after_forward=False, **kwargs)  # the root is needed again at once by backward
+        self._model = model
         return model, make_optimizer(model)
+
+    def micro_step(self, last: bool):
+        if self.cfg.grad_sync == "last":
+            self._model.set_requires_gradient_sync(last)
+        return super().micro_step(last)
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -7,6 +7,8 @@ grouped in one launch because process groups are slow to start. Results go to OU
   path) against the single-process full-batch gradient computed here, sample by sample, on rank 0.
 - fit/<strategy>/<packing>: 3 optimizer steps through Trainer.fit into OUT/fit-<strategy>-<packing>;
   the test compares final/ with a single-process run.
+- naive_loss/<strategy>, grad_sync_last/fsdp2: fit with train.loss_impl=naive (fsdp2, zero3; the fit scenarios use
+  the chunked loss), and fsdp2 reducing gradients once per step.
 - bad_global_batch: train.global_batch_size=3 on 2 processes must be refused at start.
 - resume/<strategy>: 4 steps straight, and the same stopped by SIGUSR1 (to rank 0 only) during step 3, then
   resumed; the test compares them bitwise.
@@ -131,7 +133,7 @@ def grads(out: Path, data: str, strategy: str, packing: bool) -> dict:
 
 def fit(out: Path, data: str, strategy: str, packing: bool, *extra: str) -> dict:
     run = out / f"fit-{strategy}-{packing}{''.join('-' + e.split('=')[-1] for e in extra)}"
-    result = Trainer(
+    trainer = Trainer(
         compose(
             *common(out, data),
             f"strategy={strategy}",
@@ -139,8 +141,9 @@ def fit(out: Path, data: str, strategy: str, packing: bool, *extra: str) -> dict
             f"output_dir={run}",
             *extra,
         )
-    ).fit()
-    return {"loss": result["train/loss"], "output_dir": str(run)}
+    )
+    result = trainer.fit()
+    return {"loss": result["train/loss"], "output_dir": str(run), "loss_impl": trainer.loss_impl}
 
 
 # Exact resume: 4 steps, checkpoints at 2 and 4 (the last), a stop signal during step 3 (to rank 0 only).
@@ -271,6 +274,8 @@ def main() -> None:
             record(f"fit/{strategy}/{packing}", fit, out, data, strategy, packing)
     for strategy in ("fsdp2", "zero3"):
         record(f"bf16/{strategy}", fit, out, data, strategy, True, "precision=bf16")
+        record(f"naive_loss/{strategy}", fit, out, data, strategy, True, "train.loss_impl=naive")
+    record("grad_sync_last/fsdp2", fit, out, data, "fsdp2", True, "strategy.grad_sync=last")
     for strategy in STRATEGIES:
         record(f"resume/{strategy}", resume, out, data, strategy)
     step_3 = Path("checkpoints") / "step_3"

@@ -163,14 +163,37 @@ def test_eval_steps_are_logged_even_off_the_log_cadence(tmp_path):
     assert [s for s, m in sorted(logged.items()) if "eval/loss" in m] == [3, 6, 7]
 
 
-def test_gradient_checkpointing_does_not_change_the_update(tmp_path):
+def test_speed_options_do_not_change_the_update(tmp_path):
+    """Activation checkpointing (full, through the older key, and selective), model.compile and the plain loss give
+    the update of the default run; checkpointing really recomputes (each block's MLP starts twice per micro-batch) and
+    compiling really compiles."""
     common = ("train.max_steps=2", "eval.every_steps=0", "data.demo_size=200")
-    plain, _ = _train(tmp_path / "plain", *common)
-    ckpt, _ = _train(tmp_path / "ckpt", *common, "model.gradient_checkpointing=true")
-    on = [m for m in ckpt.model.modules() if getattr(m, "gradient_checkpointing", False)]
-    assert on and not [m for m in plain.model.modules() if getattr(m, "gradient_checkpointing", False)]
-    w1, w2 = plain.strategy.full_state_dict(plain.model), ckpt.strategy.full_state_dict(ckpt.model)
-    assert max_relative_difference(w2, w1) < 1e-6
+    runs = {
+        "default": (),
+        "full": ("model.gradient_checkpointing=true",),
+        "selective": ("model.activation_checkpointing=selective",),
+        "compile": ("model.compile=true",),
+        "naive loss": ("train.loss_impl=naive",),
+    }
+    weights, calls = {}, {}
+    for name, extra in runs.items():
+        trainer = Trainer(compose(f"output_dir={tmp_path / name}", "wandb.mode=disabled", *common, *extra))
+        mlp, count = trainer.model.model.layers[0].mlp, []
+        mlp.register_forward_pre_hook(lambda *_, count=count: count.append(1))
+        torch._dynamo.utils.counters.clear()
+        trainer.fit()
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+        weights[name], calls[name] = trainer.strategy.full_state_dict(trainer.model), (len(count), compiled)
+        trainer.close()
+    # 2 steps of one micro-batch each; compiled code runs no Python hooks
+    assert calls == {
+        "default": (2, False),
+        "full": (4, False),
+        "selective": (4, False),
+        "compile": (1, True),
+        "naive loss": (2, False),
+    }
+    assert all(max_relative_difference(w, weights["default"]) < 1e-5 for w in weights.values())
 
 
 def test_a_diverged_loss_stops_the_run_before_export(tmp_path):
