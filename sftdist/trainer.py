@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,15 @@ from sftdist.export import export_hf, stop_token_ids, write_hf_meta
 from sftdist.loss import cross_entropy_sum, install_loss_head, loss_impl, step_normalised_loss, supervised_targets
 from sftdist.metrics import MetricsLogger, build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
-from sftdist.model import build_model, build_tokenizer, checkpoint_dtype, max_positions, num_parameters, pad_token_id
+from sftdist.model import (
+    build_model,
+    build_tokenizer,
+    checkpoint_dtype,
+    max_positions,
+    model_weights,
+    num_parameters,
+    pad_token_id,
+)
 from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
 from sftdist.parallel import build_strategy, check_world_size
 from sftdist.resume import find_checkpoint, flat_config, run_identity
@@ -120,7 +130,8 @@ class Trainer:
         self.identity = run_identity(cfg, self.data_report)
         self.resume_from, resumed = find_checkpoint(cfg, self.output_dir, self.identity, self.strategy)
 
-        model = build_model(cfg.model, self.tokenizer, cfg.seed)
+        with self.strategy.constructing():  # fsdp2, zero3: never the whole model on a rank (their setup loads it)
+            model = build_model(cfg.model, self.tokenizer, cfg.seed, with_weights=not self.strategy.loads_weights)
         limit = max_positions(model)
         if limit is not None and cfg.data.max_length > limit:
             raise ConfigError(
@@ -134,7 +145,11 @@ class Trainer:
         if cfg.data.packing:
             self.attention = resolve_backend(cfg.model.attn_impl, self.device)
             apply_packed_attention(model, self.attention)
-        self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.train))
+        self.model, self.optimizer = self.strategy.setup(
+            model,
+            lambda m: build_optimizer(m, cfg.train),
+            lambda names: model_weights(cfg.model, self.tokenizer, cfg.seed, names),
+        )
         self.loss_impl, self.loss_why = self._choose_loss_impl()
         self.sampler = self._build_sampler(resumed)  # before the checkpoint's weights: model_loss is the base's
         probes = build_probes(cfg, self.eval_set, self.tokenizer) if cfg.eval.every_steps else []
@@ -320,13 +335,11 @@ class Trainer:
                 return self._stopped(self.start_step, metrics)
             if self.cfg.eval.every_steps and self.cfg.eval.before_training and self.start_step == 0:
                 self._log_step(-1, self.evaluate(0), bar)  # the baseline, logged as step 0
-            for step in range(self.start_step, t.max_steps):
+            for step, samples, micro_batches in self._steps():
                 lr = lr_at(step, t)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 step_start = time.perf_counter()
-                samples = [self.train_set[i] for i in self.sampler.indices(step)]
-                micro_batches = self._step_batches(samples)
                 stats = self.train_step(micro_batches)
                 if not math.isfinite(stats["loss"]):  # never train on, or export, a diverged model
                     raise FloatingPointError(
@@ -359,6 +372,23 @@ class Trainer:
         self.strategy.barrier()
         self._fitted = True
         return {**metrics, "wall_s": wall}
+
+    def _steps(self) -> Iterator[tuple[int, list[Sample], list[MicroBatch]]]:
+        """(step, its samples, this rank's micro-batches) from ``start_step`` on. The next step's are read, collated
+        and (for a GPU) pinned in a background thread while this one trains, so the loop never waits for them."""
+
+        def inputs(step: int) -> tuple[list[Sample], list[MicroBatch]]:
+            samples = [self.train_set[i] for i in self.sampler.indices(step)]
+            batches = self._step_batches(samples)
+            return samples, [mb.pin() for mb in batches] if self.device.type == "cuda" else batches
+
+        with ThreadPoolExecutor(1, thread_name_prefix="sftdist-collate") as pool:
+            upcoming = pool.submit(inputs, self.start_step)
+            for step in range(self.start_step, self.cfg.train.max_steps):
+                samples, micro_batches = upcoming.result()
+                if step + 1 < self.cfg.train.max_steps:
+                    upcoming = pool.submit(inputs, step + 1)
+                yield step, samples, micro_batches
 
     def _progress_bar(self) -> tqdm:
         return tqdm(
@@ -490,12 +520,13 @@ class Trainer:
 
     def accumulate_gradients(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
         """Forward and backward of every micro-batch; the loss is normalised once, by the supervised tokens
-        of the whole step on all ranks (one all-reduce, before any backward)."""
+        of the whole step on all ranks (one all-reduce, before any backward, of counts known on the host). The host
+        waits for the device once per step (the summed loss), never per micro-batch: the copies are asynchronous
+        (pinned on a GPU) and every count comes from the host."""
         self.model.train()
         (num_step_tokens,) = self.strategy.all_sum([sum(mb.num_supervised for mb in micro_batches)])
         ce_total = torch.zeros((), device=self.device, dtype=torch.float64)
-        for i, mb in enumerate(micro_batches):
-            mb = mb.to(self.device)
+        for i, mb in enumerate([mb.to(self.device) for mb in micro_batches]):
             with self.strategy.micro_step(last=i == len(micro_batches) - 1):
                 ce = self._ce_sum(mb)
                 self.strategy.backward(step_normalised_loss(ce, int(num_step_tokens), self.strategy.grad_divisor))

@@ -40,13 +40,14 @@ class ModelDims:
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelDims:
         config = model.config
-        total = sum(p.numel() for p in model.parameters())
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - (a ZeRO-3 partition knows its whole size)
+        total = sum(numel(p) for p in model.parameters())
         embed = model.get_input_embeddings().weight
         output = model.get_output_embeddings()
         tied = output is not None and output.weight is embed
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(total - (0 if tied else embed.numel()), config.num_hidden_layers, heads * head_dim)
+        return cls(total - (0 if tied else numel(embed)), config.num_hidden_layers, heads * head_dim)
 
     def flops(self, lengths: list[int]) -> float:
         """Forward and backward FLOPs of training on documents of these lengths."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,8 @@ from sftdist.data.demo import DEMO_TOKENIZER_DIR
 from sftdist.data.template import load_chat_template, resolve_chat_template
 from sftdist.errors import ConfigError
 from sftdist.model.blocks import checkpoint_blocks, compile_blocks
+
+log = logging.getLogger(__name__)
 
 
 def local_dir(key: str, path: str) -> Path:
@@ -58,11 +64,90 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
-    """The model in fp32 on CPU: loaded from ``model.name_or_path``, or the tiny Llama initialised from ``seed``."""
-    model = _load_model(cfg, tokenizer) if cfg.name_or_path is not None else _tiny_model(cfg, tokenizer, seed)
+def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, with_weights: bool = True) -> torch.nn.Module:
+    """The model in fp32 on CPU: loaded from ``model.name_or_path``, or the tiny Llama initialised from ``seed``.
+    ``with_weights=False``: its structure only, from the config, for a strategy that builds it in a context of its own
+    (parameters on the meta device, or partitioned as they are made) and then loads :func:`model_weights` itself."""
+    if not with_weights:
+        with _no_init():  # (random init of parameters that are on meta, or partitioned: wasted, or it fails)
+            model = _empty_model(cfg, tokenizer)
+        model.tie_weights()  # (which no_init_weights skips with the init)
+    elif cfg.name_or_path is not None:
+        model = _load_model(cfg, tokenizer)
+    else:
+        model = _tiny_model(cfg, tokenizer, seed)
     prepare_blocks(model, cfg)
     return model
+
+
+def model_weights(cfg: ModelConfig, tokenizer: Any, seed: int, names: list[str]) -> ModelWeights:
+    """The weights ``build_model`` would give the parameters and buffers ``names``, read one tensor at a time: from the
+    model directory's safetensors files, or, where they do not name them all (a .bin checkpoint, renamed keys), from
+    the whole model built on CPU, as is the tiny model (seeded as ever)."""
+    if cfg.name_or_path is not None:
+        files = ModelWeights.from_safetensors(model_directory(cfg.name_or_path))
+        if files is not None and set(names) <= files.names:
+            return files
+        log.warning(
+            "model.name_or_path=%s: its safetensors files do not hold every weight under the model's names; "
+            "building the whole model on CPU to read them",
+            cfg.name_or_path,
+        )
+    with torch.device("cpu"):
+        model = _load_model(cfg, tokenizer) if cfg.name_or_path is not None else _tiny_model(cfg, tokenizer, seed)
+    return ModelWeights.from_state_dict(model.state_dict())
+
+
+class ModelWeights:
+    """Named tensors read on demand (``get``: one fp32 tensor on CPU), from safetensors files or a state dict."""
+
+    def __init__(self, names: set[str], get: Callable[[str], torch.Tensor]):
+        self.names, self._get = names, get
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._get(name).float()
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> ModelWeights:
+        return cls(set(state), state.__getitem__)
+
+    @classmethod
+    def from_safetensors(cls, directory: Path) -> ModelWeights | None:
+        """The safetensors checkpoint in ``directory`` (one file, or shards with their index), or None."""
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            where = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+                where = dict.fromkeys(f.keys(), directory / "model.safetensors")
+        else:
+            return None
+
+        def get(name: str) -> torch.Tensor:
+            with safe_open(str(where[name]), framework="pt") as f:
+                return f.get_tensor(name)
+
+        return cls(set(where), get)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules made inside the block get their parameters on the meta device (no memory) and their buffers on CPU
+    as usual: rotary tables and the like are computed, not loaded, and must stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def prepare_blocks(model: torch.nn.Module, cfg: ModelConfig) -> None:
@@ -108,18 +193,57 @@ def _load_model(cfg: ModelConfig, tokenizer: Any) -> torch.nn.Module:
         )
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: cannot load a causal LM from it ({err})") from err
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+    _check_vocabulary(cfg, model, tokenizer)
+    return model
+
+
+def _check_vocabulary(cfg: ModelConfig, model: torch.nn.Module, tokenizer: Any) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
         raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path!r}: its embedding has "
-            f"{model.get_input_embeddings().num_embeddings} rows but the tokenizer has {len(tokenizer)} tokens"
+            f"model.name_or_path={cfg.name_or_path!r}: its embedding has {rows} rows but the tokenizer has "
+            f"{len(tokenizer)} tokens"
         )
+
+
+def _no_init() -> contextlib.AbstractContextManager:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # (older transformers)
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _empty_model(cfg: ModelConfig, tokenizer: Any) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    if cfg.name_or_path is None:
+        return LlamaForCausalLM(_tiny_config(cfg, tokenizer))
+    directory = model_directory(cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: cannot build a causal LM from it ({err})") from err
+    _check_vocabulary(cfg, model, tokenizer)
     return model
 
 
 def _tiny_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(_tiny_config(cfg, tokenizer))
+    return model
+
+
+def _tiny_config(cfg: ModelConfig, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -134,10 +258,6 @@ def _tiny_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> torch.nn.Module:
         pad_token_id=pad_token_id(tokenizer),
         attn_implementation="sdpa",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model
 
 
 def max_positions(model: torch.nn.Module) -> int | None:
@@ -146,4 +266,5 @@ def max_positions(model: torch.nn.Module) -> int | None:
 
 
 def num_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the whole model, also when they are on the meta device or partitioned by ZeRO-3."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

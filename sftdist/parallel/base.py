@@ -44,11 +44,23 @@ class Strategy(ABC):
         """What the gradient reduction divides the summed gradients by (1: it sums, or there is none)."""
         return 1
 
+    # Whether the model is built without its weights (``constructing``: parameters on the meta device, or partitioned
+    # as they are made) and ``setup`` loads them, each rank only what it keeps; else it is built whole on every rank.
+    loads_weights: bool = False
+
+    def constructing(self) -> contextlib.AbstractContextManager:
+        """The context the model is built in."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def setup(
-        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+        self,
+        model: torch.nn.Module,
+        make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+        weights: Callable[[list[str]], Any] | None = None,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """Place (and shard or replicate) the model, then build its optimizer: (what to call, optimizer)."""
+        """Place (and shard or replicate) the model, then build its optimizer: (what to call, optimizer). With
+        ``loads_weights``, ``weights(names)`` gives the weights to load (sftdist.model.ModelWeights)."""
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The Hugging Face model inside the wrapper (its config, generation config)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -19,7 +20,10 @@ class DDPStrategy(DistributedStrategy):
         self._ddp: DistributedDataParallel | None = None
 
     def setup(
-        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+        self,
+        model: torch.nn.Module,
+        make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+        weights: Callable[[list[str]], Any] | None = None,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
         self._ddp = DistributedDataParallel(  # broadcasts rank 0's weights to every rank

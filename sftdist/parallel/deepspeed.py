@@ -138,10 +138,20 @@ class ZeRO3Strategy(DistributedStrategy):
         self.ds.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         self._engine: Any = None
 
+    loads_weights = True  # partitioned as it is built (zero.Init), then loaded one gathered parameter at a time
+
+    def constructing(self):
+        return self.ds.zero.Init(
+            config_dict_or_path=self.config, remote_device="cpu" if self.device.type == "cpu" else None
+        )
+
     def setup(
-        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+        self,
+        model: torch.nn.Module,
+        make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+        weights: Callable[[list[str]], Any] | None = None,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        model = model.to(self.device)
+        self._load(model, weights)
         engine, optimizer, _, _ = self.ds.initialize(
             model=model, optimizer=make_optimizer(model), config=self.config, dist_init_required=False
         )
@@ -150,6 +160,26 @@ class ZeRO3Strategy(DistributedStrategy):
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return getattr(model, "module", model)
+
+    def _load(self, model: torch.nn.Module, weights: Callable[[list[str]], Any]) -> None:
+        """Each parameter gathered in turn, rank 0 copies the checkpoint's tensor in, and it is partitioned again on
+        leaving (DeepSpeed broadcasts rank 0's values): one whole parameter at a time on any rank."""
+        params = dict(model.named_parameters())  # a tied weight once
+        source = weights(list(params))  # (safetensors: opened, not read; only rank 0 reads the parameters)
+        for name, param in params.items():
+            with self.ds.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+                if self.is_main:
+                    full = source.get(name)
+                    if tuple(full.shape) != tuple(param.shape):
+                        raise ValueError(
+                            f"{name}: the checkpoint's tensor is {tuple(full.shape)}, the model's {tuple(param.shape)}"
+                        )
+                    param.copy_(full)
+        persistent = set(model.state_dict())
+        with torch.no_grad():  # buffers are whole on every rank: computed when built, or loaded where saved
+            for name, buffer in model.named_buffers():
+                if name in persistent and name in source.names:
+                    buffer.copy_(source.get(name))
 
     def micro_step(self, last: bool):
         self._engine.set_gradient_accumulation_boundary(last)

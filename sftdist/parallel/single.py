@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -16,7 +17,10 @@ class SingleProcess(Strategy):
         self.device = device
 
     def setup(
-        self, model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+        self,
+        model: torch.nn.Module,
+        make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+        weights: Callable[[list[str]], Any] | None = None,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)
         return model, make_optimizer(model)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from helpers import compose, fit_and_close, record_sample_steps, signal_during_step
+from helpers import compose, fit_and_close, record_sample_steps, save_tiny_model, signal_during_step
 from launching import launch_scenarios, load_scenarios, write_uneven_data
 from sftdist.data.demo import generate_demo_conversations
 from sftdist.trainer import Trainer
@@ -22,6 +23,7 @@ def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     data = write_uneven_data(out / "data.jsonl")
     write_probe_model(out)
+    save_tiny_model(out / "tied-bf16", dtype=torch.bfloat16, tie_word_embeddings=True)
     stopped = Trainer(compose(*scenarios.common(out, data), *scenarios.RESUME, f"output_dir={out / 'single-stopped'}"))
     signal_during_step(stopped, 3)
     assert fit_and_close(stopped)["stopped_by"] == "SIGUSR1"

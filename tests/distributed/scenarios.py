@@ -9,6 +9,8 @@ grouped in one launch because process groups are slow to start. Results go to OU
   the test compares final/ with a single-process run.
 - naive_loss/<strategy>, grad_sync_last/fsdp2: fit with train.loss_impl=naive (fsdp2, zero3; the fit scenarios use
   the chunked loss), and fsdp2 reducing gradients once per step.
+- load/<strategy>: a bf16 model directory with tied embeddings loaded by fsdp2 (meta device, then shard by shard)
+  and zero3 (partitioned as built); its gathered weights in OUT/load-<strategy>.pt.
 - bad_global_batch: train.global_batch_size=3 on 2 processes must be refused at start.
 - resume/<strategy>: 4 steps straight, and the same stopped by SIGUSR1 (to rank 0 only) during step 3, then
   resumed; the test compares them bitwise.
@@ -28,6 +30,7 @@ Selected scenarios (a third argument, comma-separated prefixes) write OUT/result
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -206,6 +209,31 @@ def curriculum(out: Path, data: str, difficulty: str) -> dict:
     return {"output_dir": str(run), "samples": samples, "buckets": trainer.row_buckets.tolist()}
 
 
+def load(out: Path, data: str, strategy: str) -> dict:
+    """The model of a bf16 directory with tied embeddings (OUT/tied-bf16, written by the test), built without its
+    weights and loaded shard by shard (fsdp2) or partitioned (zero3): its gathered weights, and what was logged."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("sftdist").addHandler(handler)
+    try:
+        trainer = Trainer(
+            compose(
+                *common(out, data),
+                f"model.name_or_path={out / 'tied-bf16'}",
+                f"strategy={strategy}",
+                f"output_dir={out / f'load-{strategy}'}",
+            )
+        )
+        weights = trainer.strategy.full_state_dict(trainer.model)
+        trainer.close()
+    finally:
+        logging.getLogger("sftdist").removeHandler(handler)
+    if dist.get_rank() == 0:
+        torch.save(weights, out / f"load-{strategy}.pt")
+    return {"logged": records}
+
+
 def zero3_on_one(out: Path, data: str) -> dict:
     """On one process: the 2-process zero3 checkpoint must be refused at start, naming what to do."""
     checkpoint = out / "resume-zero3-stopped" / "checkpoints" / "step_3"
@@ -276,6 +304,8 @@ def main() -> None:
         record(f"bf16/{strategy}", fit, out, data, strategy, True, "precision=bf16")
         record(f"naive_loss/{strategy}", fit, out, data, strategy, True, "train.loss_impl=naive")
     record("grad_sync_last/fsdp2", fit, out, data, "fsdp2", True, "strategy.grad_sync=last")
+    for strategy in ("fsdp2", "zero3"):
+        record(f"load/{strategy}", load, out, data, strategy)
     for strategy in STRATEGIES:
         record(f"resume/{strategy}", resume, out, data, strategy)
     step_3 = Path("checkpoints") / "step_3"

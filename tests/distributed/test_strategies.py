@@ -77,6 +77,20 @@ def test_fsdp2_reducing_gradients_once_per_step_gives_the_weights_of_one_process
     assert difference < 1e-4
 
 
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_sharded_strategies_load_a_checkpoint_exactly_without_a_whole_model_per_rank(launched, strategy):
+    out, _, results = launched
+    result = scenario_ok(results[f"load/{strategy}"])
+    assert not [m for m in result["logged"] if "building the whole model on CPU" in m]  # read from the files
+    loaded = torch.load(out / f"load-{strategy}.pt")
+    saved = load_file(str(out / "tied-bf16" / "model.safetensors"))  # bf16, lm_head tied: not in the file
+    assert set(saved) <= set(loaded) <= set(saved) | {"lm_head.weight"}
+    for name, tensor in saved.items():  # fp32 masters of the bf16 checkpoint, bit for bit
+        assert loaded[name].dtype == torch.float32 and torch.equal(loaded[name], tensor.float()), name
+    if "lm_head.weight" in loaded:
+        assert torch.equal(loaded["lm_head.weight"], loaded["model.embed_tokens.weight"])
+
+
 def test_bf16_sharded_strategies_agree_and_export_the_fp32_masters(launched):
     fsdp2, zero3 = scenario_ok(launched[2]["bf16/fsdp2"]), scenario_ok(launched[2]["bf16/zero3"])
     a = load_file(str(Path(fsdp2["output_dir"]) / "final" / "model.safetensors"))

@@ -66,3 +66,15 @@ def test_micro_batches_of_a_step_hold_all_its_tokens():
     assert sum(mb.num_tokens for mb in mbs) == 27
     assert sum(mb.num_supervised for mb in mbs) == sum(s.num_supervised for s in samples)
     assert all(mb.num_slots <= 12 and mb.input_ids.dtype == torch.long for mb in mbs)
+
+
+def test_a_micro_batch_knows_its_supervised_positions_from_the_host_and_keeps_them_on_copies():
+    samples = [Sample([1, 2, 3, 4], [-100, -100, 3, 4], {}), Sample([5, 6], [-100, 6], {})]
+    for packing in (True, False):
+        (mb,) = build_micro_batches(samples, 16, 0, packing)
+        flat = mb.targets.flatten()
+        assert flat[mb.supervised_index].tolist() == [3, 4, 6] and int((flat != -100).sum()) == mb.num_supervised
+        moved = mb.to("cpu")
+        for name in mb.__dataclass_fields__:
+            a, b = getattr(mb, name), getattr(moved, name)
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, name

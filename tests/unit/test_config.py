@@ -117,6 +117,18 @@ def test_contract_override_keys_exist(override):
             "strategy.cpu_offload=True applies to strategy=fsdp2 only (this run uses strategy=none)",
         ),
         ("strategy=fsdp2  strategy.offload_params=true", "strategy.offload_params=True applies to strategy=zero3 only"),
+        ("strategy=zero3  strategy.grad_sync=last", "strategy.grad_sync='last' applies to strategy=fsdp2 only"),
+        ("strategy=fsdp2  strategy.grad_sync=never", "strategy.grad_sync='never' is not one of: every, last"),
+        ("train.loss_impl=fused", "train.loss_impl='fused' is not one of: auto, chunked, naive"),
+        (
+            "model.activation_checkpointing=some",
+            "model.activation_checkpointing='some' is not one of: none, full, selective",
+        ),
+        (
+            "model.gradient_checkpointing=true  model.activation_checkpointing=selective",
+            "model.gradient_checkpointing=true (activation_checkpointing=full) contradicts "
+            "model.activation_checkpointing=selective",
+        ),
         ("strategy=zero3  strategy.reduce_bucket_size=0", "strategy.reduce_bucket_size=0 must be > 0"),
         ("train.peak_tflops=0", "train.peak_tflops=0.0 must be > 0"),
         ("train.max_steps=0", "train.max_steps=0 must be > 0"),

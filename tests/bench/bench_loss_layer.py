@@ -1,0 +1,133 @@
+"""Peak memory and time of the loss layer (output head + cross-entropy, forward and backward): the naive path
+(sftdist.loss.cross_entropy_sum of the full logits, train.loss_impl=naive) against the chunked one on the supervised
+positions only (sftdist.kernels.linear_cross_entropy, train.loss_impl=chunked).
+
+    .venv/bin/python tests/bench/bench_loss_layer.py                  # the CPU case: 4096 tokens x 32k vocab x 1024
+    .venv/bin/python tests/bench/bench_loss_layer.py --device cuda    # + 16k tokens x 128k vocab x 4096, bf16
+
+Each variant runs in a fresh process. Peak memory is what the layer adds to its inputs (hidden states, head weight):
+on CPU the process's peak resident memory (VmHWM, reset before the layer runs) less its resident memory before, on
+a GPU torch.cuda.max_memory_allocated less the memory allocated before. Time: the median of 3 runs after a warm-up.
+``--supervised`` is the fraction of positions with a target (SFT: the assistant's tokens; 0.5 by default). One JSON
+line per case and variant, then one with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = {
+    "cpu": {"tokens": 4096, "vocab": 32768, "hidden": 1024, "dtype": "fp32"},
+    "cuda": {"tokens": 16384, "vocab": 128256, "hidden": 4096, "dtype": "bf16"},
+}
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def run_one(variant: str, device: str, tokens: int, vocab: int, hidden: int, dtype: str, supervised: float) -> dict:
+    import torch
+
+    from sftdist.kernels.linear_cross_entropy import linear_cross_entropy
+    from sftdist.loss import cross_entropy_sum
+
+    torch.manual_seed(0)
+    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+    hidden_states = torch.randn(1, tokens, hidden, device=device, requires_grad=True)
+    weight = (torch.randn(vocab, hidden, device=device) / hidden**0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (1, tokens), device=device)
+    targets[torch.rand(1, tokens, device=device) >= supervised] = -100
+    index = (targets.flatten() != -100).nonzero()[:, 0]
+
+    def layer() -> float:
+        with torch.autocast(device, dtype=compute, enabled=compute != torch.float32):
+            if variant == "naive":
+                loss = cross_entropy_sum(torch.nn.functional.linear(hidden_states, weight), targets)
+            else:
+                with torch.autocast(device, enabled=False):
+                    h = hidden_states.flatten(0, 1).index_select(0, index)
+                    loss = linear_cross_entropy(h, weight, targets.flatten()[index], compute)
+        loss.backward()
+        hidden_states.grad = weight.grad = None
+        return float(loss)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    loss = layer()  # warm-up (and the allocator's first growth)
+    times = []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        layer()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        layer()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status("VmRSS")
+        layer()
+        peak = _status("VmHWM") - before
+    return {"loss": loss, "seconds": statistics.median(times), "peak_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--supervised", type=float, default=0.5)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one variant, in its own process
+    args = parser.parse_args()
+    if args.one:
+        variant, device, case = args.one.split(":")
+        print(json.dumps(run_one(variant, device, **CASES[case], supervised=args.supervised)))
+        return
+    cases = ["cpu"] if args.device == "cpu" else ["cpu", "cuda"]
+    for case in cases:
+        results = {}
+        for variant in ("naive", "chunked"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    f"{variant}:{args.device}:{case}",
+                    "--supervised",
+                    str(args.supervised),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            results[variant] = json.loads(out.strip().splitlines()[-1])
+            line = {"bench": "loss_layer", "case": case, "device": args.device, "variant": variant, **CASES[case]}
+            print(json.dumps({**line, "supervised": args.supervised, **results[variant]}), flush=True)
+        naive, chunked = results["naive"], results["chunked"]
+        print(
+            json.dumps(
+                {
+                    "bench": "loss_layer",
+                    "case": case,
+                    "device": args.device,
+                    "memory_ratio": chunked["peak_bytes"] / naive["peak_bytes"],
+                    "speedup": naive["seconds"] / chunked["seconds"],
+                    "loss_rel_diff": abs(chunked["loss"] - naive["loss"]) / abs(naive["loss"]),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
