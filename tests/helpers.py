@@ -138,16 +138,22 @@ def signal_during_step(trainer, step: int, signum: int | None = None, rank: int 
 
 
 def record_sample_steps(trainer) -> list:
-    """[(0-based step, its sample indices), ...] in the order the trainer asks its sampler for them."""
+    """[(0-based step, its sample indices), ...] of the steps the trainer trains, in order (the loop reads each step's
+    samples ahead, while the step before trains: a step read but never trained, after a stop, is not in the list)."""
     seen: list = []
-    original = trainer.sampler.indices
+    read: dict = {}
+    indices, steps = trainer.sampler.indices, trainer._steps
 
-    def indices(step):
-        chosen = original(step)
-        seen.append((step, list(chosen)))
-        return chosen
+    def recorded_indices(step):
+        read[step] = list(indices(step))
+        return read[step]
 
-    trainer.sampler.indices = indices
+    def trained_steps():
+        for step, samples, micro_batches in steps():
+            seen.append((step, read[step]))
+            yield step, samples, micro_batches
+
+    trainer.sampler.indices, trainer._steps = recorded_indices, trained_steps
     return seen
 
 

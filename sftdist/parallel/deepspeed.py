@@ -141,6 +141,11 @@ class ZeRO3Strategy(DistributedStrategy):
     loads_weights = True  # partitioned as it is built (zero.Init), then loaded one gathered parameter at a time
 
     def constructing(self):
+        # zero.Init patches torch.Tensor.__new__ while it is open; torch._dynamo (imported by transformers' modeling
+        # code) refuses to be imported for the first time under that patch, so both are imported before it.
+        import torch._dynamo  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+
         return self.ds.zero.Init(
             config_dict_or_path=self.config, remote_device="cpu" if self.device.type == "cpu" else None
         )

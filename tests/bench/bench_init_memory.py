@@ -7,8 +7,16 @@ shard (fsdp2: meta device) or partitioned as it is built (zero3: deepspeed.zero.
 The model is a random Llama (hidden 1280, 28 layers, MLP 3584, 10 heads / 2 KV heads, the demo tokenizer: 0.52B
 parameters) saved once as an fp32 safetensors directory (2.1 GB) under --work. Each measurement is one torchrun launch
 of 2 processes that set up a Trainer (data, model, strategy, no step) and report their peak resident memory
-(VmHWM) and the resident memory of the bare interpreter with torch and transformers imported. One JSON line per
+(VmHWM) above the bare interpreter's (torch and transformers imported): once the strategy has set the model up
+(built, loaded, sharded or partitioned, the optimizer made: the figure compared), and at the end of the Trainer's
+set-up (after a first forward, which checks the loss implementation: DeepSpeed then keeps gathered parameters live
+up to its stage3_max_live_parameters). One JSON line per
 strategy and path, then the ratios. "one full copy" is the model's fp32 size.
+
+glibc keeps memory that FSDP2's many small CPU all-gathers (gloo) freed in its per-thread arenas, which inflates
+resident memory on CPU by up to a model's size without any tensor holding it; the processes therefore run with
+MALLOC_MMAP_THRESHOLD_=1048576 (blocks over 1 MiB mapped and returned when freed), so that the figure is the memory
+the tensors need. ``--default-malloc`` measures with glibc's defaults instead.
 """
 
 from __future__ import annotations
@@ -74,6 +82,16 @@ def measure(model_dir: str, strategy: str, path: str, work: str) -> None:
         whole = {"loads_weights": False, "constructing": lambda self: contextlib.nullcontext()}
         for module, name in ((fsdp2_module, "FSDP2Strategy"), (ds_module, "ZeRO3Strategy")):
             setattr(module, name, type(name, (getattr(module, name),), whole))
+    import sftdist.trainer
+
+    model_ready = {}
+    choose = sftdist.trainer.Trainer._choose_loss_impl
+
+    def peak_then_choose(self):  # the first thing after the strategy's set-up: the model is built, loaded, sharded
+        model_ready["peak"] = _status("VmHWM")
+        return choose(self)
+
+    sftdist.trainer.Trainer._choose_loss_impl = peak_then_choose
     trainer = Trainer(
         compose(
             f"model.name_or_path={model_dir}",
@@ -87,7 +105,8 @@ def measure(model_dir: str, strategy: str, path: str, work: str) -> None:
             f"data.cache_dir={work}/cache",
         )
     )
-    print(json.dumps({"rank": trainer.strategy.rank, "peak": _status("VmHWM"), "baseline": baseline}), flush=True)
+    figures = {"rank": trainer.strategy.rank, "model_peak": model_ready["peak"], "peak": _status("VmHWM")}
+    print(json.dumps({**figures, "baseline": baseline}), flush=True)
     trainer.close()
 
 
@@ -96,6 +115,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--strategies", default="fsdp2,zero3")
     parser.add_argument("--work", default="/tmp/sftdist-bench-init")
+    parser.add_argument("--default-malloc", action="store_true")
     parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # internal: MODEL_DIR STRATEGY PATH
     args = parser.parse_args()
     if args.measure:
@@ -106,6 +126,8 @@ def main() -> None:
     params = make_model(model_dir, args.layers)
     full_copy = params * 4
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    if not args.default_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
     figures = {}
     for strategy in args.strategies.split(","):
@@ -125,7 +147,8 @@ def main() -> None:
                 )
                 continue
             peak = max(r["peak"] - r["baseline"] for r in ranks)
-            figures[strategy, path] = peak
+            model_peak = max(r["model_peak"] - r["baseline"] for r in ranks)
+            figures[strategy, path] = model_peak
             print(
                 json.dumps(
                     {
@@ -133,8 +156,10 @@ def main() -> None:
                         "strategy": strategy,
                         "path": path,
                         "parameters": params,
+                        "malloc": "default" if args.default_malloc else "MALLOC_MMAP_THRESHOLD_=1048576",
                         "full_copy_gib": full_copy / 2**30,
-                        "peak_per_rank_gib": peak / 2**30,
+                        "model_setup_peak_per_rank_gib": model_peak / 2**30,
+                        "trainer_setup_peak_per_rank_gib": peak / 2**30,
                         "ranks": ranks,
                     }
                 ),

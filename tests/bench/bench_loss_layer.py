@@ -10,6 +10,11 @@ on CPU the process's peak resident memory (VmHWM, reset before the layer runs) l
 a GPU torch.cuda.max_memory_allocated less the memory allocated before. Time: the median of 3 runs after a warm-up.
 ``--supervised`` is the fraction of positions with a target (SFT: the assistant's tokens; 0.5 by default). One JSON
 line per case and variant, then one with the ratios.
+
+On CUDA, the third-party fused kernels are measured too where they are installed (``pip install liger-kernel
+cut-cross-entropy``; tests/bench/gpu_wheels.sh fetches their wheels for the GPU machine), on the same supervised
+positions as ours: Liger-Kernel's ``liger_fused_linear_cross_entropy`` and Apple's cut-cross-entropy
+``linear_cross_entropy`` (bf16 only). A variant that is not installed is reported as skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +40,28 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _third_party() -> dict:
+    """Fused linear + cross-entropy kernels of other projects that import here, with our signature."""
+    out = {}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def liger(h, w, t, dtype):
+            loss = liger_fused_linear_cross_entropy(h.to(dtype), w.to(dtype), t, reduction="sum")
+            return loss[0] if isinstance(loss, tuple) else loss
+
+        out["liger"] = liger
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        out["cce"] = lambda h, w, t, dtype: cce(h.to(dtype), w.to(dtype), t, reduction="sum")
+    except ImportError:
+        pass
+    return out
+
+
 def run_one(variant: str, device: str, tokens: int, vocab: int, hidden: int, dtype: str, supervised: float) -> dict:
     import torch
 
@@ -56,11 +83,14 @@ def run_one(variant: str, device: str, tokens: int, vocab: int, hidden: int, dty
             else:
                 with torch.autocast(device, enabled=False):
                     h = hidden_states.flatten(0, 1).index_select(0, index)
-                    loss = linear_cross_entropy(h, weight, targets.flatten()[index], compute)
+                    loss = third_party[variant](h, weight, targets.flatten()[index], compute)
         loss.backward()
         hidden_states.grad = weight.grad = None
-        return float(loss)
+        return float(loss.detach())
 
+    third_party = {"chunked": linear_cross_entropy, **_third_party()}
+    if variant != "naive" and variant not in third_party:
+        return {"skipped": f"{variant} is not installed"}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     loss = layer()  # warm-up (and the allocator's first growth)
     times = []
@@ -96,7 +126,8 @@ def main() -> None:
     cases = ["cpu"] if args.device == "cpu" else ["cpu", "cuda"]
     for case in cases:
         results = {}
-        for variant in ("naive", "chunked"):
+        variants = ("naive", "chunked", "liger", "cce") if args.device == "cuda" else ("naive", "chunked")
+        for variant in variants:
             out = subprocess.run(
                 [
                     sys.executable,
@@ -114,6 +145,7 @@ def main() -> None:
             line = {"bench": "loss_layer", "case": case, "device": args.device, "variant": variant, **CASES[case]}
             print(json.dumps({**line, "supervised": args.supervised, **results[variant]}), flush=True)
         naive, chunked = results["naive"], results["chunked"]
+        others = {v: r for v, r in results.items() if v in ("liger", "cce") and "skipped" not in r}
         print(
             json.dumps(
                 {
@@ -123,6 +155,8 @@ def main() -> None:
                     "memory_ratio": chunked["peak_bytes"] / naive["peak_bytes"],
                     "speedup": naive["seconds"] / chunked["seconds"],
                     "loss_rel_diff": abs(chunked["loss"] - naive["loss"]) / abs(naive["loss"]),
+                    **{f"{v}_memory_ratio": r["peak_bytes"] / naive["peak_bytes"] for v, r in others.items()},
+                    **{f"{v}_speedup": naive["seconds"] / r["seconds"] for v, r in others.items()},
                 }
             ),
             flush=True,

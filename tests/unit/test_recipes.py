@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, TEST_DATA, compose, save_tiny_model
+from sftdist.model import activation_checkpointing
 from sftdist.preflight import check_inputs
 
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
@@ -34,7 +35,7 @@ def test_each_recipe_composes_validates_and_matches_its_header(recipe, inputs):
     cfg = compose(f"recipe={recipe}", *inputs)
     check_inputs(cfg)  # with a model and data, nothing is missing
     assert cfg.strategy.name == recipe.rsplit("-", 1)[1] and cfg.precision == "bf16"
-    assert cfg.model.gradient_checkpointing and cfg.data.max_length <= cfg.train.micro_batch_tokens
+    assert activation_checkpointing(cfg.model) == "full" and cfg.data.max_length <= cfg.train.micro_batch_tokens
     header = (REPO / "conf" / "recipe" / f"{recipe}.yaml").read_text()
     nodes = int(re.search(r"--nodes=(\d+)", header).group(1)) if "--nodes=" in header else 1
     assert f"recipe={recipe}" in header
