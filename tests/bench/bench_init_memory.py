@@ -7,8 +7,9 @@ shard (fsdp2: meta device) or partitioned as it is built (zero3: deepspeed.zero.
 The model is a random Llama (hidden 1280, 28 layers, MLP 3584, 10 heads / 2 KV heads, the demo tokenizer: 0.52B
 parameters) saved once as an fp32 safetensors directory (2.1 GB) under --work. Each measurement is one torchrun launch
 of 2 processes that set up a Trainer (data, model, strategy, no step) and report their peak resident memory
-(VmHWM) above the bare interpreter's (torch and transformers imported): once the strategy has set the model up
-(built, loaded, sharded or partitioned, the optimizer made: the figure compared), and at the end of the Trainer's
+(VmHWM) above the bare interpreter's (torch and transformers imported): once the model is built and loaded, sharded
+or partitioned (the figure compared; for zero3, before deepspeed.initialize), once the strategy has set it up (for
+zero3, DeepSpeed's engine adds its fp32 master partitions and gradient buffers), and at the end of the Trainer's
 set-up (after a first forward, which checks the loss implementation: DeepSpeed then keeps gathered parameters live
 up to its stage3_max_live_parameters). One JSON line per
 strategy and path, then the ratios. "one full copy" is the model's fp32 size.
@@ -92,6 +93,16 @@ def measure(model_dir: str, strategy: str, path: str, work: str) -> None:
         return choose(self)
 
     sftdist.trainer.Trainer._choose_loss_impl = peak_then_choose
+    if strategy == "zero3":  # also before DeepSpeed's engine adds its own copies (fp32 masters, gradient partitions)
+        import deepspeed
+
+        initialize = deepspeed.initialize
+
+        def peak_then_initialize(*args, **kwargs):
+            model_ready["before_engine"] = _status("VmHWM")
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = peak_then_initialize
     trainer = Trainer(
         compose(
             f"model.name_or_path={model_dir}",
@@ -106,6 +117,8 @@ def measure(model_dir: str, strategy: str, path: str, work: str) -> None:
         )
     )
     figures = {"rank": trainer.strategy.rank, "model_peak": model_ready["peak"], "peak": _status("VmHWM")}
+    if "before_engine" in model_ready:
+        figures["before_engine_peak"] = model_ready["before_engine"]
     print(json.dumps({**figures, "baseline": baseline}), flush=True)
     trainer.close()
 
@@ -148,7 +161,8 @@ def main() -> None:
                 continue
             peak = max(r["peak"] - r["baseline"] for r in ranks)
             model_peak = max(r["model_peak"] - r["baseline"] for r in ranks)
-            figures[strategy, path] = model_peak
+            built = max(r.get("before_engine_peak", r["model_peak"]) - r["baseline"] for r in ranks)
+            figures[strategy, path] = built
             print(
                 json.dumps(
                     {
@@ -158,6 +172,7 @@ def main() -> None:
                         "parameters": params,
                         "malloc": "default" if args.default_malloc else "MALLOC_MMAP_THRESHOLD_=1048576",
                         "full_copy_gib": full_copy / 2**30,
+                        "model_built_peak_per_rank_gib": built / 2**30,
                         "model_setup_peak_per_rank_gib": model_peak / 2**30,
                         "trainer_setup_peak_per_rank_gib": peak / 2**30,
                         "ranks": ranks,
