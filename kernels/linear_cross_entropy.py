@@ -9,7 +9,9 @@ saved logits. Peak extra memory: one chunk's logits (C x V, fp32) plus the gradi
 V x H, the size of the inputs themselves).
 
 The chunk is ``N / ceil(V / H)`` tokens rounded up to a power of two (so a chunk's logits are about the size of
-the hidden states; Liger-Kernel's rule), at most ``N``.
+the hidden states; Liger-Kernel's rule), but no fewer than a chunk whose logits hold 2**25 values (128 MiB in fp32):
+each chunk reads and writes the whole weight gradient, so many small chunks are slow (on a CPU, tiny chunks made the
+layer twice as slow as the plain path). At most ``N``.
 
 Dtypes follow what autocast does to a plain ``linear`` then ``cross_entropy(logits.float())``: the matrix
 products run in ``compute_dtype`` (bf16 under autocast), the softmax and the loss in fp32, and the weight's
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+MIN_CHUNK_LOGITS = 2**25  # a chunk's logits hold at least this many values (see the module's docstring)
 
 
 def linear_cross_entropy_reference(
@@ -41,7 +44,8 @@ def linear_cross_entropy_reference(
 def chunk_size(num_tokens: int, vocab: int, hidden: int) -> int:
     """Tokens per chunk: a chunk's logits about the size of the hidden states, a power of two, at most all."""
     size = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(num_tokens / math.ceil(vocab / hidden))))))
-    return max(1, min(size, num_tokens))
+    floor = 1 << max(0, int(math.log2(max(1, MIN_CHUNK_LOGITS // vocab))))
+    return max(1, min(max(size, floor), num_tokens))
 
 
 def linear_cross_entropy(
@@ -93,7 +97,9 @@ def _chunked(hidden, weight, targets, dtype, size, want_hidden: bool, want_weigh
         grad_logits = grad_logits.mul_(keep[:, None]).to(dtype)
         if grad_hidden is not None:
             grad_hidden[start : start + size] = grad_logits @ w
-        if grad_weight is not None:
+        if grad_weight is not None and dtype == torch.float32:
+            grad_weight.addmm_(grad_logits.t(), h)  # in place: no weight-sized temporary per chunk
+        elif grad_weight is not None:
             grad_weight += (grad_logits.t() @ h).float()
     return total, grad_hidden, grad_weight
 

@@ -1,19 +1,28 @@
-"""GPU throughput of a ~1B Llama-shaped model with fsdp2 and zero3: tokens/s, MFU and peak memory.
+"""GPU throughput of Llama-shaped models per strategy (none, fsdp2, zero3): tokens/s, MFU and peak memory.
 
-    .venv/bin/python tests/bench/bench_distributed_gpu.py [--steps 12] [--strategies fsdp2,zero3]
+    python tests/bench/bench_distributed_gpu.py [--shapes 1b,8b-4layers] [--strategies none,fsdp2,zero3]
+        [--nproc N] [--steps 12]
 
-One process per visible GPU (torchrun --standalone), bf16, packed 4096-token micro-batches, flash-attn when
-installed (else torch varlen), the demo conversations (20k of them) as data. The model is the demo's Llama
-shape scaled up: hidden 2048, 22 layers, 32 heads (4 KV heads), MLP 5632, about 0.97B parameters without
-embeddings (TinyLlama-1.1B's shape; the vocabulary is the demo tokenizer's). Reported: medians over the
-steps after the first two (warm-up) of train/tokens_per_s, train/mfu and train/peak_mem_gib.
+One torchrun per shape and strategy, ``--nproc`` processes (default: one per visible GPU; ``none`` always runs
+one), bf16, packed 4096-token micro-batches, the attention sftdist picks (flash-attn when installed, else torch
+varlen), the demo conversations (``--demo-size`` of them) as data, 256 samples per step per process. Shapes:
+
+- ``1b``: the demo's Llama shape scaled up to TinyLlama-1.1B's: hidden 2048, 22 layers, 32 heads (4 KV heads),
+  MLP 5632, about 0.97B parameters without embeddings (the vocabulary is the demo tokenizer's);
+- ``8b-4layers``: Llama-3-8B's layer (hidden 4096, 32 heads, 8 KV heads, MLP 14336) with 4 layers instead of 32,
+  about 0.87B parameters without embeddings: the per-layer costs of an 8B model on one GPU;
+- ``tiny``: 2 layers of hidden 64, with ``--device cpu`` (fp32, gloo) only to check the plumbing.
+
+One JSON line per shape and strategy: medians over the steps after the first two (warm-up) of train/tokens_per_s,
+train/mfu and train/peak_mem_gib, or the error, or why it was skipped (zero3 without deepspeed installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
+import re
 import statistics
 import subprocess
 import sys
@@ -21,63 +30,86 @@ import tempfile
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-MODEL = [
-    "model.hidden_size=2048",
-    "model.num_layers=22",
-    "model.num_heads=32",
-    "model.num_kv_heads=4",
-    "model.intermediate_size=5632",
-    "model.max_position_embeddings=4096",
-]
-RUN = [
-    "precision=bf16",
-    "train.micro_batch_tokens=4096",
-    "data.max_length=4096",
-    "data.demo_size=20000",
-    "eval.every_steps=0",
-    "wandb.mode=disabled",
-    "train.lr=3e-4",
-]
+SHAPES = {
+    "1b": dict(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632),
+    "8b-4layers": dict(hidden_size=4096, num_layers=4, num_heads=32, num_kv_heads=8, intermediate_size=14336),
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
+}
+RUN = {  # per device: the run's settings, and samples per step per process
+    "cuda": (["precision=bf16", "train.micro_batch_tokens=4096", "data.max_length=4096"], 256),
+    "cpu": (["precision=fp32", "train.micro_batch_tokens=1024", "data.max_length=1024"], 8),
+}
+COMMON = ["eval.every_steps=0", "checkpoint.every_steps=0", "wandb.mode=disabled", "train.lr=3e-4"]
+KEYS = ("train/tokens_per_s", "train/mfu", "train/peak_mem_gib", "train/packing_efficiency")
 
 
-def run(strategy: str, steps: int, gpus: int) -> dict:
+def _root_cause(stderr: str) -> str:
+    """The failed run's own traceback tail, without the report torchrun's agent adds after it."""
+    lines = stderr.splitlines()
+    cut = next((i for i, line in enumerate(lines) if re.match(r"E\d{4} ", line)), len(lines))  # E1203 hh:mm:ss ...
+    return "\n".join(lines[:cut])[-1500:]
+
+
+def run(shape: str, strategy: str, nproc: int, args) -> dict:
+    settings, samples = RUN[args.device]
+    model = [f"model.{key}={value}" for key, value in SHAPES[shape].items()]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             str(BIN / "torchrun"),
             "--standalone",
-            f"--nproc_per_node={gpus}",
+            f"--nproc_per_node={nproc}",
             "-m",
             "sftdist.train",
-            *MODEL,
-            *RUN,
+            *model,
+            "model.max_position_embeddings=4096",
+            *settings,
+            *COMMON,
+            f"device={args.device}",
+            f"data.demo_size={args.demo_size}",
             f"strategy={strategy}",
-            f"train.max_steps={steps}",
-            f"train.global_batch_size={256 * gpus}",
+            f"train.max_steps={args.steps}",
+            f"train.global_batch_size={samples * nproc}",
             f"output_dir={tmp}/run",
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=dict(os.environ))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {args.run_timeout} s"}
         if proc.returncode:
-            return {"error": proc.stderr[-2000:]}
+            return {"error": _root_cause(proc.stderr)}
         metrics = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()][2:]
-        return {
-            key: statistics.median(m[key] for m in metrics)
-            for key in ("train/tokens_per_s", "train/mfu", "train/peak_mem_gib", "train/packing_efficiency")
-        }
+        result = {"steps_measured": len(metrics)}
+        for key in KEYS:
+            if metrics and key in metrics[0]:
+                result[key.removeprefix("train/")] = round(statistics.median(m[key] for m in metrics), 4)
+        return result
 
 
 def main() -> None:
     import torch
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--strategies", default="fsdp2,zero3")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1b", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--strategies", default="fsdp2,zero3", help="comma-separated, of none, ddp, fsdp2, zero3")
+    parser.add_argument("--nproc", type=int, help="processes per run (default: one per visible GPU)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run, the first two not measured")
+    parser.add_argument("--demo-size", type=int, default=20000, help="demo conversations generated as data")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a plumbing check only")
+    parser.add_argument("--run-timeout", type=float, help="seconds one run may take before it is reported as such")
     args = parser.parse_args()
     gpus = torch.cuda.device_count()
-    if not gpus:
+    if args.device == "cuda" and not gpus:
         raise SystemExit("needs a CUDA device")
-    print(f"{torch.cuda.get_device_name(0)} x {gpus}")
-    for strategy in args.strategies.split(","):
-        print(strategy, json.dumps(run(strategy, args.steps, gpus)))
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    for shape in args.shapes.split(","):
+        for strategy in args.strategies.split(","):
+            nproc = 1 if strategy == "none" else args.nproc or gpus or 1
+            row = {"bench": "distributed_gpu", "device": device_name, "shape": shape, "strategy": strategy}
+            if strategy == "zero3" and importlib.util.find_spec("deepspeed") is None:
+                row["skipped"] = "deepspeed is not installed"
+            else:
+                row.update(nproc=nproc, **run(shape, strategy, nproc, args))
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -68,10 +68,10 @@ def test_without_gradients_nothing_is_kept():
     torch.testing.assert_close(loss, linear_cross_entropy_reference(h, w, targets).detach())
 
 
-def test_chunks_are_about_the_hidden_states_size():
-    assert chunk_size(16384, 128256, 4096) == 512  # 16k tokens, Llama 3's vocabulary: 32 chunks
-    assert chunk_size(4096, 49152, 576) == 64
-    assert chunk_size(3, 100000, 8) == 1 and chunk_size(5, 10, 100) == 5 and chunk_size(0, 10, 10) == 1
+def test_chunk_sizes():
+    assert chunk_size(16384, 128256, 4096) == 512  # 16k tokens, Llama 3's vocabulary: logits about the hidden size
+    assert chunk_size(4096, 49152, 576) == 512  # no smaller than 2**25 logits: each chunk rewrites the weight gradient
+    assert chunk_size(3, 100000, 8) == 3 and chunk_size(5, 10, 100) == 5 and chunk_size(0, 10, 10) == 1
     with pytest.raises(ValueError, match=r"hidden \(N, H\), weight \(V, H\) and targets \(N,\)"):
         linear_cross_entropy(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(4, dtype=torch.long))
 
