@@ -86,14 +86,16 @@ def _chunked(hidden, weight, targets, dtype, size, want_hidden: bool, want_weigh
         t = targets[start : start + size]
         keep = t != IGNORE_INDEX
         safe = t.masked_fill(~keep, 0)
-        logits = F.linear(h, w).float()  # (C, V)
-        lse = torch.logsumexp(logits, dim=-1)
-        total += ((lse - logits.gather(1, safe[:, None])[:, 0]) * keep).sum()
+        logits = F.linear(h, w).float()  # (C, V): the one chunk-sized tensor; everything below is in place over it
+        target = logits.gather(1, safe[:, None])
+        top = logits.amax(dim=-1, keepdim=True)
+        exp_sum = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(logits - top)
+        total += ((exp_sum.log() + top - target)[:, 0] * keep).sum()  # logsumexp - the target's logit
         if not (want_hidden or want_weight):
             continue
-        # d(sum of CE)/d(logits) = softmax - one-hot, on the counted tokens only; in place over the logits.
-        grad_logits = logits.sub_(lse[:, None]).exp_()
-        grad_logits.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+        # d(sum of CE)/d(logits) = softmax - one-hot, on the counted tokens only.
+        grad_logits = logits.div_(exp_sum)
+        grad_logits.scatter_add_(1, safe[:, None], torch.full_like(top, -1.0))
         grad_logits = grad_logits.mul_(keep[:, None]).to(dtype)
         if grad_hidden is not None:
             grad_hidden[start : start + size] = grad_logits @ w
