@@ -93,8 +93,7 @@ def model_weights(cfg: ModelConfig, tokenizer: Any, seed: int, names: list[str])
             "building the whole model on CPU to read them",
             cfg.name_or_path,
         )
-    with torch.device("cpu"):
-        model = _load_model(cfg, tokenizer) if cfg.name_or_path is not None else _tiny_model(cfg, tokenizer, seed)
+    model = _load_model(cfg, tokenizer) if cfg.name_or_path is not None else _tiny_model(cfg, tokenizer, seed)
     return ModelWeights.from_state_dict(model.state_dict())
 
 
@@ -104,8 +103,12 @@ class ModelWeights:
     def __init__(self, names: set[str], get: Callable[[str], torch.Tensor]):
         self.names, self._get = names, get
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._get(name).float()
+    def get(self, name: str, shape: torch.Size | None = None) -> torch.Tensor:
+        """``name``'s tensor in fp32; ValueError when it is not of ``shape`` (the model's parameter, where given)."""
+        tensor = self._get(name).float()
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name}: the checkpoint's tensor is {tuple(tensor.shape)}, the model's {tuple(shape)}")
+        return tensor
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> ModelWeights:

@@ -174,12 +174,7 @@ class ZeRO3Strategy(DistributedStrategy):
         for name, param in params.items():
             with self.ds.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
                 if self.is_main:
-                    full = source.get(name)
-                    if tuple(full.shape) != tuple(param.shape):
-                        raise ValueError(
-                            f"{name}: the checkpoint's tensor is {tuple(full.shape)}, the model's {tuple(param.shape)}"
-                        )
-                    param.copy_(full)
+                    param.copy_(source.get(name, param.shape))
         persistent = set(model.state_dict())
         with torch.no_grad():  # buffers are whole on every rank: computed when built, or loaded where saved
             for name, buffer in model.named_buffers():

@@ -75,10 +75,6 @@ def load_shards(model: torch.nn.Module, weights: Callable[[list[str]], ModelWeig
         for name, buffer in model.named_buffers():
             buffer.copy_(source.get(name) if name in persistent and name in source.names else buffers[name])
         for name, param in model.named_parameters():
-            full = source.get(name)
-            if tuple(full.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"{name}: the checkpoint's tensor is {tuple(full.shape)}, the model's {tuple(param.shape)}"
-                )
+            full = source.get(name, param.shape)
             shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             param.to_local().copy_(shard)

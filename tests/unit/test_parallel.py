@@ -93,3 +93,17 @@ def test_every_rank_gets_the_same_number_of_micro_batches_and_together_the_whole
     assert sum(mb.num_supervised for s in shares for mb in s) == sum(mb.num_supervised for mb in whole)
     empties = [mb for s in shares for mb in s if mb.num_tokens == 0]
     assert all(mb.num_supervised == 0 and (mb.targets == -100).all() and mb.packed == packing for mb in empties)
+
+
+def test_model_weights_read_one_tensor_at_a_time_and_refuse_another_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    from sftdist.model import ModelWeights
+
+    save_file({"a": torch.ones(2, 3, dtype=torch.bfloat16), "b": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    weights = ModelWeights.from_safetensors(tmp_path)
+    assert weights.names == {"a", "b"} and weights.get("a").dtype == torch.float32
+    assert torch.equal(weights.get("a", torch.Size([2, 3])), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"a: the checkpoint's tensor is \(2, 3\), the model's \(3, 2\)"):
+        weights.get("a", torch.Size([3, 2]))
+    assert ModelWeights.from_safetensors(tmp_path / "nothing-here") is None
