@@ -19,6 +19,21 @@ from sftdist.errors import ConfigError
 
 
 @dataclass
+class LoRAConfig:
+    # Train low-rank adapters (peft's LoRA) on a frozen base model instead of every weight: the optimizer and the
+    # checkpoints hold the adapters only. The run exports the adapter (final/) and the merged model (final_merged/).
+    enabled: bool = False
+    r: int = 16  # the adapters' rank
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapters' input (0 makes runs on any number of processes equal)
+    # Module names (or suffixes) to adapt; all-linear: every linear layer of the decoder blocks (not the output head)
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    merged_export: bool = True  # also write the base with the adapter merged in (final_merged/, sftdist-export)
+    # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; CUDA only, strategy none or ddp, a model.name_or_path)
+    load_in_4bit: bool = False
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"  # a label for logs and W&B
     name_or_path: Optional[str] = None  # local Hugging Face model directory; unset builds the tiny demo model
@@ -39,6 +54,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -227,6 +243,7 @@ MODEL_EXECUTION_KEYS = (
     "compile",
     "attn_impl",
     "trust_remote_code",
+    "lora.merged_export",
 )
 
 
@@ -377,6 +394,25 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    _validate_lora(m.lora)
+
+
+def _validate_lora(lora: LoRAConfig) -> None:
+    _positive("model.lora.r", lora.r)
+    _positive("model.lora.alpha", lora.alpha)
+    _between("model.lora.dropout", lora.dropout, 0.0, 1.0, high_open=True)
+    if not lora.target_modules or any(not str(t).strip() for t in lora.target_modules):
+        raise ConfigError(
+            f"model.lora.target_modules={list(lora.target_modules)}: give module names (or suffixes such as "
+            "q_proj), or [all-linear]"
+        )
+    if "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
+        raise ConfigError(
+            f"model.lora.target_modules={list(lora.target_modules)}: all-linear already names every linear layer; "
+            "give it alone or list the modules"
+        )
+    if lora.load_in_4bit and not lora.enabled:
+        raise ConfigError("model.lora.load_in_4bit=true is QLoRA: it needs model.lora.enabled=true")
 
 
 def _validate_data(d: DataConfig) -> None:

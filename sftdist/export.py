@@ -9,11 +9,17 @@ model came in, the generation config with the stop tokens, the tokenizer with it
 model the config describes (present, non-empty, of its shape) before anything is written: an empty or truncated
 export (the ZeRO-3 empty-save bug) never ships. Weights are written as safetensors, sharded with an index above
 ``max_shard_size``, into a temporary sibling that is renamed into place.
+
+A LoRA run (``model.lora.enabled``) exports its adapter in peft's format to ``final/`` (OUT), and the base model
+with the adapter merged in to ``final_merged/`` (OUT_merged) unless ``model.lora.merged_export=false`` (or
+``--no-merged``): the base's weights are read again from ``model.name_or_path`` (or rebuilt from the seed, for the
+tiny demo model), since its checkpoints hold the adapters only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -21,14 +27,19 @@ import os
 import pickle
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sftdist.config import ModelConfig
+from sftdist.model.lora import is_adapter, merge, write_adapter
+
 log = logging.getLogger(__name__)
 
 TRAINING_INFO = "sftdist_training.json"
+MERGED_SUFFIX = "_merged"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -49,6 +60,8 @@ def write_hf_meta(
     out_dir.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     config.dtype = dtype
+    if hasattr(config, "quantization_config"):  # (QLoRA's 4-bit base: an export is never quantized)
+        del config.quantization_config
     config.save_pretrained(str(out_dir))
     if getattr(model, "generation_config", None) is not None:
         generation_config = copy.deepcopy(model.generation_config)
@@ -99,21 +112,70 @@ def export_hf(
 ) -> Path:
     """Write ``out_dir``: the weights of ``state_dict`` (checked, cast to the config's dtype) and the files of
     ``meta_dir`` (:func:`write_hf_meta`). Call on one process, with the full weights on CPU."""
+    skeleton = _skeleton(meta_dir, trust_remote_code)
+    state_dict = check_weights(skeleton, state_dict)
+    dtype = _dtype(getattr(skeleton.config, "dtype", None))
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    with _written(Path(out_dir), meta_dir) as tmp:
+        skeleton.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size=max_shard_size)
+    return Path(out_dir)
+
+
+def export_lora(
+    meta_dir: Path,
+    adapters: dict[str, torch.Tensor],
+    out_dir: Path,
+    cfg: ModelConfig,
+    base_weights: Callable[[list[str]], Any],
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """A LoRA run's export: ``out_dir`` holds the adapter in peft's format (``PeftModel.from_pretrained`` loads it on
+    the base model) with the files of ``meta_dir`` but the model config; unless ``model.lora.merged_export=false``,
+    ``<out_dir>_merged`` beside it is the Hugging Face directory of the base with the adapter merged in (the base's
+    weights from ``base_weights(names)``: sftdist.model.base_model_weights)."""
+    adapters = {k: v for k, v in adapters.items() if is_adapter(k)}
+    if not adapters:
+        raise ExportError("a LoRA export without adapter weights: the checkpoint holds none")
+    with _written(Path(out_dir), meta_dir) as tmp:
+        write_adapter(tmp, adapters, cfg.lora, cfg.name_or_path)
+    if cfg.lora.merged_export:
+        skeleton = _skeleton(meta_dir, cfg.trust_remote_code)
+        persistent = set(skeleton.state_dict())  # (a tied weight is one parameter, and given once)
+        names = [n for n, _ in skeleton.named_parameters()]
+        names += [n for n, _ in skeleton.named_buffers() if n in persistent]
+        try:
+            merged = merge(base_weights(names), names, adapters, cfg.lora)
+        except (KeyError, ValueError) as err:
+            raise ExportError(f"cannot merge the adapter into the base model: {err}") from err
+        export_hf(meta_dir, merged, merged_dir(Path(out_dir)), max_shard_size, cfg.trust_remote_code)
+    return Path(out_dir)
+
+
+def merged_dir(out_dir: Path) -> Path:
+    """Where a LoRA export's merged model goes: ``final`` -> ``final_merged``."""
+    return out_dir.with_name(f"{out_dir.name}{MERGED_SUFFIX}")
+
+
+def _skeleton(meta_dir: Path, trust_remote_code: bool) -> torch.nn.Module:
+    """The model ``meta_dir``'s config describes, on the meta device: the architecture only (names and shapes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(meta_dir), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):  # the architecture only: names and shapes, no memory
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    state_dict = check_weights(skeleton, state_dict)
-    dtype = _dtype(getattr(config, "dtype", None))
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    out_dir = Path(out_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def _written(out_dir: Path, meta_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir`` to write into; then the files of ``meta_dir`` but its model config are
+    added (tokenizer, chat template, generation config, training info), and it is renamed into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
-        skeleton.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size=max_shard_size)
-        for item in Path(meta_dir).iterdir():  # tokenizer, chat template, generation config, training info
+        yield tmp
+        for item in Path(meta_dir).iterdir():
             if item.is_file() and item.name != "config.json":
                 shutil.copy2(item, tmp / item.name)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -122,7 +184,6 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     check_export_template(out_dir)
-    return out_dir
 
 
 def check_weights(skeleton: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -179,9 +240,15 @@ def check_export_template(hf_dir: Path) -> bool:
 
 
 def export_checkpoint(
-    checkpoint: Path, out_dir: Path, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, trust_remote_code: bool = False
+    checkpoint: Path,
+    out_dir: Path,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    trust_remote_code: bool = False,
+    merged: bool = True,
 ) -> Path:
-    """``sftdist-export``: a checkpoint (or a run directory's newest complete one) -> a Hugging Face directory."""
+    """``sftdist-export``: a checkpoint (or a run directory's newest complete one) -> a Hugging Face directory; a
+    LoRA run's: the adapter, and the merged model in ``<out_dir>_merged`` (unless ``merged`` is false, or the run
+    set ``model.lora.merged_export=false``)."""
     from sftdist.checkpoint import HF_DIR, STATE_DIR, read_trainer_state, resolve_resume
     from sftdist.parallel import full_model_state_dict
 
@@ -192,7 +259,31 @@ def export_checkpoint(
     except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as err:
         raise ExportError(f"{path}: cannot read its weights ({type(err).__name__}: {str(err)[:300]})") from err
     log.info("%s: step %d, %d tensors (%s)", path, state["step"], len(weights), state["strategy"]["format"])
-    return export_hf(path / HF_DIR, weights, out_dir, max_shard_size, trust_remote_code)
+    cfg, seed = _model_config(state["config"])
+    if not cfg.lora.enabled:
+        return export_hf(path / HF_DIR, weights, out_dir, max_shard_size, trust_remote_code)
+    from transformers import AutoTokenizer
+
+    from sftdist.model import base_model_weights
+
+    cfg.trust_remote_code = cfg.trust_remote_code or trust_remote_code
+    cfg.lora.merged_export = cfg.lora.merged_export and merged
+
+    def base(names: list[str]) -> Any:
+        return base_model_weights(cfg, AutoTokenizer.from_pretrained(str(path / HF_DIR)), seed, names)
+
+    return export_lora(path / HF_DIR, weights, out_dir, cfg, base, max_shard_size)
+
+
+def _model_config(flat: dict[str, Any]) -> tuple[ModelConfig, int]:
+    """The model config and seed of a checkpoint's run, from its flat config (sftdist.resume.flat_config)."""
+    from omegaconf import OmegaConf
+
+    nested = OmegaConf.create()
+    for key, value in flat.items():
+        if key.startswith("model."):
+            OmegaConf.update(nested, key[len("model.") :], value, force_add=True)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), nested)), int(flat.get("seed", 0))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,10 +295,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="the Hugging Face directory to write (replaced if it exists)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model config's own code")
+    parser.add_argument(
+        "--no-merged", action="store_true", help="LoRA: write the adapter only, not the merged model (OUT_merged)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.max_shard_size, args.trust_remote_code)
+        out = export_checkpoint(
+            args.checkpoint, args.out, args.max_shard_size, args.trust_remote_code, merged=not args.no_merged
+        )
     except (InputError, ExportError, FileNotFoundError) as err:
         fail("sftdist-export", "error", err)
     log.info("exported to %s", out)

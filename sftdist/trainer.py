@@ -43,11 +43,12 @@ from sftdist.data.difficulty import build_curriculum
 from sftdist.data.pipeline import Sample, build_datasets
 from sftdist.errors import ConfigError, DataError
 from sftdist.evaluation import Evaluator, build_eval_sources, build_probes
-from sftdist.export import export_hf, stop_token_ids, write_hf_meta
+from sftdist.export import export_hf, export_lora, stop_token_ids, write_hf_meta
 from sftdist.loss import cross_entropy_sum, install_loss_head, loss_impl, step_normalised_loss, supervised_targets
 from sftdist.metrics import MetricsLogger, build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
 from sftdist.model import (
+    base_model_weights,
     build_model,
     build_tokenizer,
     checkpoint_dtype,
@@ -57,6 +58,7 @@ from sftdist.model import (
     pad_token_id,
 )
 from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
+from sftdist.model.lora import check_qlora
 from sftdist.parallel import build_strategy, check_world_size
 from sftdist.resume import find_checkpoint, flat_config, run_identity
 from sftdist.scoring import cached_model_loss, score_model_loss
@@ -130,6 +132,7 @@ class Trainer:
         self.identity = run_identity(cfg, self.data_report)
         self.resume_from, resumed = find_checkpoint(cfg, self.output_dir, self.identity, self.strategy)
 
+        check_qlora(cfg.model.lora, cfg.model.name_or_path, cfg.strategy.name, self.device)
         with self.strategy.constructing():  # fsdp2, zero3: never the whole model on a rank (their setup loads it)
             model = build_model(cfg.model, self.tokenizer, cfg.seed, with_weights=not self.strategy.loads_weights)
         limit = max_positions(model)
@@ -138,7 +141,7 @@ class Trainer:
                 f"data.max_length={cfg.data.max_length} exceeds the model's "
                 f"max_position_embeddings={limit}; lower data.max_length"
             )
-        self.num_params = num_parameters(model)
+        self.num_params, self.num_trained = num_parameters(model), num_parameters(model, trainable_only=True)
         self.dims = ModelDims.of(model)
         self.peak_tflops = peak_tflops(self.device, cfg.train.peak_tflops)
         self.attention = "sdpa (padded)"
@@ -245,6 +248,13 @@ class Trainer:
             f"model: {c.model.name}, {self.num_params / 1e6:.2f}M parameters, {c.precision}, {c.strategy.name} "
             f"x {self.strategy.world_size} on {self.device.type}, attention {self.attention}, loss {self.loss_why}"
         )
+        if c.model.lora.enabled:
+            lora = c.model.lora
+            log.info(
+                f"LoRA{' on a 4-bit base (QLoRA)' if lora.load_in_4bit else ''}: r={lora.r}, alpha={lora.alpha:g}, "
+                f"dropout={lora.dropout:g} on {', '.join(lora.target_modules)}: {self.num_trained / 1e6:.3f}M "
+                f"parameters train ({100 * self.num_trained / self.num_params:.2f}%), the base is frozen"
+            )
         log.info(
             f"data: {r['records_in']} records in, {r['records_used']} used ({r['records_train']} train, "
             f"{r['records_eval']} eval); rejected {r['rejected'] or 'none'}; filtered {r['filtered'] or 'none'}; "
@@ -572,12 +582,17 @@ class Trainer:
     def export(self, out_dir: Path) -> Path:
         """The Hugging Face directory of the trained model (weights gathered by the strategy), in the dtype it came
         in, stopping generation where the training data's assistant turns end: the same path as ``sftdist-export``
-        of a checkpoint."""
-        state_dict = self.strategy.full_state_dict(self.model)
+        of a checkpoint. With LoRA: the adapter there, and the merged model beside it (sftdist.export.export_lora)."""
+        c = self.cfg.model
+        state_dict = self.strategy.full_state_dict(self.model, trainable_only=c.lora.enabled)
         if self.strategy.is_main:
             with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=".hf-meta-") as meta:
                 self._write_hf_meta(Path(meta), self.cfg.train.max_steps)
-                export_hf(Path(meta), state_dict, out_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+                if c.lora.enabled:
+                    base = functools.partial(base_model_weights, c, self.tokenizer, self.cfg.seed)
+                    export_lora(Path(meta), state_dict, out_dir, c, base)
+                else:
+                    export_hf(Path(meta), state_dict, out_dir, trust_remote_code=c.trust_remote_code)
         return out_dir
 
     def _write_hf_meta(self, out_dir: Path, step: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -11,11 +12,12 @@ from typing import Any
 
 import torch
 
-from sftdist.config import DataConfig, ModelConfig
+from sftdist.config import DataConfig, LoRAConfig, ModelConfig
 from sftdist.data.demo import DEMO_TOKENIZER_DIR
 from sftdist.data.template import load_chat_template, resolve_chat_template
 from sftdist.errors import ConfigError
 from sftdist.model.blocks import checkpoint_blocks, compile_blocks
+from sftdist.model.lora import AdapterWeights, add_adapters, base_name, init_adapters, is_adapter
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,8 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, with_weights: bool = True) -> torch.nn.Module:
-    """The model in fp32 on CPU: loaded from ``model.name_or_path``, or the tiny Llama initialised from ``seed``.
+    """The model in fp32 on CPU: loaded from ``model.name_or_path``, or the tiny Llama initialised from ``seed``; with
+    ``model.lora.enabled``, with its adapters (sftdist.model.lora; QLoRA: the base in 4-bit, on this process's GPU).
     ``with_weights=False``: its structure only, from the config, for a strategy that builds it in a context of its own
     (parameters on the meta device, or partitioned as they are made) and then loads :func:`model_weights` itself."""
     if not with_weights:
@@ -76,6 +79,10 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, with_weights: bool 
         model = _load_model(cfg, tokenizer)
     else:
         model = _tiny_model(cfg, tokenizer, seed)
+    if cfg.lora.enabled:
+        add_adapters(model, cfg.lora)
+        if with_weights:
+            init_adapters(model, seed)
     prepare_blocks(model, cfg)
     return model
 
@@ -83,7 +90,16 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, with_weights: bool 
 def model_weights(cfg: ModelConfig, tokenizer: Any, seed: int, names: list[str]) -> ModelWeights:
     """The weights ``build_model`` would give the parameters and buffers ``names``, read one tensor at a time: from the
     model directory's safetensors files, or, where they do not name them all (a .bin checkpoint, renamed keys), from
-    the whole model built on CPU, as is the tiny model (seeded as ever)."""
+    the whole model built on CPU, as is the tiny model (seeded as ever). With adapters, ``names`` are the adapted
+    model's: the base's weights under them, and the adapters' first values (sftdist.model.lora.AdapterWeights)."""
+    if cfg.lora.enabled:
+        base_names = [base_name(n) for n in names if not is_adapter(n)]
+        return AdapterWeights(base_model_weights(cfg, tokenizer, seed, base_names), names, seed)
+    return base_model_weights(cfg, tokenizer, seed, names)
+
+
+def base_model_weights(cfg: ModelConfig, tokenizer: Any, seed: int, names: list[str]) -> ModelWeights:
+    """:func:`model_weights` of the base model (without adapters), by its own names."""
     if cfg.name_or_path is not None:
         files = ModelWeights.from_safetensors(model_directory(cfg.name_or_path))
         if files is not None and set(names) <= files.names:
@@ -93,7 +109,8 @@ def model_weights(cfg: ModelConfig, tokenizer: Any, seed: int, names: list[str])
             "building the whole model on CPU to read them",
             cfg.name_or_path,
         )
-    model = _load_model(cfg, tokenizer) if cfg.name_or_path is not None else _tiny_model(cfg, tokenizer, seed)
+    base = dataclasses.replace(cfg, lora=LoRAConfig())  # (the base's weights, never quantized)
+    model = _load_model(base, tokenizer) if cfg.name_or_path is not None else _tiny_model(cfg, tokenizer, seed)
     return ModelWeights.from_state_dict(model.state_dict())
 
 
@@ -192,12 +209,32 @@ def _load_model(cfg: ModelConfig, tokenizer: Any) -> torch.nn.Module:
     directory = model_directory(cfg.name_or_path)
     try:  # fp32 master weights whatever the checkpoint's dtype; precision=bf16 autocasts the compute
         model = AutoModelForCausalLM.from_pretrained(
-            str(directory), dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
+            str(directory),
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=cfg.trust_remote_code,
+            **_quantization(cfg),
         )
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: cannot load a causal LM from it ({err})") from err
     _check_vocabulary(cfg, model, tokenizer)
     return model
+
+
+def _quantization(cfg: ModelConfig) -> dict[str, Any]:
+    """QLoRA's loading arguments: the linear layers in 4-bit NF4 (double-quantized, computing in bf16), on this
+    process's GPU (sftdist.model.lora.check_qlora has checked that there is one, and bitsandbytes)."""
+    if not cfg.lora.load_in_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def _check_vocabulary(cfg: ModelConfig, model: torch.nn.Module, tokenizer: Any) -> None:
@@ -268,6 +305,7 @@ def max_positions(model: torch.nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def num_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the whole model, also when they are on the meta device or partitioned by ZeRO-3."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+def num_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of the whole model (``trainable_only``: those that require a gradient), also when they are on the
+    meta device or partitioned by ZeRO-3."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)

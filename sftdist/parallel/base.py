@@ -98,14 +98,16 @@ class Strategy(ABC):
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         return [obj]
 
-    # Checkpoints: every rank writes and reads its own part (a collective); the format is the strategy's, and a
-    # resumed run must use a strategy of the same format; ``reshards``: it loads on another number of processes.
+    # Checkpoints: every rank writes and reads its own part (a collective) of the parameters that train (all of them,
+    # or LoRA's adapters: a frozen base is the model's own, loaded at start) and their optimizer state. The format is
+    # the strategy's, and a resumed run must use a strategy of the same format; ``reshards``: it loads on another
+    # number of processes.
     checkpoint_format: str = dcp.FORMAT
     reshards: bool = True
 
     def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> list[Path]:
-        """Write the model and optimizer state under ``directory``, sharded as this strategy holds it; the files
-        this rank wrote that are not yet flushed to disk (DCP flushes its own: none)."""
+        """Write the (trainable) model and optimizer state under ``directory``, sharded as this strategy holds it;
+        the files this rank wrote that are not yet flushed to disk (DCP flushes its own: none)."""
         dcp.save(model, optimizer, directory)
         return []
 
@@ -114,12 +116,20 @@ class Strategy(ABC):
         dcp.load(model, optimizer, directory)
 
     @abstractmethod
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The full, unsharded weights on CPU, for export. Every rank must call it (it may gather); rank 0
-        gets the weights, the others may get an empty dict."""
+    def full_state_dict(self, model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The full, unsharded weights on CPU, for export (``trainable_only``: the parameters that train, LoRA's
+        adapters). Every rank must call it (it may gather); rank 0 gets the weights, the others may get an empty
+        dict."""
 
     def close(self) -> None:
         """Release the process group (when this strategy started it)."""
+
+
+def local_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """A whole (unsharded) model's state dict on CPU; ``trainable_only``: its parameters that require a gradient."""
+    if trainable_only:
+        return {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def clip_and_norm(params: list[torch.nn.Parameter], max_grad_norm: float) -> float:

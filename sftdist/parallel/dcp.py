@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 FORMAT = "dcp"
 
@@ -36,19 +36,25 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+# The parameters that train and their optimizer state: a frozen base (LoRA's) is the model's own, loaded at start.
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+
+
 def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
     with _quiet():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=_single())
 
 
 def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     # get_state_dict gives an optimizer without state some (zero-lr) state to load into.
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
     state = {"model": model_state, "optim": optim_state}
     with _quiet():
         dcp.load(state, checkpoint_id=str(directory), no_dist=_single())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # (not strict: the frozen parameters are not in it; dcp.load has already refused a checkpoint lacking a key)
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
 
 
 def full_model_state_dict(directory: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from sftdist.config import StrategyConfig
+from sftdist.parallel.base import local_state_dict
 from sftdist.parallel.dist import DistributedStrategy
 
 
@@ -39,7 +40,5 @@ class DDPStrategy(DistributedStrategy):
         with contextlib.nullcontext() if last else self._ddp.no_sync():
             yield
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        if not self.is_main:
-            return {}
-        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+    def full_state_dict(self, model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        return local_state_dict(self.unwrap(model), trainable_only) if self.is_main else {}

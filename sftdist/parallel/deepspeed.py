@@ -193,19 +193,26 @@ class ZeRO3Strategy(DistributedStrategy):
         norm = self._engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The fp32 master weights (not the bf16 compute copies), gathered on every rank (a collective)."""
+    def full_state_dict(self, model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The fp32 master weights (not the bf16 compute copies), gathered on every rank (a collective); a frozen
+        parameter (no master: LoRA's base) as it is held."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.unwrap(model)
         keys = set(module.state_dict().keys())
         state: dict[str, torch.Tensor] = {}
         for name, param in module.named_parameters():  # a tied weight once; from_pretrained re-ties it
-            full = safe_get_full_fp32_param(param).reshape(param.ds_shape)
+            if param.requires_grad:
+                full = safe_get_full_fp32_param(param).reshape(param.ds_shape)
+            elif trainable_only:
+                continue
+            else:
+                with self.ds.zero.GatheredParameters([param]):
+                    full = param.detach().float().clone()
             if self.is_main:
                 state[name] = full.detach().cpu().clone()
-        if not self.is_main:
-            return {}
+        if not self.is_main or trainable_only:
+            return state
         state.update({k: b.detach().cpu() for k, b in module.named_buffers() if k in keys})
         return {k: v for k, v in state.items() if k in keys}
 
@@ -215,7 +222,7 @@ class ZeRO3Strategy(DistributedStrategy):
     reshards = False
 
     def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> list[Path]:
-        self._engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False)
+        self._engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False, exclude_frozen_parameters=True)
         # DeepSpeed does not fsync: each rank's partitions are in its [bf16_]zero_pp_rank_<rank>_* files, and rank 0
         # writes the rest (DeepSpeed's conversion scripts).
         owners = {p: _PARTITION_OWNER.search(p.name) for p in directory.rglob("*") if p.is_file()}
@@ -224,7 +231,11 @@ class ZeRO3Strategy(DistributedStrategy):
     def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         with weights_only_loads():
             path, _ = self._engine.load_checkpoint(
-                str(directory), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+                str(directory),
+                tag=_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=all(p.requires_grad for p in model.parameters()),  # (no frozen base saved)
             )
         if path is None:  # DeepSpeed returns (None, ...) rather than raising when it finds nothing to load
             raise ValueError(f"DeepSpeed found no checkpoint under {directory}/{_TAG}")
@@ -255,9 +266,10 @@ def weights_only_loads() -> Iterator[None]:
 
 
 def full_model_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """The consolidated fp32 weights of a zero3 checkpoint, on CPU, without a process group."""
+    """The consolidated fp32 weights of a zero3 checkpoint (those that trained: LoRA's adapters, or all), on CPU,
+    without a process group."""
     _import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with weights_only_loads():
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=_TAG))
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=_TAG, exclude_frozen_parameters=True))

@@ -54,10 +54,11 @@ class FSDP2Strategy(DistributedStrategy):
             self._model.set_requires_gradient_sync(last)
         return super().micro_step(last)
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        state = get_model_state_dict(model, options=options)
         return state if self.is_main else {}
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from sftdist.parallel.base import Strategy
+from sftdist.parallel.base import Strategy, local_state_dict
 
 
 class SingleProcess(Strategy):
@@ -25,5 +25,5 @@ class SingleProcess(Strategy):
         model = model.to(self.device)
         return model, make_optimizer(model)
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    def full_state_dict(self, model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        return local_state_dict(model, trainable_only)
