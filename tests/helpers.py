@@ -203,6 +203,13 @@ def final_weights(run) -> dict:
     return load_file(str(Path(run) / "final" / "model.safetensors"))
 
 
+def adapter_weights(run) -> dict:
+    """The adapters of a LoRA run's final/ export."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run) / "final" / "adapter_model.safetensors"))
+
+
 def bitwise_equal(a: dict, b: dict) -> bool:
     import torch
 

@@ -3,6 +3,7 @@
 # the package registry) into two ignored folders that travel with the call (see gpu_suite.sh's header):
 #
 #   .whl/          wheels for CPython 3.12 on x86-64: hydra-core, omegaconf, antlr4-python3-runtime (sftdist's config),
+#                  peft (model.lora.*),
 #                  datasets, dill, multiprocess (sftdist's prepared data), trl (bench_vs_trl.py), deepspeed, hjson,
 #                  pydantic and its parts (strategy=zero3), jsonschema and its parts (probe checks), liger-kernel and
 #                  cut-cross-entropy (the fused losses bench_loss_layer.py compares with ours on CUDA; Triton is in the
@@ -20,6 +21,8 @@
 #   machine cannot reach (whether GitHub has one for its torch 2.11 + CUDA 13 was not checked; such wheels are
 #   hundreds of MB, over the 64 MiB a call carries). Without it sftdist trains with torch's varlen attention and TRL
 #   with sdpa.
+# - bitsandbytes (QLoRA): its manylinux wheel carries CUDA kernels for many CUDA versions, ~60-80 MB, over what a call
+#   carries beside the rest; tests/gpu/test_lora_gpu.py's QLoRA test skips where it does not import.
 # - deepspeed and antlr4-python3-runtime 4.9.3 are sdists only on PyPI too: both are built here into pure-Python
 #   wheels (deepspeed with the .venv's torch and no prebuilt ops; sftdist's zero3 uses torch's AdamW, so no op is
 #   compiled on the GPU machine either).
@@ -35,6 +38,7 @@ WHEELS=(
   hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
   liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+  peft==0.21.2
 )
 WANDB=(
   wandb==0.31.0 cwevals==0.0.1b1 distro==1.9.0 sniffio==1.3.1 platformdirs==4.14.9 googleapis-common-protos==1.76.0

@@ -68,6 +68,15 @@ def write_probe_model(out) -> None:
 
 
 @pytest.fixture(scope="session")
+def single_lora(launched, tmp_path_factory):
+    """One process, 3 LoRA steps, packed: what the 2-process LoRA fits must equal."""
+    out, data, _ = launched
+    run = tmp_path_factory.mktemp("single-lora")
+    fit_and_close(Trainer(compose(*scenarios.common(out, data), *scenarios.LORA, f"output_dir={run}")))
+    return run
+
+
+@pytest.fixture(scope="session")
 def single_process(launched, tmp_path_factory):
     """One process, 3 steps, packed and padded: what the 2-process fits must equal."""
     out, data, _ = launched

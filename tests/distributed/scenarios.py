@@ -9,6 +9,8 @@ grouped in one launch because process groups are slow to start. Results go to OU
   the test compares final/ with a single-process run.
 - naive_loss/<strategy>, grad_sync_last/fsdp2: fit with train.loss_impl=naive (fsdp2, zero3; the fit scenarios use
   the chunked loss), and fsdp2 reducing gradients once per step.
+- lora/<strategy>: fit with LoRA adapters (dropout 0); lora_resume/<strategy>: the resume scenario with LoRA (fsdp2,
+  zero3); the tests compare with one process, and straight with resumed.
 - load/<strategy>: a bf16 model directory with tied embeddings loaded by fsdp2 (meta device, then shard by shard)
   and zero3 (partitioned as built); its gathered weights in OUT/load-<strategy>.pt.
 - bad_global_batch: train.global_batch_size=3 on 2 processes must be refused at start.
@@ -29,6 +31,7 @@ Selected scenarios (a third argument, comma-separated prefixes) write OUT/result
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -151,13 +154,15 @@ def fit(out: Path, data: str, strategy: str, packing: bool, *extra: str) -> dict
 
 # Exact resume: 4 steps, checkpoints at 2 and 4 (the last), a stop signal during step 3 (to rank 0 only).
 RESUME = ("train.max_steps=4", "checkpoint.every_steps=2")
+# LoRA without dropout: its masks would depend on the ranks' RNG streams, as any dropout's do.
+LORA = ("model.lora.enabled=true", "model.lora.dropout=0.0")
 
 
-def resume(out: Path, data: str, strategy: str) -> dict:
+def resume(out: Path, data: str, strategy: str, *extra: str, name: str = "resume") -> dict:
     """4 steps straight, against: stopped by SIGUSR1 during step 3 (rank 0 alone gets it, so the ranks must agree),
     then resumed by a new Trainer in the same output_dir. The test compares losses and weights bitwise."""
-    args = (*common(out, data), f"strategy={strategy}", *RESUME)
-    straight, stopped = out / f"resume-{strategy}-straight", out / f"resume-{strategy}-stopped"
+    args = (*common(out, data), f"strategy={strategy}", *RESUME, *extra)
+    straight, stopped = out / f"{name}-{strategy}-straight", out / f"{name}-{strategy}-stopped"
     fit_and_close(Trainer(compose(*args, f"output_dir={straight}")))
     first = Trainer(compose(*args, f"output_dir={stopped}"))
     signal_during_step(first, 3)
@@ -304,6 +309,10 @@ def main() -> None:
         record(f"bf16/{strategy}", fit, out, data, strategy, True, "precision=bf16")
         record(f"naive_loss/{strategy}", fit, out, data, strategy, True, "train.loss_impl=naive")
     record("grad_sync_last/fsdp2", fit, out, data, "fsdp2", True, "strategy.grad_sync=last")
+    for strategy in STRATEGIES:
+        record(f"lora/{strategy}", fit, out, data, strategy, True, *LORA)
+    for strategy in ("fsdp2", "zero3"):
+        record(f"lora_resume/{strategy}", functools.partial(resume, name="lora-resume"), out, data, strategy, *LORA)
     for strategy in ("fsdp2", "zero3"):
         record(f"load/{strategy}", load, out, data, strategy)
     for strategy in STRATEGIES:

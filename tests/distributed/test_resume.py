@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from helpers import (
     REPO,
+    adapter_weights,
+    bitwise_equal,
     compose,
     final_weights,
     fit_and_close,
@@ -52,6 +54,25 @@ def test_a_run_stopped_by_a_signal_and_resumed_equals_the_uninterrupted_run(laun
     # keep=2: the stop's checkpoint and the last one; step 2 was removed once a newer one was complete
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step_3", "step_4"]
     assert all((stopped / "checkpoints" / name / MARKER).is_file() for name in ("step_3", "step_4"))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_a_lora_run_stopped_and_resumed_equals_the_uninterrupted_run_with_checkpoints_of_adapters(launched, strategy):
+    result = scenario_ok(launched[2][f"lora_resume/{strategy}"])
+    assert (result["stopped_by"], result["start_step"]) == ("SIGUSR1", 3)
+    straight, stopped = Path(result["straight"]), Path(result["stopped"])
+    assert [m["train/loss"] for m in read_metrics(stopped)] == [m["train/loss"] for m in read_metrics(straight)]
+    assert bitwise_equal(adapter_weights(stopped), adapter_weights(straight))
+    # Each checkpoint holds the adapters, their fp32 masters and AdamW moments: a few times the adapters' bytes, a
+    # small part of what the frozen base would take.
+    adapter_bytes = sum(v.numel() * 4 for v in adapter_weights(straight).values())
+    state = stopped / "checkpoints" / "step_3" / "state"
+    size = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
+    base_bytes = sum(v.numel() * 4 for v in load_file(str(straight / "final_merged" / "model.safetensors")).values())
+    print(f"{strategy} LoRA checkpoint: {size} bytes, adapters {adapter_bytes}, base {base_bytes}")
+    assert 3 * adapter_bytes <= size < 4 * adapter_bytes and size < 0.5 * base_bytes
+    exported = export_checkpoint(stopped / "checkpoints" / "step_4", stopped / "exported")
+    assert bitwise_equal(load_file(str(exported / "adapter_model.safetensors")), adapter_weights(stopped))
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])

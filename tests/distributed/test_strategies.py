@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, compose, final_weights, fit_and_close, max_relative_difference, read_metrics
+from helpers import REPO, adapter_weights, compose, final_weights, fit_and_close, max_relative_difference, read_metrics
 from launching import free_port, load_scenarios, scenario_ok, torchrun_env
 from sftdist.errors import ConfigError
 from sftdist.trainer import Trainer
@@ -55,6 +55,22 @@ def test_three_steps_on_two_processes_give_the_weights_of_one(launched, single_p
     for a, b in zip(ours, theirs):  # the logged loss is the true token mean of the step
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
     assert not (run / "final" / "metrics.jsonl").exists() and len(ours) == 3  # rank 0 alone writes
+
+
+@pytest.mark.parametrize("strategy", scenarios.STRATEGIES)
+def test_lora_adapters_after_three_steps_on_two_processes_equal_one_process(launched, single_lora, strategy):
+    result = scenario_ok(launched[2][f"lora/{strategy}"])
+    run = Path(result["output_dir"])
+    difference = max_relative_difference(adapter_weights(run), adapter_weights(single_lora))
+    print(f"{strategy} LoRA: max per-tensor relative adapter difference {difference:.2e}")
+    assert difference < 1e-4  # the invariance tolerance (FACTS)
+    for a, b in zip(read_metrics(run), read_metrics(single_lora), strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+    # The merged exports agree too, and differ from the base by the adapters' update only.
+    merged, expected = (load_file(str(r / "final_merged" / "model.safetensors")) for r in (run, single_lora))
+    assert max_relative_difference(merged, expected) < 1e-4
+    lora_b = [v for k, v in adapter_weights(run).items() if ".lora_B." in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # (B starts at zero: the adapters trained)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
