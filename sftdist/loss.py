@@ -58,7 +58,8 @@ def chunked_loss_problem(model: torch.nn.Module) -> str | None:
     """Why the chunked loss cannot stand in for this model's logits, or None when it can."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
-        return f"{type(model).__name__} has no linear output head ({type(head).__name__})"
+        kind = f"{type(head).__module__}.{type(head).__name__}"  # (peft's adapted head is a Linear of its own)
+        return f"{type(model).__name__} has no plain nn.Linear output head ({kind})"
     if head.bias is not None:
         return f"{type(model).__name__}'s output head has a bias"
     config = getattr(model, "config", None)

@@ -1,9 +1,10 @@
 """Training FLOPs from the actual documents, for ``train/mfu`` and for balancing micro-batches over ranks.
 
 Per token, the matmuls cost 6 N FLOPs forward and backward (N: parameters that multiply, the input embedding
-excluded; PaLM, appendix B). Causal attention adds, per layer and document of length n, 6 d n^2 (QK^T and AV,
-2 n^2 d multiply-adds each, halved by causality, times 3 for forward and backward) with d the query width:
-a packed row of short documents costs far less attention than one long document of the same tokens.
+excluded; PaLM, appendix B); a frozen matrix (LoRA's base) 4, its weight gradient never computed. Causal attention
+adds, per layer and document of length n, 6 d n^2 (QK^T and AV, 2 n^2 d multiply-adds each, halved by causality,
+times 3 for forward and backward) with d the query width: a packed row of short documents costs far less attention
+than one long document of the same tokens.
 """
 
 from __future__ import annotations
@@ -36,22 +37,36 @@ class ModelDims:
     matmul_params: int  # N
     layers: int
     width: int  # query width (heads x head dim), usually the hidden size
+    frozen_params: int = 0  # of N, those without a gradient (forward and input gradient only)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelDims:
         config = model.config
-        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - (a ZeRO-3 partition knows its whole size)
-        total = sum(numel(p) for p in model.parameters())
         embed = model.get_input_embeddings().weight
         output = model.get_output_embeddings()
         tied = output is not None and output.weight is embed
+        matmul = [p for p in model.parameters() if p is not embed or tied]
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(total - (0 if tied else numel(embed)), config.num_hidden_layers, heads * head_dim)
+        return cls(
+            sum(map(_numel, matmul)),
+            config.num_hidden_layers,
+            heads * head_dim,
+            sum(_numel(p) for p in matmul if not p.requires_grad),
+        )
 
     def flops(self, lengths: list[int]) -> float:
         """Forward and backward FLOPs of training on documents of these lengths."""
-        return float(sum(6 * self.matmul_params * n + 6 * self.layers * self.width * n * n for n in lengths))
+        per_token = 6 * self.matmul_params - 2 * self.frozen_params
+        return float(sum(per_token * n + 6 * self.layers * self.width * n * n for n in lengths))
+
+
+def _numel(param: torch.Tensor) -> int:
+    """A parameter's logical size: whole for a ZeRO-3 partition, unpacked for a 4-bit (QLoRA) weight."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return getattr(param, "ds_numel", param.numel())
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:

@@ -72,8 +72,29 @@ def add_adapters(model: torch.nn.Module, cfg: LoRAConfig) -> None:
                 f"model.lora.target_modules={list(cfg.target_modules)}: {err}; the model's linear layers are named "
                 f"{', '.join(linear)}"
             ) from err
+    _check_adapted_layers(model, cfg)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
+
+
+def _check_adapted_layers(model: torch.nn.Module, cfg: LoRAConfig) -> None:
+    """Adapters on plain linear layers only (what the seeded first values and the merge are for): an embedding, a
+    convolution, a transposed (Conv1D) layer or a weight tied to the input embedding is refused, naming it."""
+    embedding = model.get_input_embeddings().weight
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        base = module.get_base_layer()
+        problem = None
+        if not isinstance(base, torch.nn.Linear) or getattr(module, "fan_in_fan_out", False):
+            problem = f"is a {type(base).__name__}, not a linear layer"
+        elif base.weight is embedding:
+            problem = "shares its weight with the input embedding (tie_word_embeddings), which stays frozen"
+        if problem:
+            raise ConfigError(
+                f"model.lora.target_modules={list(cfg.target_modules)}: {name} {problem}; adapters go on linear "
+                "layers (all-linear: every one of the decoder blocks)"
+            )
 
 
 def initial_adapter(name: str, shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:

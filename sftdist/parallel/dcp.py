@@ -40,15 +40,27 @@ def _quiet() -> Iterator[None]:
 _TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 
 
-def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def _trainable(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model and optimizer state dicts of the parameters that train. (``ignore_frozen_params`` goes by parameter
+    name, once per tensor: a frozen weight tied to another, lm_head to the embedding, would still be saved.)"""
     model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    frozen = {
+        name.removeprefix("module.")  # (DDP's wrapper; the state dict's names are the model's own)
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if not param.requires_grad
+    }
+    return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
+
+
+def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    model_state, optim_state = _trainable(model, optimizer)
     with _quiet():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=_single())
 
 
 def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     # get_state_dict gives an optimizer without state some (zero-lr) state to load into.
-    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
+    model_state, optim_state = _trainable(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     with _quiet():
         dcp.load(state, checkpoint_id=str(directory), no_dist=_single())

@@ -1,6 +1,8 @@
 """LoRA against full fine-tuning: optimizer state, checkpoint size, step time and peak memory, on the demo model and
 on SmolLM2-135M-Instruct (a real ~100M model with a 49k vocabulary). Each (model, mode) trains in its own process
-(so that its peak RSS is its own), one process, fp32, on this machine's cores. Prints one JSON line per run.
+(so that its peak RSS is its own), one process, fp32, on this machine's cores. Prints one JSON line per run:
+``training_rss_gib`` is the largest resident memory after a training step, ``peak_rss_gib`` the process's high-water
+mark (data preparation and the export included).
 
     .venv/bin/python tests/bench/bench_lora.py                          # demo and smollm2, full and lora
     .venv/bin/python tests/bench/bench_lora.py --models demo --steps 20
@@ -35,8 +37,9 @@ def settings(model: str, steps: int) -> list[str]:
         *common,
         f"model.name_or_path={smollm2_directory()}",
         f"data.path={GSM8K}",
-        "data.max_length=256",
-        "train.micro_batch_tokens=1024",
+        "data.max_length=512",
+        "data.truncation=truncate",
+        "train.micro_batch_tokens=2048",
         "train.global_batch_size=4",
         "train.lr=1e-4",
     ]
@@ -52,6 +55,14 @@ def run_one(model: str, mode: str, steps: int) -> dict:
         out = Path(work) / "run"
         lora = ["model.lora.enabled=true"] if mode == "lora" else []
         trainer = Trainer(compose(*settings(model, steps), *lora, f"output_dir={out}"))
+        step, training_rss = trainer.train_step, []
+
+        def train_step(micro_batches):  # the resident memory after each step: training's own, not the export's
+            stats = step(micro_batches)
+            training_rss.append(_rss_bytes())
+            return stats
+
+        trainer.train_step = train_step
         fit_and_close(trainer)
         optimizer_bytes = sum(
             t.numel() * t.element_size()
@@ -73,9 +84,18 @@ def run_one(model: str, mode: str, steps: int) -> dict:
             "tokens_per_s": round(statistics.median(r["train/tokens_per_s"] for r in rows[1:]), 1),
             "first_loss": round(rows[0]["train/loss"], 4),
             "last_loss": round(rows[-1]["train/loss"], 4),
+            "training_rss_gib": round(max(training_rss) / 2**30, 2),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "steps": steps,
         }
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def main() -> None:

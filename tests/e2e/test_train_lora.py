@@ -151,6 +151,14 @@ def test_lora_on_a_bf16_model_directory_exports_a_bf16_merged_model(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, str(run / "final"))
     assert bitwise_equal({k: v for k, v in loaded.state_dict().items() if "lora_" in k}, _peft_keys(adapters(run)))
+    # ...and so does transformers' own loading of final/ (the contract: AutoModelForCausalLM loads final/), which
+    # gives the merged model's logits
+    direct = AutoModelForCausalLM.from_pretrained(str(run / "final"), dtype=torch.float32)
+    merged_model = AutoModelForCausalLM.from_pretrained(str(run / "final_merged"), dtype=torch.float32)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        difference = (direct(input_ids=ids).logits - merged_model(input_ids=ids).logits).abs().max()
+    assert difference < 0.05  # (the merged weights are rounded to bf16, the base's dtype)
 
 
 def _peft_keys(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,3 +186,14 @@ def test_qlora_is_refused_on_cpu_at_start(tmp_path):
     with pytest.raises(ConfigError, match="load_in_4bit=true \\(QLoRA\\) needs a CUDA device"):
         Trainer(compose(*args, f"output_dir={tmp_path / 'run'}"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_checkpoint_of_a_tied_model_leaves_the_tied_head_out(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    short = (*LORA[:3], "train.max_steps=1", "eval.every_steps=0", "wandb.mode=disabled")
+    trainer = Trainer(compose(*short, "model.tie_word_embeddings=true", f"output_dir={tmp_path}"))
+    fit_and_close(trainer)
+    keys = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step_1" / "state")).read_metadata().state_dict_metadata
+    saved = {k.removeprefix("model.") for k in keys if k.startswith("model.")}
+    assert saved == {n for n, p in trainer.model.named_parameters() if p.requires_grad}  # not lm_head.weight

@@ -109,3 +109,38 @@ def test_qlora_is_refused_where_it_cannot_run(lora_cfg):
     with pytest.raises(ConfigError, match="set model.name_or_path"):
         check_qlora(lora, None, "ddp", torch.device("cuda"))
     check_qlora(lora_cfg.model.lora, None, "zero3", torch.device("cpu"))  # plain LoRA: nothing to check
+
+
+def test_mfu_counts_no_weight_gradient_for_the_frozen_base(lora_cfg, tokenizer):
+    from sftdist.metrics.flops import ModelDims
+
+    model = build_model(lora_cfg.model, tokenizer, lora_cfg.seed)
+    dims = ModelDims.of(model)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding = model.get_input_embeddings().weight.numel()
+    assert dims.matmul_params == sum(p.numel() for p in model.parameters()) - embedding
+    assert dims.frozen_params == dims.matmul_params - trained
+    attention = 6 * dims.layers * dims.width * 100 * 100
+    assert dims.flops([100]) == 100 * (6 * trained + 4 * dims.frozen_params) + attention
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("model.lora.target_modules=[embed_tokens]",), "model.embed_tokens is a Embedding, not a linear layer"),
+        (("model.lora.target_modules=[lm_head]", "model.tie_word_embeddings=true"), "lm_head shares its weight"),
+    ],
+)
+def test_adapters_on_anything_but_a_plain_linear_layer_are_refused(tokenizer, overrides, message):
+    cfg = compose("model.lora.enabled=true", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        build_model(cfg.model, tokenizer, cfg.seed)
+
+
+def test_an_untied_output_head_may_be_adapted(tokenizer):
+    cfg = compose("model.lora.enabled=true", "model.lora.target_modules=[lm_head]")
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        "lm_head.lora_A.default.weight",
+        "lm_head.lora_B.default.weight",
+    ]
