@@ -148,6 +148,9 @@ def export_lora(
         except (KeyError, ValueError) as err:
             raise ExportError(f"cannot merge the adapter into the base model: {err}") from err
         export_hf(meta_dir, merged, merged_dir(Path(out_dir)), max_shard_size, cfg.trust_remote_code)
+    elif merged_dir(Path(out_dir)).exists():  # an earlier export's: it would pass for this adapter's merge
+        log.info("removing %s: an earlier merged export (this one writes the adapter only)", merged_dir(Path(out_dir)))
+        shutil.rmtree(merged_dir(Path(out_dir)))
     return Path(out_dir)
 
 
@@ -266,13 +269,31 @@ def export_checkpoint(
 
     from sftdist.model import base_model_weights
 
-    cfg.trust_remote_code = cfg.trust_remote_code or trust_remote_code
+    cfg.trust_remote_code = trust_remote_code  # (as for any export: only when asked here)
     cfg.lora.merged_export = cfg.lora.merged_export and merged
+    if cfg.lora.merged_export:
+        _check_base(path, state, cfg, seed)
 
     def base(names: list[str]) -> Any:
         return base_model_weights(cfg, AutoTokenizer.from_pretrained(str(path / HF_DIR)), seed, names)
 
     return export_lora(path / HF_DIR, weights, out_dir, cfg, base, max_shard_size)
+
+
+def _check_base(path: Path, state: dict[str, Any], cfg: ModelConfig, seed: int) -> None:
+    """The base a LoRA checkpoint's adapter is merged into must be the one it was trained on: ExportError otherwise."""
+    from sftdist.model import model_identity
+    from sftdist.resume import BASE_MODEL
+
+    try:
+        current = model_identity(cfg, seed)
+    except FileNotFoundError as err:
+        raise ExportError(f"{path}: its base model is not where it was trained ({err})") from err
+    if state["identity"].get(BASE_MODEL) != current:
+        raise ExportError(
+            f"{path}: the base model's files (model.name_or_path={cfg.name_or_path!r}) changed since this adapter was "
+            "trained, so the merge would not be the trained model; export the adapter alone (--no-merged)"
+        )
 
 
 def _model_config(flat: dict[str, Any]) -> tuple[ModelConfig, int]:

@@ -2,8 +2,9 @@
 
 A checkpoint records the run's *identity*: the config keys that define the model, the data and the sample stream,
 plus content hashes (the data fingerprint, the chat template, the tokenizer, the training rows after the eval
-hold-out and the source weights). Resuming with any of them changed would silently train something else than
-the run that was interrupted, so it is refused at start, naming each key with both values. A moved data file is not
+hold-out and the source weights; with LoRA, the base model's files, which are read again on resume). Resuming with
+any of them changed would silently train something else than the run that was interrupted, so it is refused at
+start, naming each key with both values. A moved data file is not
 a change: path keys may differ when every content hash is the same.
 
 Everything else may change and is logged: ``train.max_steps`` (extend a run: the LR schedule is recomputed for the
@@ -24,6 +25,7 @@ from omegaconf import OmegaConf
 
 from sftdist.checkpoint import CheckpointError, read_trainer_state, resolve_resume
 from sftdist.config import MODEL_EXECUTION_KEYS, SFTConfig
+from sftdist.model import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ _NOT_IDENTITY = (
 )
 # Where the inputs are, not what they are: may change when the content hashes below are unchanged.
 _PATHS = ("data.path", "data.prepared", "data.chat_template", "data.filters.decontaminate", "data.sources[")
-_CONTENT = ("data fingerprint", "chat template sha256", "tokenizer sha256", "training rows sha256")
+BASE_MODEL = "base model files"  # (LoRA) the base's files, sizes and times: sftdist.model.model_identity
+_CONTENT = ("data fingerprint", "chat template sha256", "tokenizer sha256", "training rows sha256", BASE_MODEL)
 
 
 def flat_config(cfg: SFTConfig) -> dict[str, Any]:
@@ -73,6 +76,8 @@ def run_identity(cfg: SFTConfig, data_report: dict[str, Any]) -> dict[str, Any]:
     identity["chat template sha256"] = data_report["template_hash"]
     identity["tokenizer sha256"] = data_report["tokenizer_hash"]
     identity["training rows sha256"] = data_report["train_rows_hash"]
+    if cfg.model.lora.enabled:  # a LoRA checkpoint holds the adapters only: the base, read again, must be the same
+        identity[BASE_MODEL] = model_identity(cfg.model, cfg.seed)
     return identity
 
 

@@ -6,7 +6,6 @@ model, so that a second run reads it back."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -17,29 +16,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftdist.config import MODEL_EXECUTION_KEYS, SFTConfig
+from sftdist.config import SFTConfig
 from sftdist.data.batching import MicroBatch, assign_to_ranks, collate_packed, empty_micro_batch, plan_packed
 from sftdist.data.pipeline import Sample
 from sftdist.data.prepared import cache_root
 from sftdist.data.template import IGNORE_INDEX
+from sftdist.model import model_identity
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when the scores of the same inputs would change
 
 
-def model_identity(cfg: SFTConfig) -> str:
-    """What determines the base model's weights: its directory's config and weight files (names, sizes, times),
-    or the tiny model's settings and seed."""
-    if cfg.model.name_or_path is None:
-        settings = {k: v for k, v in vars(cfg.model).items() if k not in MODEL_EXECUTION_KEYS}
-        return json.dumps({"tiny": settings, "seed": cfg.seed}, sort_keys=True, default=str)
-    directory = Path(cfg.model.name_or_path)
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
-    return json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-
-
 def cache_file(cfg: SFTConfig, fingerprint: str) -> Path:
-    key = hashlib.sha256(f"model_loss-v{VERSION} {fingerprint} {model_identity(cfg)}".encode()).hexdigest()[:24]
+    identity = model_identity(cfg.model, cfg.seed)
+    key = hashlib.sha256(f"model_loss-v{VERSION} {fingerprint} {identity}".encode()).hexdigest()[:24]
     return cache_root(cfg.data).parent / "model_loss" / f"{key}.npy"
 
 

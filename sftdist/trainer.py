@@ -111,6 +111,7 @@ class Trainer:
         self.device = self.strategy.device
         self.output_dir = Path(cfg.output_dir)
         check_world_size(cfg, self.strategy.world_size)
+        check_qlora(cfg.model.lora, cfg.model.name_or_path, cfg.strategy.name, self.device)
         torch.manual_seed(cfg.seed)
 
         self.tokenizer, self.chat_template = build_tokenizer(cfg.model, cfg.data)
@@ -132,7 +133,6 @@ class Trainer:
         self.identity = run_identity(cfg, self.data_report)
         self.resume_from, resumed = find_checkpoint(cfg, self.output_dir, self.identity, self.strategy)
 
-        check_qlora(cfg.model.lora, cfg.model.name_or_path, cfg.strategy.name, self.device)
         with self.strategy.constructing():  # fsdp2, zero3: never the whole model on a rank (their setup loads it)
             model = build_model(cfg.model, self.tokenizer, cfg.seed, with_weights=not self.strategy.loads_weights)
         limit = max_positions(model)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sftdist.model import parameter_numel
+
 # Dense bf16 peak per GPU (TFLOP/s, no sparsity), from the vendors' data sheets; train.peak_tflops overrides.
 _PEAK_BF16_TFLOPS = (
     ("GH200", 989.0),
@@ -49,24 +51,16 @@ class ModelDims:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
-            sum(map(_numel, matmul)),
+            sum(map(parameter_numel, matmul)),
             config.num_hidden_layers,
             heads * head_dim,
-            sum(_numel(p) for p in matmul if not p.requires_grad),
+            sum(parameter_numel(p) for p in matmul if not p.requires_grad),
         )
 
     def flops(self, lengths: list[int]) -> float:
         """Forward and backward FLOPs of training on documents of these lengths."""
         per_token = 6 * self.matmul_params - 2 * self.frozen_params
         return float(sum(per_token * n + 6 * self.layers * self.width * n * n for n in lengths))
-
-
-def _numel(param: torch.Tensor) -> int:
-    """A parameter's logical size: whole for a ZeRO-3 partition, unpacked for a 4-bit (QLoRA) weight."""
-    quant_state = getattr(param, "quant_state", None)
-    if quant_state is not None:
-        return int(torch.Size(quant_state.shape).numel())
-    return getattr(param, "ds_numel", param.numel())
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:

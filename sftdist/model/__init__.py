@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from sftdist.config import DataConfig, LoRAConfig, ModelConfig
+from sftdist.config import MODEL_EXECUTION_KEYS, DataConfig, LoRAConfig, ModelConfig
 from sftdist.data.demo import DEMO_TOKENIZER_DIR
 from sftdist.data.template import load_chat_template, resolve_chat_template
 from sftdist.errors import ConfigError
@@ -182,6 +182,18 @@ def activation_checkpointing(cfg: ModelConfig) -> str:
     return "full" if cfg.gradient_checkpointing else cfg.activation_checkpointing
 
 
+def model_identity(cfg: ModelConfig, seed: int) -> str:
+    """What determines the base model's weights as built: its directory's config and weight files (names, sizes,
+    times) and whether it is quantized, or the tiny model's settings and seed."""
+    if cfg.name_or_path is None:
+        settings = {k: v for k, v in vars(cfg).items() if k not in MODEL_EXECUTION_KEYS and k != "lora"}
+        return json.dumps({"tiny": settings, "seed": seed}, sort_keys=True, default=str)
+    directory = local_dir("model.name_or_path", cfg.name_or_path)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+    identity: list[Any] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return json.dumps(identity + ([{"load_in_4bit": True}] if cfg.lora.load_in_4bit else []))
+
+
 def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
     """The dtype the model's weights came in (a bf16 checkpoint is exported in bf16), fp32 for the tiny model."""
     if cfg.name_or_path is None:
@@ -308,4 +320,12 @@ def max_positions(model: torch.nn.Module) -> int | None:
 def num_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Parameters of the whole model (``trainable_only``: those that require a gradient), also when they are on the
     meta device or partitioned by ZeRO-3."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(parameter_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def parameter_numel(param: torch.Tensor) -> int:
+    """A parameter's logical size: whole for a ZeRO-3 partition, unpacked for a 4-bit (QLoRA) weight."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return getattr(param, "ds_numel", param.numel())

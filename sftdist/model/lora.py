@@ -17,6 +17,7 @@ Exports: the adapter in peft's format (``adapter_config.json``, ``adapter_model.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import zlib
 from pathlib import Path
@@ -163,7 +164,9 @@ def write_adapter(out_dir: Path, adapters: dict[str, torch.Tensor], cfg: LoRACon
         for key, value in adapters.items()
     }
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    peft_config(cfg, str(Path(base).resolve()) if base is not None else None).save_pretrained(str(out_dir))
+    config = peft_config(cfg, str(Path(base).expanduser().resolve()) if base is not None else None)
+    config.target_modules = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in adapters})  # (as peft saves)
+    config.save_pretrained(str(out_dir))
 
 
 def check_qlora(cfg: LoRAConfig, name_or_path: str | None, strategy: str, device: torch.device) -> None:
@@ -181,9 +184,6 @@ def check_qlora(cfg: LoRAConfig, name_or_path: str | None, strategy: str, device
         )
     if name_or_path is None:
         raise ConfigError(f"{where} quantizes a pretrained model: set model.name_or_path")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(
-            f"{where} needs bitsandbytes, which does not import here ({err}): pip install bitsandbytes"
-        ) from err
+    for package in ("bitsandbytes", "accelerate"):  # (transformers' 4-bit loading needs both)
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{where} needs {package}, which is not installed: pip install 'sftdist[qlora]'")

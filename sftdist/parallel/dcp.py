@@ -18,7 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 
 FORMAT = "dcp"
 
@@ -36,37 +41,44 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-# The parameters that train and their optimizer state: a frozen base (LoRA's) is the model's own, loaded at start.
-_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+def _frozen(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
 
 
-def _trainable(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """The model and optimizer state dicts of the parameters that train. (``ignore_frozen_params`` goes by parameter
-    name, once per tensor: a frozen weight tied to another, lm_head to the embedding, would still be saved.)"""
-    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
-    frozen = {
-        name.removeprefix("module.")  # (DDP's wrapper; the state dict's names are the model's own)
-        for name, param in model.named_parameters(remove_duplicate=False)
-        if not param.requires_grad
+def _adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """With a frozen base (LoRA), the parameters that train, by name (DTensors under fsdp2), sharing their storage: a
+    frozen base is the model's own, read again at start. (Not ``get_state_dict(ignore_frozen_params=True)``: it walks
+    every key of ``model.state_dict()``, which for a 4-bit base holds quantization state that no attribute names, and
+    keeps a frozen weight tied to another, lm_head to the embedding.)"""
+    return {
+        name.removeprefix("module."): param.detach()  # (DDP's wrapper prefix)
+        for name, param in model.named_parameters()
+        if param.requires_grad
     }
-    return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
 
 
 def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    model_state, optim_state = _trainable(model, optimizer)
+    if _frozen(model):
+        model_state, optim_state = _adapter_state(model), get_optimizer_state_dict(model, optimizer)
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
     with _quiet():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=_single())
 
 
 def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    # get_state_dict gives an optimizer without state some (zero-lr) state to load into.
-    model_state, optim_state = _trainable(model, optimizer)
+    # get_*state_dict give an optimizer without state some (zero-lr) state to load into.
+    if _frozen(model):  # the adapters load in place (their tensors share the parameters' storage)
+        state = {"model": _adapter_state(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(directory), no_dist=_single())
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     with _quiet():
         dcp.load(state, checkpoint_id=str(directory), no_dist=_single())
-    # (not strict: the frozen parameters are not in it; dcp.load has already refused a checkpoint lacking a key)
-    options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def full_model_state_dict(directory: Path) -> dict[str, torch.Tensor]:

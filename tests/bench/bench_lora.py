@@ -1,8 +1,11 @@
 """LoRA against full fine-tuning: optimizer state, checkpoint size, step time and peak memory, on the demo model and
 on SmolLM2-135M-Instruct (a real ~100M model with a 49k vocabulary). Each (model, mode) trains in its own process
 (so that its peak RSS is its own), one process, fp32, on this machine's cores. Prints one JSON line per run:
-``training_rss_gib`` is the largest resident memory after a training step, ``peak_rss_gib`` the process's high-water
-mark (data preparation and the export included).
+``training_state_mib`` is what the model costs to train before activations (every weight, the gradients of the
+trained ones, the optimizer state: counted, not sampled), ``training_rss_gib`` the largest resident memory after a
+training step and ``peak_rss_gib`` the process's high-water mark (data preparation and the export included); the
+children run with ``MALLOC_MMAP_THRESHOLD_=1048576`` so that memory freed by the data preparation goes back to the
+system instead of hiding training's growth in glibc's arenas.
 
     .venv/bin/python tests/bench/bench_lora.py                          # demo and smollm2, full and lora
     .venv/bin/python tests/bench/bench_lora.py --models demo --steps 20
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -70,6 +74,8 @@ def run_one(model: str, mode: str, steps: int) -> dict:
             for t in state.values()
             if hasattr(t, "numel")
         )
+        weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+        gradients = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
         checkpoint = out / "checkpoints" / f"step_{steps}" / "state"
         rows = read_metrics(out)
         step_s = [r["train/step_s"] for r in rows[1:]]
@@ -79,6 +85,7 @@ def run_one(model: str, mode: str, steps: int) -> dict:
             "parameters_m": round(trainer.num_params / 1e6, 2),
             "trained_parameters_m": round(trainer.num_trained / 1e6, 3),
             "optimizer_state_mib": round(optimizer_bytes / 2**20, 2),
+            "training_state_mib": round((weights + gradients + optimizer_bytes) / 2**20, 1),
             "checkpoint_mib": round(sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) / 2**20, 2),
             "median_step_s": round(statistics.median(step_s), 3),
             "tokens_per_s": round(statistics.median(r["train/tokens_per_s"] for r in rows[1:]), 1),
@@ -113,7 +120,8 @@ def main() -> None:
         steps = args.steps or (20 if model == "demo" else 5)
         for mode in MODES:
             command = [sys.executable, __file__, "--one", model, mode, "--steps", str(steps)]
-            proc = subprocess.run(command, capture_output=True, text=True)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.exit(f"{model}/{mode} failed:\n{proc.stderr[-3000:]}")
             print(proc.stdout.strip().splitlines()[-1], flush=True)

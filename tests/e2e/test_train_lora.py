@@ -75,6 +75,9 @@ def test_the_adapter_export_loads_with_peft_and_the_merged_export_gives_its_logi
     config = json.loads((final / ADAPTER_CONFIG).read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (16, 32.0, "LORA")
     assert config["base_model_name_or_path"] is None  # the tiny demo model: rebuilt from the seed
+    assert config["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     for directory in (final, merged_dir):  # both serve with the trained template and stop at its end of turn
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         assert tokenizer.chat_template == trainer.tokenizer.chat_template
@@ -197,3 +200,34 @@ def test_a_lora_checkpoint_of_a_tied_model_leaves_the_tied_head_out(tmp_path):
     keys = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step_1" / "state")).read_metadata().state_dict_metadata
     saved = {k.removeprefix("model.") for k in keys if k.startswith("model.")}
     assert saved == {n for n, p in trainer.model.named_parameters() if p.requires_grad}  # not lm_head.weight
+
+
+def test_a_changed_base_model_is_refused_by_resume_and_by_the_merged_export(tmp_path):
+    """A LoRA checkpoint holds the adapters only: resuming or merging onto other base files would silently be wrong."""
+    import os
+
+    from sftdist.checkpoint import CheckpointError
+    from sftdist.export import ExportError
+
+    save_tiny_model(tmp_path / "base")
+    args = (*LORA[:3], "train.max_steps=2", "eval.every_steps=0", "wandb.mode=disabled", "data.max_length=512")
+    args = (*args, f"model.name_or_path={tmp_path / 'base'}", f"output_dir={tmp_path / 'run'}")
+    fit_and_close(Trainer(compose(*args, "train.stop_after_step=1")))
+    weights = tmp_path / "base" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten, say
+    with pytest.raises(CheckpointError, match="base model files"):
+        Trainer(compose(*args))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_1"
+    with pytest.raises(ExportError, match="the base model's files .* changed since this adapter was trained"):
+        export_checkpoint(checkpoint, tmp_path / "exported")
+    export_checkpoint(checkpoint, tmp_path / "exported", merged=False)  # the adapter alone is still right
+    assert (tmp_path / "exported" / ADAPTER_WEIGHTS).is_file()
+
+
+def test_an_export_without_the_merged_model_removes_an_earlier_one(lora_run, tmp_path):
+    out, _ = lora_run
+    checkpoint = out / "checkpoints" / "step_12"
+    export_checkpoint(checkpoint, tmp_path / "exported")
+    assert (tmp_path / "exported_merged").is_dir()
+    export_checkpoint(checkpoint, tmp_path / "exported", merged=False)
+    assert not (tmp_path / "exported_merged").exists()  # it would pass for this adapter's merge
