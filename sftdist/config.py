@@ -59,8 +59,9 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    path: str = "???"  # jsonl, json or parquet file, or a saved Hugging Face dataset directory
-    format: str = "auto"  # auto | messages | alpaca | sharegpt
+    path: str = "???"  # a data file, a directory or glob of them (shards), or a saved Hugging Face dataset directory
+    format: str = "auto"  # auto | messages | alpaca | sharegpt | prompt_completion
+    split: str = "train"  # the split of a saved DatasetDict
     weight: float = 1.0  # sampling weight: 2.0 uses each record twice, 0.5 a seeded half of them
     name: Optional[str] = None  # label in reports and meta.source; default: the file name without suffix
 
@@ -83,8 +84,11 @@ class FiltersConfig:
 @dataclass
 class DataConfig:
     name: str = "demo"  # a label for logs and W&B
-    path: Optional[str] = None  # one source (file or dataset dir); unset (and no sources) generates the demo
-    format: str = "auto"  # format of data.path: auto | messages | alpaca | sharegpt
+    # One source: a .jsonl/.json(.gz|.zst)/.parquet file, a directory or glob of them (shards, as one source), or a
+    # saved Hugging Face dataset directory; unset (and no sources) generates the demo
+    path: Optional[str] = None
+    format: str = "auto"  # format of data.path: auto | messages | alpaca | sharegpt | prompt_completion
+    split: str = "train"  # the split of a saved DatasetDict at data.path
     sources: List[SourceConfig] = field(default_factory=list)  # several sources with weights, instead of path
     prepared: Optional[str] = None  # a directory written by sftdist-prepare: train on it, skip preparation
     chat_template: Optional[str] = None  # Jinja file that replaces the tokenizer's chat template
@@ -170,7 +174,7 @@ class CheckpointConfig:
 @dataclass
 class EvalSourceConfig:
     path: str = "???"  # an eval data file (jsonl, json, parquet or dataset dir), never trained on
-    format: str = "auto"  # auto | messages | alpaca | sharegpt
+    format: str = "auto"  # auto | messages | alpaca | sharegpt | prompt_completion
     name: Optional[str] = None  # its metrics are eval/<name>/loss; default: the file name without suffix
 
 
@@ -231,7 +235,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=SFTConfig)
 
 
-FORMATS = ("auto", "messages", "alpaca", "sharegpt")
+FORMATS = ("auto", "messages", "alpaca", "sharegpt", "prompt_completion")  # auto and sftdist.data.formats.FORMATS
 SCORERS = ("length", "turns", "model_loss")  # curriculum difficulty from the data or the model (besides meta)
 LOSS_IMPLS = ("auto", "chunked", "naive")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")

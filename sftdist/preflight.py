@@ -17,15 +17,15 @@ from sftdist.config import SFTConfig
 def check_inputs(cfg: SFTConfig) -> None:
     """Raise the run's own FileNotFoundError or ConfigError for an input that is missing or not what it must be."""
     from sftdist.data.prepared import check_prepared
-    from sftdist.data.sources import must_exist
+    from sftdist.data.sources import must_exist, source_files
     from sftdist.data.template import load_chat_template
     from sftdist.model import local_dir, model_directory
 
     d, m = cfg.data, cfg.model
     if d.path is not None:
-        must_exist("data.path", d.path)
+        source_files("data.path", d.path)
     for i, source in enumerate(d.sources):
-        must_exist(f"data.sources[{i}].path", source.path)
+        source_files(f"data.sources[{i}].path", source.path)
     if d.prepared is not None:
         check_prepared(d.prepared)
     if d.filters.decontaminate is not None:

@@ -10,12 +10,22 @@ Canonical form (OpenAI-style ``messages``)::
 The formats:
 
 - ``messages``: ``{"messages": [...], "tools"?: [...], "meta"?: {...}}``; an assistant tool call may have
-  ``"content": null``; ``"weight": 0`` keeps an assistant turn in context without training on it.
+  ``"content": null``; ``"weight": 0`` keeps an assistant turn in context without training on it. A turn may be
+  written ``{"from", "value"}`` (sharegpt's keys) instead of ``{"role", "content"}``.
 - ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}``; the
   user turn is ``instruction`` then ``input`` on the next line.
 - ``sharegpt``: ``{"conversations": [{"from": "human" | "gpt" | "system" | "function_call" |
   "observation", "value": str}, ...], "system"?, "tools"?: JSON list or its string}``; ``function_call``
-  is an assistant tool call (trained on), ``observation`` a tool result (never trained on).
+  is an assistant tool call (trained on), ``observation`` a tool result (never trained on). A turn may be written
+  ``{"role", "content"}`` instead.
+- ``prompt_completion`` (TRL's): ``{"prompt": [...messages], "completion": [...messages]}``, or both strings (a user
+  turn and the assistant's answer); the completion is trained on, the prompt is context (its own assistant turns
+  included).
+
+In every format a message's content may be a list of OpenAI-style content parts (``[{"type": "text", "text":
+...}]``): the text parts are joined; a part of another type (an image, audio) rejects the record as
+``non_text_content``, naming it. A top-level ``system`` string is the conversation's system prompt in every format
+(a record with another system turn too is rejected as ``two_system_prompts``).
 
 Metadata (``source``, ``task``, ``lang``, ``difficulty``) is taken from the top level or from ``meta``.
 """
@@ -26,7 +36,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("messages", "alpaca", "sharegpt")
+FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
 META_KEYS = ("source", "task", "lang", "difficulty")
 _KEPT_STRINGS = ("name", "tool_call_id", "reasoning_content", "reasoning", "thinking")
@@ -58,6 +68,8 @@ def detect_format(record: Any) -> str | None:
         return "messages"
     if "conversations" in record:
         return "sharegpt"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
     if "instruction" in record or "output" in record:
         return "alpaca"
     return None
@@ -69,11 +81,13 @@ def normalise(record: Any, fmt: str) -> dict | Rejected:
         return Rejected("not_an_object", f"a record must be a JSON object, not {type(record).__name__}")
     try:
         if fmt == "messages":
-            messages = _from_messages(record)
+            messages = _with_system(_from_messages(record.get("messages"), "messages"), record)
         elif fmt == "alpaca":
             messages = _from_alpaca(record)
         elif fmt == "sharegpt":
-            messages = _from_sharegpt(record)
+            messages = _with_system(_from_sharegpt(record), record)
+        elif fmt == "prompt_completion":
+            messages = _with_system(_from_prompt_completion(record), record)
         else:
             raise AssertionError(f"unknown format {fmt!r}")
         tools = _tools(record.get("tools"))
@@ -103,37 +117,76 @@ def _string(value: Any, field: str, *, required: bool) -> str:
     return value
 
 
-def _from_messages(record: dict) -> list[dict]:
-    messages = record.get("messages")
+def _text(value: Any, field: str, *, required: bool) -> str:
+    """A message's content: a string, or OpenAI-style content parts whose text parts are joined."""
+    if not isinstance(value, list):
+        return _string(value, field, required=required)
+    texts = []
+    for k, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text":
+            raise _Reject("non_text_content", f"{field}[{k}] is a {kind!r} part: sftdist trains on text only")
+        texts.append(_string(part.get("text"), f"{field}[{k}].text", required=True))
+    return "".join(texts)
+
+
+def _from_messages(messages: Any, field: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise _Reject("missing_field", "'messages' must be a non-empty list")
+        raise _Reject("missing_field", f"'{field}' must be a non-empty list")
     out = []
     for j, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _Reject("not_an_object", f"messages[{j}] is not an object")
+            raise _Reject("not_an_object", f"{field}[{j}] is not an object")
         message = {k: v for k, v in message.items() if v is not None}  # null = absent (Arrow fills missing keys)
+        if "role" not in message and "from" in message:  # sharegpt's keys
+            role = _SHAREGPT_ROLES.get(message["from"], message["from"])
+            message = {**message, "role": role, "content": message.get("value")}
         role = message.get("role")
         if role not in ROLES:
-            raise _Reject("unknown_role", f"messages[{j}].role={role!r} is not one of {', '.join(ROLES)}")
+            raise _Reject("unknown_role", f"{field}[{j}].role={role!r} is not one of {', '.join(ROLES)}")
         clean = {"role": role}
         calls = message.get("tool_calls") or None  # [] is no call
         if calls is not None:
             if role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
                 raise _Reject(
-                    "bad_tool_calls", f"messages[{j}].tool_calls must be a list of objects on an assistant turn"
+                    "bad_tool_calls", f"{field}[{j}].tool_calls must be a list of objects on an assistant turn"
                 )
             clean["tool_calls"] = calls
         # OpenAI style: a pure tool call has content null
-        clean["content"] = _string(message.get("content"), f"messages[{j}].content", required=not calls)
+        clean["content"] = _text(message.get("content"), f"{field}[{j}].content", required=not calls)
         if "weight" in message:
             if message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
-                raise _Reject("bad_weight", f"messages[{j}].weight={message['weight']!r} must be 0 or 1")
+                raise _Reject("bad_weight", f"{field}[{j}].weight={message['weight']!r} must be 0 or 1")
             clean["weight"] = int(message["weight"])
         for key in _KEPT_STRINGS:  # tool names and ids; reasoning, which templates render (or strip) themselves
             if key in message:
-                clean[key] = _string(message[key], f"messages[{j}].{key}", required=True)
+                clean[key] = _string(message[key], f"{field}[{j}].{key}", required=True)
         out.append(clean)
     return out
+
+
+def _from_prompt_completion(record: dict) -> list[dict]:
+    """TRL's prompt/completion: the completion is trained on, the prompt (its assistant turns too) is context."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, str) or isinstance(completion, str):
+        raise _Reject("mixed_prompt_completion", "prompt and completion must both be strings or both message lists")
+    context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in _from_messages(prompt, "prompt")]
+    answer = _from_messages(completion, "completion")
+    if any(m["role"] not in ("assistant", "tool") for m in answer):
+        raise _Reject("unknown_role", "completion may hold assistant (and tool) turns only")
+    return context + answer
+
+
+def _with_system(messages: list[dict], record: dict) -> list[dict]:
+    """A top-level ``system`` string as the conversation's system turn."""
+    system = _string(record.get("system"), "system", required=False)
+    if not system.strip():
+        return messages
+    if any(m["role"] == "system" for m in messages):
+        raise _Reject("two_system_prompts", "a 'system' field beside a system turn: keep one of them")
+    return [{"role": "system", "content": system}, *messages]
 
 
 def _from_alpaca(record: dict) -> list[dict]:
@@ -159,17 +212,18 @@ def _from_sharegpt(record: dict) -> list[dict]:
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise _Reject("missing_field", "'conversations' must be a non-empty list")
-    system = _string(record.get("system"), "system", required=False)
-    messages = [{"role": "system", "content": system}] if system.strip() else []
+    messages = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise _Reject("not_an_object", f"conversations[{j}] is not an object")
+        if "from" not in turn and "role" in turn:  # role/content keys, as many published sets write them
+            turn = {**turn, "from": turn["role"], "value": turn.get("content")}
         source_role = turn.get("from")
         if source_role not in _SHAREGPT_ROLES:
             raise _Reject(
                 "unknown_role", f"conversations[{j}].from={source_role!r} is not one of {', '.join(_SHAREGPT_ROLES)}"
             )
-        value = _string(turn.get("value"), f"conversations[{j}].value", required=True)
+        value = _text(turn.get("value"), f"conversations[{j}].value", required=True)
         if source_role == "function_call":
             messages.append({"role": "assistant", "content": "", "tool_calls": [_tool_call(value, j)]})
         else:

@@ -39,7 +39,7 @@ from sftdist.data.prepared import (
     save_prepared,
     tokenizer_hash,
 )
-from sftdist.data.sources import Source, source_weights, sources_from_config, with_format
+from sftdist.data.sources import Source, source_files, source_weights, sources_from_config, with_format
 from sftdist.data.template import IGNORE_INDEX, template_hash
 from sftdist.errors import DataError
 
@@ -94,8 +94,8 @@ def _read(sources: list[Source], record_filter: RecordFilter, tally: _Tally) -> 
                     "rejected",
                     "unknown_format",
                     where,
-                    f"no record of {source.name} looks like messages, "
-                    f"alpaca or sharegpt (keys: {keys}); set data.format",
+                    f"no record of {source.name} looks like messages, alpaca, sharegpt or "
+                    f"prompt_completion (keys: {keys}); set data.format",
                     source.name,
                 )
                 continue
@@ -129,7 +129,7 @@ def _num_proc(cfg: DataConfig, sources: list[Source]) -> int:
     """data.num_proc, or by input size: below ~16 MB of data, starting workers costs more than they save."""
     if cfg.num_proc:
         return cfg.num_proc
-    size = sum(_size(Path(s.path)) for s in sources if s.path is not None)
+    size = sum(_size(f) for s in sources if s.path is not None for f in source_files(s.key, s.path))
     return 1 if size < _AUTO_PARALLEL_BYTES else max(1, min(os.cpu_count() or 1, 8))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.config import DataConfig
-from sftdist.data.sources import must_exist
+from sftdist.data.sources import must_exist, source_files
 from sftdist.errors import ConfigError
 
 PIPELINE_VERSION = 1  # bump when encoding or filtering changes what the same inputs produce
@@ -54,9 +54,11 @@ def fingerprint(sources: list, tokenizer: Any, template: str, cfg: DataConfig) -
     # rendering and tokenization can change with these libraries
     h.update(f"{transformers.__version__} {tokenizers.__version__} {jinja2.__version__}".encode())
     for source in sources:
-        h.update(json.dumps([source.name, source.format]).encode())
+        split = [source.split] if source.split != "train" else []  # (a DatasetDict's other split)
+        h.update(json.dumps([source.name, source.format, *split]).encode())
         if source.path is not None:
-            _update_with_path(h, Path(source.path))
+            for path in source_files(source.key, source.path):  # (every shard of a directory or glob)
+                _update_with_path(h, path)
         else:
             h.update(json.dumps(source.records, sort_keys=True).encode())
     if cfg.filters.decontaminate:

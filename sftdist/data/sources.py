@@ -1,13 +1,20 @@
-"""Where records come from: files (jsonl, json, parquet), saved Hugging Face dataset directories, or the
-generated demo; each record with a ``where`` that names it (``FILE line N``, ``FILE record N``, ``DIR row N``).
+"""Where records come from: files (jsonl, json, parquet; jsonl and json also gzip- or zstd-compressed), a directory
+or a glob of such files (shards, read in sorted order as one source), saved Hugging Face dataset directories (a
+DatasetDict's ``split``), or the generated demo; each record with a ``where`` that names it (``FILE line N``,
+``FILE record N``, ``DIR row N``).
 
 A record that cannot even be parsed (invalid JSON, not UTF-8) is yielded as a counted rejection, not an
 exception: one bad line never stops the others from being read. A file that cannot be read at all
-(missing, unsupported, a .json that is not a list) is a DataError naming it.
+(missing, unsupported, empty, a .json that is not a list) is a DataError naming it, and so is a glob that matches
+nothing. A byte-order mark and CRLF line ends are read as what they are.
 """
 
 from __future__ import annotations
 
+import codecs
+import glob
+import gzip
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,25 +26,35 @@ from sftdist.data.demo import generate_demo_conversations
 from sftdist.data.formats import Rejected, detect_format
 from sftdist.errors import DataError
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+COMPRESSED = (".gz", ".zst")  # of .jsonl and .json files
+
 
 @dataclass
 class Source:
     name: str
-    format: str  # auto | messages | alpaca | sharegpt
+    format: str  # auto | messages | alpaca | sharegpt | prompt_completion
     weight: float = 1.0
     path: str | None = None  # None: ``records`` holds them (the demo)
     records: list[dict] = field(default_factory=list)
+    split: str = "train"  # of a saved DatasetDict
+    key: str = "data.path"  # the setting that names it, for errors
 
 
 def sources_from_config(cfg: DataConfig, seed: int) -> list[Source]:
     """data.path (one source), data.sources (several, weighted), or the generated demo."""
     if cfg.path is not None:
-        must_exist("data.path", cfg.path)
-        return [Source(source_name(cfg.path), cfg.format, 1.0, cfg.path)]
+        source_files("data.path", cfg.path)
+        return [Source(source_name(cfg.path), cfg.format, 1.0, cfg.path, split=cfg.split)]
     if cfg.sources:
         for i, s in enumerate(cfg.sources):
-            must_exist(f"data.sources[{i}].path", s.path)
-        sources = [Source(s.name or source_name(s.path), s.format, s.weight, s.path) for s in cfg.sources]
+            source_files(f"data.sources[{i}].path", s.path)
+        sources = [
+            Source(
+                s.name or source_name(s.path), s.format, s.weight, s.path, split=s.split, key=f"data.sources[{i}].path"
+            )
+            for i, s in enumerate(cfg.sources)
+        ]
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise DataError(f"data.sources have the same name twice ({names}); give each a distinct `name`")
@@ -66,37 +83,102 @@ def must_exist(key: str, path: str) -> None:
 
 
 def source_name(path: str) -> str:
-    """A source's default name: its file name without suffixes (a directory's whole name)."""
+    """A source's default name: its file name without suffixes (a directory's whole name; a glob's fixed part)."""
     p = Path(path)
+    if _is_glob(path) and not p.exists():
+        fixed = p.name.split("*")[0].split("?")[0].split("[")[0].split(".")[0].rstrip("-_")
+        return fixed or p.parent.name
     return p.name if p.is_dir() else p.name.split(".")[0]
 
 
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
+
+
+def _data_kind(path: Path) -> str | None:
+    """.jsonl, .json or .parquet for a data file (through a compression suffix), else None."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1] if len(suffixes) > 1 and suffixes[-2] in (".jsonl", ".json") else [""]
+    return suffixes[-1] if suffixes and suffixes[-1] in DATA_SUFFIXES else None
+
+
+def source_files(key: str, path: str) -> list[Path]:
+    """The files a source reads, in order: the file itself, a saved dataset directory, the data files under a
+    directory (sorted), or those a glob matches (sorted); FileNotFoundError or DataError naming ``key`` when there is
+    nothing to read."""
+    p = Path(path).expanduser()
+    if _is_glob(path) and not p.exists():
+        files = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+        if not files:
+            raise FileNotFoundError(f"{key}={path!r}: the pattern matches no file")
+    elif not p.exists():
+        raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
+    elif p.is_dir() and not is_saved_dataset(p):
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _data_kind(f) is not None)
+        if not files:
+            raise DataError(
+                f"{key}={path!r}: neither a saved datasets directory nor a directory of data files "
+                f"({', '.join(DATA_SUFFIXES)}, .jsonl.gz, ...)"
+            )
+    else:
+        files = [p]
+    unsupported = [f for f in files if not f.is_dir() and _data_kind(f) is None]
+    if unsupported:
+        raise DataError(
+            f"{key}={path!r}: unsupported file type {''.join(unsupported[0].suffixes)!r} ({unsupported[0]}; use "
+            ".jsonl, .json, .parquet, .jsonl.gz, .json.gz, .jsonl.zst or a saved datasets directory)"
+        )
+    return files
+
+
 def iter_records(source: Source) -> Iterator[tuple[str, Any]]:
-    """(where, raw record or Rejected) in file order."""
+    """(where, raw record or Rejected) in file order (shard by shard)."""
     if source.path is None:
         yield from ((f"{source.name} record {i}", r) for i, r in enumerate(source.records))
         return
-    path = Path(source.path)
-    if path.is_dir():
-        yield from _iter_dataset_dir(path)
-    elif not path.is_file():
-        raise FileNotFoundError(f"data.path={source.path!r}: no such file or directory")
-    elif path.suffix.lower() == ".jsonl":
-        yield from _iter_jsonl(path)
-    elif path.suffix.lower() == ".json":
-        yield from _iter_json(path)
-    elif path.suffix.lower() == ".parquet":
-        yield from _iter_parquet(path)
-    else:
-        raise DataError(
-            f"data.path={source.path!r}: unsupported file type {path.suffix!r} "
-            "(use .jsonl, .json, .parquet or a saved datasets directory)"
-        )
+    for path in source_files(source.key, source.path):
+        kind = None if path.is_dir() else _data_kind(path)
+        if path.is_dir():
+            records = _iter_dataset_dir(path, source.split, source.key)
+        elif kind == ".jsonl":
+            records = _iter_jsonl(path)
+        elif kind == ".json":
+            records = _iter_json(path)
+        else:
+            records = _iter_parquet(path)
+        empty = True
+        for item in records:
+            empty = False
+            yield item
+        if empty:
+            raise DataError(f"{source.key}: {path} is empty (no records)")
+
+
+def _open(path: Path) -> io.BufferedIOBase:
+    """``path`` for reading bytes, decompressed (.gz, .zst)."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError as err:
+            raise DataError(f"{path}: reading .zst files needs zstandard (pip install zstandard)") from err
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
+    return path.open("rb")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as f:
+    with _open(path) as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
             where = f"{path} line {lineno}"
             try:
                 line = raw.decode("utf-8")
@@ -115,8 +197,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open(path) as f:
+        text = f.read()
+    if not text.strip():
+        return  # (empty: said by iter_records)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(text.decode("utf-8-sig"))
     except RecursionError as err:
         raise DataError(f"{path}: JSON nested too deeply to read") from err
     except UnicodeDecodeError as err:
@@ -153,17 +239,20 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} row {i}", _without_nulls(row)
 
 
-def _iter_dataset_dir(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_dataset_dir(path: Path, split: str, key: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
-        raise DataError(f"data.path={str(path)!r}: not a saved Hugging Face dataset directory ({err})") from err
+        raise DataError(f"{key}={str(path)!r}: not a saved Hugging Face dataset directory ({err})") from err
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"data.path={str(path)!r}: a DatasetDict without a 'train' split ({list(ds)})")
-        ds = ds["train"]
+        if split not in ds:
+            raise DataError(
+                f"{key}={str(path)!r}: a DatasetDict without the split {split!r} (it has {', '.join(ds)}); "
+                f"set {key.removesuffix('.path')}.split"
+            )
+        ds = ds[split]
     for i, row in enumerate(ds):
         yield f"{path} row {i}", _without_nulls(row)
 

@@ -179,3 +179,9 @@ def test_garbage_never_crashes_and_what_passes_is_canonical(record, fmt):
     assert any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in result["messages"])
     assert result["tools"] is None or all(isinstance(t, dict) for t in result["tools"])
     assert isinstance(result["meta"], dict)
+
+
+def test_the_config_offers_every_format():
+    from sftdist.config import FORMATS as CONFIG_FORMATS
+
+    assert CONFIG_FORMATS == ("auto", *FORMATS)

@@ -61,7 +61,7 @@ def test_missing_unsupported_and_not_a_dataset(tmp_path):
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
         _records(tmp_path / "d.csv")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(DataError, match="not a saved Hugging Face dataset directory"):
+    with pytest.raises(DataError, match="neither a saved datasets directory nor a directory of data files"):
         _records(tmp_path / "empty_dir")
 
 

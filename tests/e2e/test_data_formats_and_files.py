@@ -1,0 +1,222 @@
+"""The formats and files users bring (issue 15): OpenAI content parts, role/content and from/value keys either way,
+TRL's prompt/completion, a system field, a byte-order mark and CRLF, compressed files, directories and globs of
+shards, a DatasetDict split; each gives the samples of the plain file, or is refused naming the file."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from helpers import SHARED, TEST_DATA, compose, fit_and_close, read_metrics
+from sftdist.config import DataConfig
+from sftdist.data.demo import generate_demo_conversations, load_demo_tokenizer
+from sftdist.data.pipeline import prepare
+from sftdist.errors import DataError
+from sftdist.trainer import Trainer
+
+TOKENIZER = load_demo_tokenizer()
+TEMPLATE = TOKENIZER.chat_template
+CONVERSATIONS = [c["messages"] for c in generate_demo_conversations(60, seed=7)]
+
+
+def _prepare(path, **data) -> tuple[list, dict]:
+    data = {"max_length": 512, **data}
+    table, report = prepare(DataConfig(path=str(path), cache=False, **data), TOKENIZER, TEMPLATE, 0)
+    assert report["records_in"] == (
+        report["records_used"] + sum(report["rejected"].values()) + sum(report["filtered"].values())
+    )
+    return [(table[i]["input_ids"], table[i]["labels"]) for i in range(len(table))], report
+
+
+def _jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The samples of the plain messages file every other spelling must give."""
+    path = tmp_path_factory.mktemp("ref") / "plain.jsonl"
+    samples, report = _prepare(_jsonl(path, [{"messages": m} for m in CONVERSATIONS]))
+    assert report["records_used"] == len(CONVERSATIONS)
+    return samples
+
+
+def _parts(text: str) -> list[dict]:
+    """``text`` as OpenAI content parts, split in two."""
+    half = len(text) // 2
+    return [{"type": "text", "text": text[:half]}, {"type": "text", "text": text[half:]}]
+
+
+def _prompt_completion(messages: list[dict]) -> dict:
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+SPELLINGS = {
+    "content_parts": lambda m: {"messages": [{**t, "content": _parts(t["content"])} for t in m]},
+    "messages_from_value": lambda m: {
+        "messages": [{"from": SHAREGPT_ROLE[t["role"]], "value": t["content"]} for t in m]
+    },
+    "conversations_role_content": lambda m: {
+        "conversations": [{"role": t["role"], "content": t["content"]} for t in m]
+    },
+    "system_field": lambda m: (
+        {"system": m[0]["content"], "messages": m[1:]} if m[0]["role"] == "system" else {"messages": m}
+    ),
+}
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_each_spelling_of_a_conversation_gives_the_plain_file_s_samples(reference, tmp_path, spelling):
+    path = _jsonl(tmp_path / "data.jsonl", [SPELLINGS[spelling](m) for m in CONVERSATIONS])
+    samples, report = _prepare(path)
+    assert report["rejected"] == {} and samples == reference, spelling
+
+
+def test_prompt_completion_trains_the_completion_only(tmp_path):
+    """TRL's conversational form: the prompt's own assistant turns are context, the completion is trained."""
+    records = [_prompt_completion(m) for m in CONVERSATIONS]
+    samples, report = _prepare(_jsonl(tmp_path / "pc.jsonl", records))
+    assert report["records_used"] == len(CONVERSATIONS) and report["rejected"] == {}
+    weighted = [
+        {"messages": [*({**t, "weight": 0} if t["role"] == "assistant" else t for t in m[:-1]), m[-1]]}
+        for m in CONVERSATIONS
+    ]
+    expected, _ = _prepare(_jsonl(tmp_path / "weighted.jsonl", weighted))
+    assert samples == expected
+    # the string form: one user turn, one trained answer
+    strings = [{"prompt": "What is 2 + 2?", "completion": "4"}, {"prompt": "Name a colour.", "completion": "Red"}]
+    (first, labels), *_ = _prepare(_jsonl(tmp_path / "strings.jsonl", strings))[0]
+    trained = TOKENIZER.decode([t for t, label in zip(first, labels) if label != -100])
+    assert trained.startswith("4") and "2 + 2" not in trained
+
+
+@pytest.mark.parametrize(
+    ("record", "reason", "detail"),
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "non_text_content",
+            "messages[0].content[0] is a 'image_url' part",
+        ),
+        (
+            {"system": "s", "messages": [{"role": "system", "content": "t"}, {"role": "user", "content": "u"}]},
+            "two_system_prompts",
+            "a 'system' field beside a system turn",
+        ),
+        ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, "mixed_prompt_completion", "both"),
+    ],
+)
+def test_what_cannot_be_used_is_rejected_under_its_own_reason(tmp_path, record, reason, detail):
+    good = [_prompt_completion(m) if "prompt" in record else {"messages": m} for m in CONVERSATIONS[:30]]
+    _, report = _prepare(_jsonl(tmp_path / "d.jsonl", [record, *good]), max_rejected_fraction=0.5)
+    assert report["rejected"] == {reason: 1}
+    (example,) = report["examples"][reason]
+    assert "d.jsonl line 1" in example and detail in example
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_lose_nothing(reference, tmp_path):
+    lines = [json.dumps({"messages": m}) for m in CONVERSATIONS]
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    assert _prepare(path)[0] == reference
+    (tmp_path / "windows.json").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps([{"messages": m} for m in CONVERSATIONS]).encode()
+    )
+    assert _prepare(tmp_path / "windows.json")[0] == reference
+
+
+def test_compressed_files_shards_and_globs_read_as_one_source(reference, tmp_path):
+    records = [json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS]
+    with gzip.open(tmp_path / "all.jsonl.gz", "wt") as f:
+        f.writelines(records)
+    assert _prepare(tmp_path / "all.jsonl.gz")[0] == reference
+    zstandard = pytest.importorskip("zstandard")
+    (tmp_path / "all.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(records).encode()))
+    assert _prepare(tmp_path / "all.jsonl.zst")[0] == reference
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(3):  # train-00000.jsonl, train-00001.json.gz, train-00002.jsonl: sorted by name
+        part = records[k * 20 : (k + 1) * 20]
+        if k == 1:
+            with gzip.open(shards / f"train-{k:05d}.json.gz", "wt") as f:
+                json.dump([json.loads(r) for r in part], f)
+        else:
+            (shards / f"train-{k:05d}.jsonl").write_text("".join(part))
+    (shards / "README.md").write_text("not data")
+    for path in (shards, shards / "train-*"):  # (the directory's README.md is not a data file: left out)
+        assert _prepare(path)[0] == reference
+    _, report = _prepare(shards / "train-*", max_length=64, max_rejected_fraction=1.0)
+    named = " ".join(report["examples"]["too_long"])  # each record still named by its file and line
+    assert "train-00000.jsonl line 1" in named and report["sources"]["train"]["records_in"] == 60
+
+
+def test_a_dataset_dict_split_is_chosen_by_data_split(reference, tmp_path):
+    import datasets
+
+    rows = [{"messages": m} for m in CONVERSATIONS]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:5]), "test": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(tmp_path / "dd"))
+    assert _prepare(tmp_path / "dd", split="test")[0] == reference
+    with pytest.raises(DataError, match="without the split 'validation' \\(it has train, test\\); set data.split"):
+        _prepare(tmp_path / "dd", split="validation")
+
+
+def test_an_empty_file_and_a_glob_that_matches_nothing_are_named(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl is empty"):
+        _prepare(tmp_path / "empty.jsonl")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataError, match="empty.json is empty"):
+        _prepare(tmp_path / "empty.json")
+    with pytest.raises(FileNotFoundError, match="data.path='.*nothing-\\*.jsonl': the pattern matches no file"):
+        _prepare(tmp_path / "nothing-*.jsonl")
+
+
+def test_a_glob_of_prompt_completion_shards_trains(tmp_path):
+    for k in range(2):
+        _jsonl(tmp_path / f"part-{k}.jsonl", [_prompt_completion(m) for m in CONVERSATIONS[k * 30 : (k + 1) * 30]])
+    out = tmp_path / "run"
+    overrides = (f"data.path={tmp_path / 'part-*.jsonl'}", "train.max_steps=2", "train.global_batch_size=8")
+    fit_and_close(Trainer(compose(*overrides, "eval.every_steps=0", "wandb.mode=disabled", f"output_dir={out}")))
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["records_in"] == report["records_used"] == 60 and report["sources"]["part"]["format"] == (
+        "prompt_completion"
+    )
+    assert len(read_metrics(out)) == 2
+
+
+# The samples the three shared data sets prepared to before issue 15's changes (demo tokenizer and template,
+# max_length 2048, truncate): tests/data/shared_sample_hashes.json, written with the code of commit 0f6050d.
+RECORDED = json.loads((TEST_DATA / "shared_sample_hashes.json").read_text())
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="needs ../shared/data")
+@pytest.mark.parametrize("name", sorted(RECORDED))
+def test_the_shared_data_sets_give_the_samples_recorded_before(name):
+    import hashlib
+
+    cfg = DataConfig(path=str(SHARED / "data" / name), cache=False, max_length=2048, truncation="truncate")
+    table, report = prepare(cfg, TOKENIZER, TEMPLATE, 0)
+    whole, blocks, block = hashlib.sha256(), [], hashlib.sha256()
+    for i in range(len(table)):
+        row = table[i]
+        digest = hashlib.sha256(json.dumps([row["input_ids"], row["labels"], row["source"]]).encode()).digest()
+        whole.update(digest)
+        block.update(digest)
+        if (i + 1) % 1000 == 0:
+            blocks.append(block.hexdigest()[:16])
+            block = hashlib.sha256()
+    blocks.append(block.hexdigest()[:16])
+    recorded = RECORDED[name]
+    assert (report["records_in"], report["rejected"], report["filtered"]) == (
+        recorded["records_in"],
+        recorded["rejected"],
+        recorded["filtered"],
+    )
+    assert len(table) == recorded["rows"] and blocks == recorded["blocks_of_1000"]  # (the first block that differs)
+    assert whole.hexdigest() == recorded["sha256"]
