@@ -175,6 +175,7 @@ class CheckpointConfig:
 class EvalSourceConfig:
     path: str = "???"  # an eval data file (jsonl, json, parquet or dataset dir), never trained on
     format: str = "auto"  # auto | messages | alpaca | sharegpt | prompt_completion
+    split: str = "train"  # the split of a saved DatasetDict (its test split, say)
     name: Optional[str] = None  # its metrics are eval/<name>/loss; default: the file name without suffix
 
 

@@ -51,7 +51,9 @@ def build_eval_sources(cfg: SFTConfig, tokenizer: Any, template: str) -> tuple[d
         name = source.name or source_name(source.path)
         if name in sets:
             raise DataError(f"eval.sources[{i}]: the name {name!r} is taken; give each eval set a distinct `name`")
-        data = dataclasses.replace(cfg.data, path=source.path, format=source.format, sources=[], prepared=None)
+        data = dataclasses.replace(
+            cfg.data, path=source.path, format=source.format, split=source.split, sources=[], prepared=None
+        )
         try:
             table, reports[name] = prepare(data, tokenizer, template, cfg.seed)
         except DataError as err:

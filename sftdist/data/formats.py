@@ -68,7 +68,7 @@ def detect_format(record: Any) -> str | None:
         return "messages"
     if "conversations" in record:
         return "sharegpt"
-    if "prompt" in record and "completion" in record:
+    if "prompt" in record and "completion" in record and "instruction" not in record:
         return "prompt_completion"
     if "instruction" in record or "output" in record:
         return "alpaca"
@@ -124,13 +124,14 @@ def _text(value: Any, field: str, *, required: bool) -> str:
     texts = []
     for k, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind != "text":
+        if kind not in ("text", "input_text", "output_text"):  # (the last two: OpenAI's Responses API)
             raise _Reject("non_text_content", f"{field}[{k}] is a {kind!r} part: sftdist trains on text only")
         texts.append(_string(part.get("text"), f"{field}[{k}].text", required=True))
     return "".join(texts)
 
 
 def _from_messages(messages: Any, field: str) -> list[dict]:
+    """A list of turns, each in either spelling: ``role``/``content`` (OpenAI) or ``from``/``value`` (sharegpt)."""
     if not isinstance(messages, list) or not messages:
         raise _Reject("missing_field", f"'{field}' must be a non-empty list")
     out = []
@@ -138,9 +139,8 @@ def _from_messages(messages: Any, field: str) -> list[dict]:
         if not isinstance(message, dict):
             raise _Reject("not_an_object", f"{field}[{j}] is not an object")
         message = {k: v for k, v in message.items() if v is not None}  # null = absent (Arrow fills missing keys)
-        if "role" not in message and "from" in message:  # sharegpt's keys
-            role = _SHAREGPT_ROLES.get(message["from"], message["from"])
-            message = {**message, "role": role, "content": message.get("value")}
+        if "role" not in message and "from" in message:
+            message = _from_sharegpt_turn(message, field, j)
         role = message.get("role")
         if role not in ROLES:
             raise _Reject("unknown_role", f"{field}[{j}].role={role!r} is not one of {', '.join(ROLES)}")
@@ -168,7 +168,11 @@ def _from_messages(messages: Any, field: str) -> list[dict]:
 def _from_prompt_completion(record: dict) -> list[dict]:
     """TRL's prompt/completion: the completion is trained on, the prompt (its assistant turns too) is context."""
     prompt, completion = record.get("prompt"), record.get("completion")
+    if prompt is None or completion is None:
+        raise _Reject("missing_field", f"{'prompt' if prompt is None else 'completion'} is missing")
     if isinstance(prompt, str) and isinstance(completion, str):
+        if not prompt.strip():
+            raise _Reject("empty_prompt", "prompt is empty")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if isinstance(prompt, str) or isinstance(completion, str):
         raise _Reject("mixed_prompt_completion", "prompt and completion must both be strings or both message lists")
@@ -184,8 +188,10 @@ def _with_system(messages: list[dict], record: dict) -> list[dict]:
     system = _string(record.get("system"), "system", required=False)
     if not system.strip():
         return messages
+    if messages and messages[0]["role"] == "system" and messages[0]["content"] == system:
+        return messages  # (the same prompt written twice)
     if any(m["role"] == "system" for m in messages):
-        raise _Reject("two_system_prompts", "a 'system' field beside a system turn: keep one of them")
+        raise _Reject("two_system_prompts", "a 'system' field beside another system turn: keep one of them")
     return [{"role": "system", "content": system}, *messages]
 
 
@@ -209,36 +215,30 @@ def _from_alpaca(record: dict) -> list[dict]:
 
 
 def _from_sharegpt(record: dict) -> list[dict]:
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise _Reject("missing_field", "'conversations' must be a non-empty list")
-    messages = []
-    for j, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise _Reject("not_an_object", f"conversations[{j}] is not an object")
-        if "from" not in turn and "role" in turn:  # role/content keys, as many published sets write them
-            turn = {**turn, "from": turn["role"], "value": turn.get("content")}
-        source_role = turn.get("from")
-        if source_role not in _SHAREGPT_ROLES:
-            raise _Reject(
-                "unknown_role", f"conversations[{j}].from={source_role!r} is not one of {', '.join(_SHAREGPT_ROLES)}"
-            )
-        value = _text(turn.get("value"), f"conversations[{j}].value", required=True)
-        if source_role == "function_call":
-            messages.append({"role": "assistant", "content": "", "tool_calls": [_tool_call(value, j)]})
-        else:
-            messages.append({"role": _SHAREGPT_ROLES[source_role], "content": value})
-    return messages
+    return _from_messages(record.get("conversations"), "conversations")
 
 
-def _tool_call(value: str, j: int) -> dict:
+def _from_sharegpt_turn(turn: dict, field: str, j: int) -> dict:
+    """A ``from``/``value`` turn as a ``role``/``content`` one (its other keys kept): ``function_call`` an assistant
+    tool call, ``observation`` a tool result."""
+    source_role = turn["from"]
+    if source_role not in _SHAREGPT_ROLES:
+        raise _Reject("unknown_role", f"{field}[{j}].from={source_role!r} is not one of {', '.join(_SHAREGPT_ROLES)}")
+    value = _text(turn.get("value"), f"{field}[{j}].value", required=True)
+    turn = {k: v for k, v in turn.items() if k not in ("from", "value")}
+    if source_role == "function_call":
+        return {**turn, "role": "assistant", "content": "", "tool_calls": [_tool_call(value, f"{field}[{j}]")]}
+    return {**turn, "role": _SHAREGPT_ROLES[source_role], "content": value}
+
+
+def _tool_call(value: str, where: str) -> dict:
     """A sharegpt function_call value ('{"name": ..., "arguments": ...}') as an OpenAI tool call."""
     try:
         call = json.loads(value)
     except json.JSONDecodeError as err:
-        raise _Reject("bad_tool_calls", f"conversations[{j}] function_call is not JSON ({err.msg})") from err
+        raise _Reject("bad_tool_calls", f"{where} function_call is not JSON ({err.msg})") from err
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        raise _Reject("bad_tool_calls", f"conversations[{j}] function_call needs a 'name'")
+        raise _Reject("bad_tool_calls", f"{where} function_call needs a 'name'")
     arguments = call.get("arguments", {})
     if isinstance(arguments, str):  # some data sets nest the arguments as a JSON string
         try:

@@ -25,7 +25,7 @@ from sftdist.config import DataConfig
 from sftdist.data.sources import must_exist, source_files
 from sftdist.errors import ConfigError
 
-PIPELINE_VERSION = 1  # bump when encoding or filtering changes what the same inputs produce
+PIPELINE_VERSION = 2  # bump when encoding or filtering changes what the same inputs produce
 MANIFEST = "sftdist_prepared.json"
 
 

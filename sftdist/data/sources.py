@@ -16,6 +16,8 @@ import glob
 import gzip
 import io
 import json
+import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from sftdist.config import DataConfig
 from sftdist.data.demo import generate_demo_conversations
 from sftdist.data.formats import Rejected, detect_format
 from sftdist.errors import DataError
+
+log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 COMPRESSED = (".gz", ".zst")  # of .jsonl and .json files
@@ -87,7 +91,8 @@ def source_name(path: str) -> str:
     p = Path(path)
     if _is_glob(path) and not p.exists():
         fixed = p.name.split("*")[0].split("?")[0].split("[")[0].split(".")[0].rstrip("-_")
-        return fixed or p.parent.name
+        parents = [q.name for q in p.parents if q.name and not _is_glob(str(q))]
+        return fixed or (parents[0] if parents else "data")
     return p.name if p.is_dir() else p.name.split(".")[0]
 
 
@@ -120,12 +125,7 @@ def source_files(key: str, path: str) -> list[Path]:
     elif not p.exists():
         raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
     elif p.is_dir() and not is_saved_dataset(p):
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _data_kind(f) is not None)
-        if not files:
-            raise DataError(
-                f"{key}={path!r}: neither a saved datasets directory nor a directory of data files "
-                f"({', '.join(DATA_SUFFIXES)}, .jsonl.gz, ...)"
-            )
+        files = _directory_files(key, path, p)
     else:
         files = [p]
     unsupported = [f for f in files if not f.is_dir() and _data_kind(f) is None]
@@ -134,7 +134,45 @@ def source_files(key: str, path: str) -> list[Path]:
             f"{key}={path!r}: unsupported file type {''.join(unsupported[0].suffixes)!r} ({unsupported[0]}; use "
             ".jsonl, .json, .parquet, .jsonl.gz, .json.gz, .jsonl.zst or a saved datasets directory)"
         )
+    empty = [f for f in files if f.is_file() and f.stat().st_size == 0]
+    if empty:
+        raise DataError(f"{key}={path!r}: {empty[0]} is empty (no records)")
+    _one_split(key, path, files)
     return files
+
+
+_METADATA = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
+_SPLIT_PREFIX = re.compile(r"^(train|test|validation|valid|val|eval|dev)(?=[-_.])")
+
+
+def _directory_files(key: str, path: str, directory: Path) -> list[Path]:
+    """The data files under ``directory`` (sorted; hidden folders and metadata left out); the files left out are said
+    in the log, and a directory with no data file is a DataError."""
+    files, skipped = [], []
+    for f in sorted(f for f in directory.rglob("*") if f.is_file()):
+        hidden = any(part.startswith(".") for part in f.relative_to(directory).parts)
+        if hidden:
+            continue
+        (files if _data_kind(f) is not None and f.name not in _METADATA else skipped).append(f)
+    if not files:
+        raise DataError(
+            f"{key}={path!r}: neither a saved datasets directory nor a directory of data files "
+            f"({', '.join(DATA_SUFFIXES)}, .jsonl.gz, ...)"
+        )
+    if skipped:
+        names = ", ".join(str(f.relative_to(directory)) for f in skipped[:5])
+        log.info("%s=%s: not data files, left out: %s%s", key, path, names, " ..." if len(skipped) > 5 else "")
+    return files
+
+
+def _one_split(key: str, path: str, files: list[Path]) -> None:
+    """Shards of several splits (train-*, test-*: a downloaded hub folder) are never one source."""
+    splits = sorted({m.group(1) for f in files if (m := _SPLIT_PREFIX.match(f.name))})
+    if len(splits) > 1:
+        raise DataError(
+            f"{key}={path!r} holds the shards of several splits ({', '.join(splits)}): point it at one split's files "
+            f"(a glob such as {str(Path(path) / (splits[-1] + '-*'))!r})"
+        )
 
 
 def iter_records(source: Source) -> Iterator[tuple[str, Any]]:

@@ -105,7 +105,7 @@ def test_prompt_completion_trains_the_completion_only(tmp_path):
         (
             {"system": "s", "messages": [{"role": "system", "content": "t"}, {"role": "user", "content": "u"}]},
             "two_system_prompts",
-            "a 'system' field beside a system turn",
+            "a 'system' field beside another system turn",
         ),
         ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, "mixed_prompt_completion", "both"),
     ],
@@ -164,6 +164,12 @@ def test_a_dataset_dict_split_is_chosen_by_data_split(reference, tmp_path):
     assert _prepare(tmp_path / "dd", split="test")[0] == reference
     with pytest.raises(DataError, match="without the split 'validation' \\(it has train, test\\); set data.split"):
         _prepare(tmp_path / "dd", split="validation")
+    from sftdist.evaluation import build_eval_sources  # an eval set from the same directory's test split
+
+    sets, _ = build_eval_sources(
+        compose(f"eval.sources=[{{path: {tmp_path / 'dd'}, split: test}}]"), TOKENIZER, TEMPLATE
+    )
+    assert len(sets["dd"]) == len(CONVERSATIONS)
 
 
 def test_an_empty_file_and_a_glob_that_matches_nothing_are_named(tmp_path):
@@ -220,3 +226,71 @@ def test_the_shared_data_sets_give_the_samples_recorded_before(name):
     )
     assert len(table) == recorded["rows"] and blocks == recorded["blocks_of_1000"]  # (the first block that differs)
     assert whole.hexdigest() == recorded["sha256"]
+
+
+def test_either_spelling_keeps_everything_a_turn_says():
+    """role/content turns in `conversations` keep their weight and tool calls; a from/value function_call in
+    `messages` is a tool call, not text."""
+    from sftdist.data.formats import normalise
+
+    conv = normalise(
+        {
+            "conversations": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "draft", "weight": 0},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        "sharegpt",
+    )
+    assert conv["messages"][1] == {"role": "assistant", "content": "draft", "weight": 0}
+    call = '{"name": "f", "arguments": {"x": 1}}'
+    conv = normalise(
+        {
+            "messages": [
+                {"from": "human", "value": "q"},
+                {"from": "function_call", "value": call},
+                {"from": "gpt", "value": "a"},
+            ]
+        },
+        "messages",
+    )
+    assert conv["messages"][1]["tool_calls"] == [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]
+
+
+def test_a_system_field_equal_to_the_system_turn_is_one_prompt_and_alpaca_keys_stay_alpaca():
+    from sftdist.data.formats import detect_format, normalise
+
+    record = {
+        "system": "s",
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ],
+    }
+    assert [m["role"] for m in normalise(record, "messages")["messages"]] == ["system", "user", "assistant"]
+    assert detect_format({"instruction": "i", "output": "o", "prompt": "p", "completion": "c"}) == "alpaca"
+    assert normalise({"completion": "c", "prompt": None}, "prompt_completion").reason == "missing_field"
+    assert normalise({"prompt": " ", "completion": "c"}, "prompt_completion").reason == "empty_prompt"
+
+
+def test_directories_leave_out_hidden_folders_and_metadata_and_refuse_mixed_splits(reference, tmp_path):
+    from sftdist.data.sources import source_files, source_name
+
+    shards = tmp_path / "hub"
+    (shards / ".ipynb_checkpoints").mkdir(parents=True)
+    _jsonl(shards / "train-0.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    _jsonl(shards / ".ipynb_checkpoints" / "train-0.jsonl", [{"messages": m} for m in CONVERSATIONS[:3]])
+    (shards / "dataset_infos.json").write_text("{}")
+    assert source_files("data.path", str(shards)) == [shards / "train-0.jsonl"]
+    assert _prepare(shards)[0] == reference
+    _jsonl(shards / "test-0.jsonl", [{"messages": m} for m in CONVERSATIONS[:3]])
+    with pytest.raises(DataError, match="holds the shards of several splits \\(test, train\\)"):
+        _prepare(shards)
+    assert _prepare(shards / "train-*")[0] == reference
+    (shards / "train-1.jsonl").write_text("")
+    with pytest.raises(DataError, match="train-1.jsonl is empty"):
+        source_files("data.path", str(shards / "train-*"))
+    assert [source_name(p) for p in ("data/train-*.parquet", "data/**/*.jsonl", "*.jsonl")] == ["train", "data", "data"]

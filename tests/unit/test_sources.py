@@ -94,12 +94,9 @@ def test_arrow_null_filled_keys_are_absent_and_deep_json_is_a_counted_line(tmp_p
 
 def test_sources_from_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("chat.v2.jsonl", "a.jsonl", "b.json"):
-        (tmp_path / name).write_text("")
-    (tmp_path / "x").mkdir()
-    (tmp_path / "y").mkdir()
-    (tmp_path / "x" / "a.jsonl").write_text("")
-    (tmp_path / "y" / "a.json").write_text("")
+    for name in ("chat.v2.jsonl", "a.jsonl", "b.json", "x/a.jsonl", "y/a.json"):  # (an empty file is refused)
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(GOOD) + "\n")
     assert [s.name for s in sources_from_config(DataConfig(demo_size=3), seed=0)] == ["demo"]
     one = sources_from_config(DataConfig(path=str(tmp_path / "chat.v2.jsonl"), format="alpaca"), seed=0)
     assert [(s.name, s.format) for s in one] == [("chat", "alpaca")]
