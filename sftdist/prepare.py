@@ -6,6 +6,11 @@
 The directory holds the encoded samples, ``data_report.json``, the tokenizer it was encoded with (so
 ``sftdist-inspect prepared/chat`` can show it) and a manifest that ``sftdist-train`` checks against its
 own tokenizer and chat template.
+
+Records stream through in bounded memory, and the log shows the progress (records/s, tokens/s, time left). A
+preparation that was stopped (Ctrl-C, a preempted job) continues when run again with the same settings: the shards
+it finished are kept (in ``output_dir.partial``). Run again on a finished directory with the same data, it does
+nothing.
 """
 
 from __future__ import annotations
@@ -21,14 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def prepare_to_dir(cfg: SFTConfig) -> Path:
-    from sftdist.data.pipeline import prepare, quiet_datasets
-    from sftdist.data.prepared import make_manifest, save_prepared
+    from sftdist.data.pipeline import prepare_into
     from sftdist.model import build_tokenizer
 
     tokenizer, template = build_tokenizer(cfg.model, cfg.data)
-    table, report = prepare(cfg.data, tokenizer, template, cfg.seed)
-    with quiet_datasets():
-        out = save_prepared(table, make_manifest(report), Path(cfg.output_dir))
+    out = Path(cfg.output_dir)
+    report = prepare_into(cfg.data, tokenizer, template, cfg.seed, out)
     tokenizer.save_pretrained(str(out / "tokenizer"))
     (out / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info(

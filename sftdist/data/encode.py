@@ -1,8 +1,8 @@
-"""Encoding canonical conversations, batched and in ``num_proc`` worker processes, into an Arrow table.
+"""Encoding canonical conversations, batched and in ``num_proc`` worker processes, chunk by chunk.
 
 Each worker renders, tokenizes (one Rust batch per chunk) and labels a chunk of conversations and sends
-back flat int32 arrays; the parent assembles the table column by column, without a per-row step. In one
-process, the tokenization of a chunk (Rust, all cores, no GIL) overlaps the rendering of the next.
+back flat int32 arrays, which the parent writes out as they come (``prepared.ShardWriter``), without a per-row
+step. In one process, the tokenization of a chunk (Rust, all cores, no GIL) overlaps the rendering of the next.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -107,20 +107,19 @@ def encode_chunk(convs: list[dict]) -> dict[str, Any]:
     return _finish_chunk(filtered, rendered, _tokenize(rendered))
 
 
-def _encode_overlapped(chunks: Iterable[list[dict]]) -> list[dict[str, Any]]:
+def _encode_overlapped(chunks: Iterable[list[dict]]) -> Iterator[dict[str, Any]]:
     """One process: tokenize chunk k in a thread (Rust releases the GIL and uses every core) while Python
-    renders chunk k + 1 and labels chunk k - 1."""
-    parts, pending = [], None
+    renders chunk k + 1 and labels chunk k - 1. At most two chunks are taken ahead of the one handed out."""
+    pending = None
     with ThreadPoolExecutor(max_workers=1) as tokenizer_thread:
         for chunk in chunks:
             filtered, rendered = _render_chunk(chunk)
             future = tokenizer_thread.submit(_tokenize, rendered)
             if pending is not None:
-                parts.append(_finish_chunk(pending[0], pending[1], pending[2].result()))
+                yield _finish_chunk(pending[0], pending[1], pending[2].result())
             pending = (filtered, rendered, future)
         if pending is not None:
-            parts.append(_finish_chunk(pending[0], pending[1], pending[2].result()))
-    return parts
+            yield _finish_chunk(pending[0], pending[1], pending[2].result())
 
 
 @contextlib.contextmanager
@@ -137,7 +136,7 @@ def _single_threaded_tokenizers():
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def encode_all(
+def encode_chunks(
     chunks: Iterable[list[dict]],
     tokenizer: Any,
     template: str,
@@ -145,44 +144,15 @@ def encode_all(
     truncation: str,
     filters: FiltersConfig,
     num_proc: int,
-) -> dict[str, Any]:
-    """Encode every chunk of conversations, in order, in ``num_proc`` processes (1: in this one). The chunks
-    may be produced while the workers run (the pool reads them in a thread of its own)."""
+) -> Iterator[dict[str, Any]]:
+    """Each chunk of conversations encoded, in order, in ``num_proc`` processes (1: in this one), as they come.
+    The chunks may be produced while the workers run: the pool reads them in a thread of its own, as fast as it
+    can, so a producer that must stay ahead by a bounded amount only (bounded memory) has to wait by itself."""
     args = (tokenizer, template, max_length, truncation, filters)
     if num_proc <= 1:
         _init(*args)
-        parts = _encode_overlapped(chunks)
-    else:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with _single_threaded_tokenizers(), mp.get_context(method).Pool(num_proc, _init, args) as pool:
-            parts = list(pool.imap(encode_chunk, chunks))
-    if not parts:  # no record survived reading: an empty result of the same shape
-        _init(*args)
-        parts = [encode_chunk([])]
-    merged: dict[str, Any] = {k: [v for p in parts for v in p[k]] for k in parts[0] if k not in ("ids", "labels")}
-    merged["ids"] = np.concatenate([p["ids"] for p in parts])
-    merged["labels"] = np.concatenate([p["labels"] for p in parts])
-    return merged
-
-
-def build_table(encoded: dict[str, Any], keep: list[int], columns: dict[str, list], fingerprint: str) -> Any:
-    """The prepared table of the kept records: token columns as Arrow list arrays over the flat buffers."""
-    import datasets
-    import pyarrow as pa
-
-    lengths = np.asarray(encoded["length"], dtype=np.int64)
-    keep_arr = np.asarray(keep, dtype=np.int64)
-    keep_mask = np.zeros(len(lengths), dtype=bool)
-    keep_mask[keep_arr] = True
-    take = np.repeat(keep_mask, lengths)  # the tokens of the kept records
-    new_offsets = np.concatenate(([0], np.cumsum(lengths[keep_arr]))).astype(np.int32)
-    table = pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(encoded["ids"][take])),
-            "labels": pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(encoded["labels"][take])),
-            "length": pa.array(lengths[keep_arr].astype(np.int32)),
-            "num_supervised": pa.array(np.asarray(encoded["num_supervised"], dtype=np.int32)[keep_arr]),
-            **{name: pa.array([values[i] for i in keep], type=pa.string()) for name, values in columns.items()},
-        }
-    )
-    return datasets.Dataset(table, fingerprint=fingerprint)  # ours: datasets need not hash the table
+        yield from _encode_overlapped(chunks)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with _single_threaded_tokenizers(), mp.get_context(method).Pool(num_proc, _init, args) as pool:
+        yield from pool.imap(encode_chunk, chunks)

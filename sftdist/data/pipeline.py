@@ -7,8 +7,10 @@ over-long under ``data.truncation=drop``); when more than ``data.max_rejected_fr
 rejected the run stops before training, naming the reasons and the first offending records. Filters are
 choices (duplicates, repetition, ...), counted but never a reason to stop.
 
-Encoding runs batched, in ``data.num_proc`` processes (``encode.py``), and its result is cached by a
-fingerprint of everything it depends on (see ``prepared.py``).
+Records stream through: read, validated and filtered one at a time, encoded in chunks (batched, in
+``data.num_proc`` processes: ``encode.py``) and written a shard at a time (``prepared.ShardWriter``), so the
+memory a preparation needs does not grow with the number of records, and a stopped one continues where it was.
+The result is cached by a fingerprint of everything it depends on (see ``prepared.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter, defaultdict
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +32,31 @@ from typing import Any
 import numpy as np
 
 from sftdist.config import DataConfig, EvalConfig
-from sftdist.data.encode import build_table, encode_all
+from sftdist.data.encode import encode_chunks
 from sftdist.data.filters import RecordFilter
 from sftdist.data.formats import Rejected, normalise
 from sftdist.data.prepared import (
+    MANIFEST,
+    ShardWriter,
     cache_root,
     check_compatible,
+    check_replaceable,
+    copy_prepared,
     fingerprint,
     load_prepared,
     make_manifest,
-    save_prepared,
+    record_batch,
     tokenizer_hash,
+    writing,
 )
-from sftdist.data.sources import Source, source_files, source_weights, sources_from_config, with_format
+from sftdist.data.sources import (
+    ReadProgress,
+    Source,
+    input_bytes,
+    source_weights,
+    sources_from_config,
+    with_format,
+)
 from sftdist.data.template import IGNORE_INDEX, template_hash
 from sftdist.errors import DataError
 
@@ -47,6 +64,8 @@ log = logging.getLogger(__name__)
 _MAX_EXAMPLES = 5  # examples kept per reason in the report
 _AUTO_PARALLEL_BYTES = 16 << 20  # below this much input, worker start-up costs more than it saves
 _CHUNK = 512  # conversations per encoding task
+_SHARD_CHUNKS = 64  # chunks per shard of prepared data (32,768 conversations): what a stopped preparation redoes
+_PROGRESS_SECONDS = 10.0  # between progress lines in the log
 
 
 @dataclass
@@ -62,14 +81,19 @@ class Sample:
 
 
 class _Tally:
-    """Counts per reason, with the first few records named, per source."""
+    """Counts per reason, with the first few records named, per source, and the figures of the records used. The
+    reading keeps one, each shard another (saved beside it, so that a continued preparation adds up the same);
+    merged in record order, they are the report's."""
 
     def __init__(self):
         self.counts: dict[str, Counter] = {"rejected": Counter(), "filtered": Counter()}
         self.examples: dict[str, list[str]] = defaultdict(list)
-        self.by_source: dict[str, Counter] = defaultdict(Counter)
+        self.by_source: dict[str, Counter] = defaultdict(Counter)  # records_in, rejected, filtered, used, tokens, ...
         self.formats: dict[str, str | None] = {}
         self.reasons_by_source: dict[str, Counter] = defaultdict(Counter)
+        self.used = Counter()  # truncated_records, truncated_tokens
+        self.adaptations = Counter()
+        self.ends = Counter()  # the token ids that end trained turns
 
     def add(self, kind: str, reason: str, where: str, detail: str, source: str) -> None:
         self.counts[kind][reason] += 1
@@ -78,13 +102,45 @@ class _Tally:
         if len(self.examples[reason]) < _MAX_EXAMPLES:
             self.examples[reason].append(f"{where}: {detail}" if detail else where)
 
+    def merge(self, other: _Tally) -> None:
+        for kind, counts in other.counts.items():
+            self.counts[kind].update(counts)
+        for reason, examples in other.examples.items():
+            self.examples[reason] = (self.examples[reason] + examples)[:_MAX_EXAMPLES]
+        for name, counts in other.by_source.items():
+            self.by_source[name].update(counts)
+        for name, counts in other.reasons_by_source.items():
+            self.reasons_by_source[name].update(counts)
+        self.formats.update(other.formats)
+        self.used.update(other.used)
+        self.adaptations.update(other.adaptations)
+        self.ends.update(other.ends)
 
-def _read(sources: list[Source], record_filter: RecordFilter, tally: _Tally) -> Iterator[tuple[str, str, dict]]:
+    def to_json(self) -> dict:
+        return {**vars(self), "ends": {str(k): v for k, v in self.ends.items()}}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> _Tally:
+        tally = cls()
+        tally.counts = {kind: Counter(c) for kind, c in saved["counts"].items()}
+        tally.examples = defaultdict(list, saved["examples"])
+        for name in ("by_source", "reasons_by_source"):
+            setattr(tally, name, defaultdict(Counter, {k: Counter(v) for k, v in saved[name].items()}))
+        tally.formats = saved["formats"]
+        tally.used, tally.adaptations = Counter(saved["used"]), Counter(saved["adaptations"])
+        tally.ends = Counter({int(k): v for k, v in saved["ends"].items()})
+        return tally
+
+
+def _read(
+    sources: list[Source], record_filter: RecordFilter, tally: _Tally, progress: ReadProgress
+) -> Iterator[tuple[str, str, dict]]:
     """(source, where, canonical conversation) of each record that parses, validates and passes the filters
     that compare records; the others are counted."""
     for source in sources:
-        for where, raw, fmt in with_format(source):
+        for where, raw, fmt in with_format(source, progress):
             tally.by_source[source.name]["records_in"] += 1
+            progress.records += 1
             if isinstance(raw, Rejected):
                 tally.add("rejected", raw.reason, where, raw.detail, source.name)
                 continue
@@ -112,29 +168,46 @@ def _read(sources: list[Source], record_filter: RecordFilter, tally: _Tally) -> 
             yield source.name, where, conv
 
 
-def _chunks(records: Iterator[tuple[str, str, dict]], size: int, kept: list) -> Iterator[list[dict]]:
-    """Conversations in chunks of ``size``; every record handed out is also appended to ``kept``."""
-    chunk: list[dict] = []
-    for record in records:
-        kept.append(record)
-        chunk.append(record[2])
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+@dataclass
+class _Chunk:
+    shard: int
+    records: list[tuple[str, str, dict]]  # (source, where, conversation)
+
+
+def _chunks(
+    records: Iterator[tuple[str, str, dict]], done: set[int], handed: deque, window: threading.Semaphore
+) -> Iterator[list[dict]]:
+    """The conversations to encode, ``_CHUNK`` at a time, ``_SHARD_CHUNKS`` chunks to a shard. Each chunk handed
+    out is put in ``handed`` too (for whoever takes the results), and never more than ``window`` ahead of them:
+    reading does not run away from encoding. The chunks of a shard in ``done`` (finished by an earlier run) are
+    read, so that the filters that compare records and the counts see their records, but not handed out."""
+    chunk: list[tuple[str, str, dict]] = []
+    index = 0
+    for record in _with_end(records):
+        if record is not None:
+            chunk.append(record)
+            if len(chunk) < _CHUNK:
+                continue
+        if not chunk:
+            break
+        shard, index = index // _SHARD_CHUNKS, index + 1
+        if shard not in done:
+            window.acquire()
+            handed.append(_Chunk(shard, chunk))
+            yield [conv for _, _, conv in chunk]
+        chunk = []
+
+
+def _with_end(items: Iterator[Any]) -> Iterator[Any]:
+    yield from items
+    yield None
 
 
 def _num_proc(cfg: DataConfig, sources: list[Source]) -> int:
     """data.num_proc, or by input size: below ~16 MB of data, starting workers costs more than they save."""
     if cfg.num_proc:
         return cfg.num_proc
-    size = sum(_size(f) for s in sources if s.path is not None for f in source_files(s.key, s.path))
-    return 1 if size < _AUTO_PARALLEL_BYTES else max(1, min(os.cpu_count() or 1, 8))
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return 1 if input_bytes(sources) < _AUTO_PARALLEL_BYTES else max(1, min(os.cpu_count() or 1, 8))
 
 
 def check_rejections(rejected: dict[str, int], examples: dict[str, list[str]], records_in: int, limit: float) -> None:
@@ -172,66 +245,154 @@ def quiet_datasets():
 
 
 def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[Any, dict]:
-    """(encoded table, report) for the configured sources, from the cache when it holds them."""
+    """(encoded table, report) for the configured sources: from the cache when it holds them, else prepared (into
+    the cache, or with ``data.cache=false`` into a temporary directory and then memory)."""
     with quiet_datasets():
-        return _prepare(cfg, tokenizer, template, seed)
-
-
-def _prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[Any, dict]:
-    sources = sources_from_config(cfg, seed)
-    digest = fingerprint(sources, tokenizer, template, cfg)
-    cached = cache_root(cfg) / digest
-    if cfg.cache and cached.is_dir():
+        sources = sources_from_config(cfg, seed)
+        digest = fingerprint(sources, tokenizer, template, cfg)
+        if not cfg.cache:
+            with tempfile.TemporaryDirectory(prefix="sftdist-prepare-") as tmp:
+                report = write_prepared(cfg, sources, tokenizer, template, digest, Path(tmp) / digest)
+                table, _ = load_prepared(Path(tmp) / digest, in_memory=True)
+            return table, report
+        cached = cache_root(cfg) / digest
+        with writing(cached):  # (another process preparing the same data: wait for it, then read its result)
+            if cached.is_dir():
+                log.info("data: prepared samples from the cache (%s)", cached)
+            else:
+                write_prepared(cfg, sources, tokenizer, template, digest, cached)
         table, manifest = load_prepared(cached)
-        log.info("data: prepared samples from the cache (%s)", cached)
-        report = manifest["report"]  # the threshold is this run's, not the one the cache was written with
-        check_rejections(report["rejected"], report["examples"], report["records_in"], cfg.max_rejected_fraction)
-        return table, {**report, "settings": {**report["settings"], "max_rejected_fraction": cfg.max_rejected_fraction}}
+        return table, _with_threshold(manifest["report"], cfg)
 
-    tally = _Tally()
+
+def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, directory: Path) -> dict:
+    """Prepare into ``directory`` (sftdist-prepare's output_dir) and return the report: nothing to do when it holds
+    this data already, a copy of the cache's when that does, else written there (continuing a stopped run)."""
+    with quiet_datasets():
+        sources = sources_from_config(cfg, seed)
+        digest = fingerprint(sources, tokenizer, template, cfg)
+        check_replaceable(directory)
+        cached = cache_root(cfg) / digest
+        with writing(directory):
+            if (directory / MANIFEST).is_file() and json.loads((directory / MANIFEST).read_text()).get(
+                "fingerprint"
+            ) == digest:
+                log.info("data: %s already holds this data (fingerprint %s)", directory, digest)
+            elif cfg.cache and cached.is_dir():
+                log.info("data: copying the prepared samples from the cache (%s)", cached)
+                copy_prepared(cached, directory)
+            else:
+                return write_prepared(cfg, sources, tokenizer, template, digest, directory)
+        _, manifest = load_prepared(directory)
+        return _with_threshold(manifest["report"], cfg)
+
+
+def _with_threshold(report: dict, cfg: DataConfig) -> dict:
+    """A report read back, checked against this run's data.max_rejected_fraction (not the writer's)."""
+    check_rejections(report["rejected"], report["examples"], report["records_in"], cfg.max_rejected_fraction)
+    return {**report, "settings": {**report["settings"], "max_rejected_fraction": cfg.max_rejected_fraction}}
+
+
+def write_prepared(
+    cfg: DataConfig, sources: list[Source], tokenizer: Any, template: str, digest: str, directory: Path
+) -> dict:
+    """Read, validate, filter and encode the sources into the prepared ``directory``, streaming: records go
+    through in chunks and are written a shard at a time, so memory does not grow with the data (what does:
+    exact dedup's 8-byte hash per record, near dedup's signatures, see ``filters.py``). A preparation that was
+    stopped is continued: its finished shards are read again (the filters and the counts need their records) but
+    not encoded again. Returns the report; raises DataError when too much was rejected or nothing is usable."""
+    writer = ShardWriter(directory, digest)
+    if writer.finished:
+        log.info("data: continuing the preparation in %s (%d shards done before)", writer.work, len(writer.finished))
     eval_texts = _decontamination_texts(cfg.filters.decontaminate) if cfg.filters.decontaminate else None
     record_filter = RecordFilter(cfg.filters, eval_texts)
-    kept: list[tuple[str, str, dict]] = []
-    encoded = encode_all(
-        _chunks(_read(sources, record_filter, tally), _CHUNK, kept),
-        tokenizer,
-        template,
-        cfg.max_length,
-        cfg.truncation,
-        cfg.filters,
-        _num_proc(cfg, sources),
-    )
-    records_in = sum(c["records_in"] for c in tally.by_source.values())
-    for (source, where, _), filtered, reason, detail in zip(
-        kept, encoded["filtered"], encoded["status"], encoded["detail"]
+    num_proc = _num_proc(cfg, sources)
+    read_tally, progress = _Tally(), ReadProgress(sources)
+    handed: deque[_Chunk] = deque()
+    window = threading.Semaphore(2 * num_proc + 2)  # chunks read ahead of encoding (more than two: see encode.py)
+    chunks = _chunks(_read(sources, record_filter, read_tally, progress), set(writer.finished), handed, window)
+    meter = _Meter(progress)
+    shard, tally = None, _Tally()
+    for encoded in encode_chunks(chunks, tokenizer, template, cfg.max_length, cfg.truncation, cfg.filters, num_proc):
+        chunk = handed.popleft()
+        window.release()
+        if chunk.shard != shard:
+            if shard is not None:
+                writer.finish(shard, tally.to_json())
+            shard, tally = chunk.shard, _Tally()
+        keep = _count(chunk, encoded, tally)
+        convs = [chunk.records[i] for i in keep]
+        texts = {
+            "source": [name for name, _, _ in convs],
+            "meta": [json.dumps(c["meta"], ensure_ascii=False, default=str) for _, _, c in convs],
+            "conv": [json.dumps(c, ensure_ascii=False, default=str) for _, _, c in convs],
+        }
+        writer.write(shard, record_batch(encoded, keep, texts))
+        meter.add_tokens(int(sum(encoded["length"][i] for i in keep)))
+    if shard is not None:
+        writer.finish(shard, tally.to_json())
+    for _, saved in sorted(writer.finished.items()):
+        read_tally.merge(_Tally.from_json(saved))
+    report = _report(cfg, sources, read_tally, digest, tokenizer, template, record_filter)
+    check_rejections(report["rejected"], report["examples"], report["records_in"], cfg.max_rejected_fraction)
+    if not report["records_used"]:
+        raise DataError(
+            f"no usable records: rejected {report['rejected']}, filtered {report['filtered']} "
+            f"(examples: {report['examples']})"
+        )
+    writer.commit(make_manifest(report))
+    log.info("data: %s", meter.line(final=True))
+    return report
+
+
+def _count(chunk: _Chunk, encoded: dict[str, Any], tally: _Tally) -> list[int]:
+    """Count an encoded chunk's records in ``tally``; the indices of the ones used."""
+    keep = []
+    for i, ((source, where, _), filtered, status) in enumerate(
+        zip(chunk.records, encoded["filtered"], encoded["status"])
     ):
         if filtered:
             tally.add("filtered", filtered, where, "", source)
-        elif reason:
-            tally.add("rejected", reason, where, detail, source)
-    check_rejections(tally.counts["rejected"], tally.examples, records_in, cfg.max_rejected_fraction)
-    convs = [c for _, _, c in kept]
-    usable = [i for i, (s, f) in enumerate(zip(encoded["status"], encoded["filtered"])) if not s and not f]
-    if not usable:
-        raise DataError(
-            f"no usable records: rejected {dict(tally.counts['rejected'])}, filtered "
-            f"{dict(tally.counts['filtered'])} (examples: {dict(tally.examples)})"
-        )
-    table = build_table(
-        encoded,
-        usable,
-        {
-            "source": [s for s, _, _ in kept],
-            "meta": [json.dumps(c["meta"], ensure_ascii=False, default=str) for c in convs],
-            "conv": [json.dumps(c, ensure_ascii=False, default=str) for c in convs],
-        },
-        digest,
-    )
-    report = _report(cfg, sources, tally, table, encoded, records_in, digest, tokenizer, template, record_filter)
-    if cfg.cache:
-        save_prepared(table, make_manifest(report), cached, replace=False)
-        table, _ = load_prepared(cached)  # memory-mapped from here on
-    return table, report
+        elif status:
+            tally.add("rejected", status, where, encoded["detail"][i], source)
+        else:
+            keep.append(i)
+            tally.by_source[source].update(used=1, tokens=encoded["length"][i], supervised=encoded["num_supervised"][i])
+            if encoded["num_truncated"][i]:
+                tally.used.update(truncated_records=1, truncated_tokens=encoded["num_truncated"][i])
+            tally.adaptations.update(set(encoded["adaptations"][i]))
+            tally.ends.update(encoded["turn_ends"][i])
+    return keep
+
+
+class _Meter:
+    """The progress of a preparation, said in the log every ``_PROGRESS_SECONDS``: records read (and the share of
+    the input's bytes), records and tokens per second, and the time left."""
+
+    def __init__(self, progress: ReadProgress):
+        self.progress, self.tokens = progress, 0
+        self.start = self.said = time.monotonic()
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += n
+        if time.monotonic() - self.said >= _PROGRESS_SECONDS:
+            self.said = time.monotonic()
+            log.info("data: %s", self.line())
+
+    def line(self, final: bool = False) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        records, fraction = self.progress.records, self.progress.fraction()
+        rates = f"{records / elapsed:,.0f} records/s, {self.tokens / elapsed:,.0f} tokens/s"
+        if final:
+            return f"prepared {records:,} records in {elapsed:.1f} s ({rates})"
+        share = f" ({100 * fraction:.0f}%)" if fraction is not None else ""
+        left = f", about {_duration(elapsed * (1 - fraction) / fraction)} left" if fraction else ""
+        return f"{records:,} records read{share}, {rates}{left}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def _decontamination_texts(path: str) -> list[str]:
@@ -251,49 +412,40 @@ def _report(
     cfg: DataConfig,
     sources: list[Source],
     tally: _Tally,
-    table: Any,
-    columns: dict[str, Any],
-    records_in: int,
     digest: str,
     tokenizer: Any,
     template: str,
     record_filter: RecordFilter,
 ) -> dict:
-    used = [not s and not f for s, f in zip(columns["status"], columns["filtered"])]
-    truncated = [n for n, ok in zip(columns["num_truncated"], used) if n and ok]
-    adaptations = Counter(note for notes, ok in zip(columns["adaptations"], used) if ok for note in set(notes))
-    ends = Counter(t for row, ok in zip(columns["turn_ends"], used) if ok for t in row)
     per_source: dict[str, dict] = {}
-    lengths = table.data.column("length").to_numpy()
-    supervised = table.data.column("num_supervised").to_numpy()
-    names = np.asarray(table.data.column("source").to_pylist())
     for s in sources:
-        c, mask = tally.by_source[s.name], names == s.name
+        c = tally.by_source[s.name]
         per_source[s.name] = {
             "path": s.path,
             "format": tally.formats.get(s.name),
             "weight": s.weight,
             "records_in": c["records_in"],
-            "records_used": int(mask.sum()),
+            "records_used": c["used"],
             "rejected": c["rejected"],
             "filtered": c["filtered"],
             "reasons": dict(tally.reasons_by_source[s.name].most_common()),
-            "num_tokens": int(lengths[mask].sum()),
-            "num_supervised_tokens": int(supervised[mask].sum()),
-            "supervised_fraction": round(float(supervised[mask].sum() / max(1, lengths[mask].sum())), 4),
+            "num_tokens": c["tokens"],
+            "num_supervised_tokens": c["supervised"],
+            "supervised_fraction": round(c["supervised"] / max(1, c["tokens"]), 4),
         }
+    records_in = sum(c["records_in"] for c in tally.by_source.values())
     report = {
         "records_in": records_in,
-        "records_used": len(table),
+        "records_used": sum(c["used"] for c in tally.by_source.values()),
         "rejected": dict(tally.counts["rejected"].most_common()),
         "filtered": dict(tally.counts["filtered"].most_common()),
         "examples": dict(tally.examples),
-        "truncated": {"records": len(truncated), "tokens": int(sum(truncated))},
-        "adaptations": dict(adaptations),
+        "truncated": {"records": tally.used["truncated_records"], "tokens": tally.used["truncated_tokens"]},
+        "adaptations": dict(tally.adaptations),
         "sources": per_source,
-        "num_tokens": int(lengths.sum()),
-        "num_supervised_tokens": int(supervised.sum()),
-        "end_of_turn_ids": {str(k): v for k, v in ends.most_common()},
+        "num_tokens": sum(c["tokens"] for c in tally.by_source.values()),
+        "num_supervised_tokens": sum(c["supervised"] for c in tally.by_source.values()),
+        "end_of_turn_ids": {str(k): v for k, v in tally.ends.most_common()},
         "template_hash": template_hash(template),
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "fingerprint": digest,

@@ -1,10 +1,12 @@
 """Prepared data on disk: the encoded, filtered samples of a data configuration, keyed by a fingerprint.
 
-A prepared directory is a saved Hugging Face dataset (columns ``input_ids``, ``labels``, ``source``, ``meta``
-(JSON), ``conv`` (the canonical conversation, JSON), ``length``, ``num_supervised``; memory-mapped when loaded) plus
-``sftdist_prepared.json``: the fingerprint, the tokenizer and chat-template hashes, the settings and the data
-report. The cache (``data.cache_dir``, default ``$SFTDIST_CACHE_DIR`` or ``~/.cache/sftdist``) holds one per
-fingerprint; ``sftdist-prepare`` writes one where it is told, for ``data.prepared=DIR``.
+A prepared directory is a saved Hugging Face dataset (``datasets.load_from_disk`` reads it; columns ``input_ids``,
+``labels``, ``length``, ``num_supervised``, ``source``, ``meta`` (JSON), ``conv`` (the canonical conversation, JSON);
+memory-mapped when loaded), written a shard at a time as records are encoded (``ShardWriter``: memory does not grow
+with the data, and a stopped preparation continues where it was), plus ``sftdist_prepared.json``: the fingerprint,
+the tokenizer and chat-template hashes, the settings and the data report. The cache (``data.cache_dir``, default
+``$SFTDIST_CACHE_DIR`` or ``~/.cache/sftdist``) holds one per fingerprint; ``sftdist-prepare`` writes one where it
+is told, for ``data.prepared=DIR``.
 
 The fingerprint covers the content of every data file (and of the decontamination file), the tokenizer,
 the chat template and every setting that changes the samples; source weights and the eval hold-out are
@@ -13,13 +15,17 @@ applied after loading and are not part of it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sftdist.config import DataConfig
 from sftdist.data.sources import must_exist, source_files
@@ -91,26 +97,158 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(root).expanduser() / "prepared"
 
 
-def save_prepared(table: Any, manifest: dict, directory: Path, replace: bool = True) -> Path:
-    """Write atomically: a temporary sibling, then a rename (a concurrent or crashed writer leaves no half).
-    An existing directory is replaced only if it is a prepared directory itself (or empty); with
-    ``replace=False`` (the content-addressed cache) an existing one is kept as it is."""
-    directory = Path(directory)
-    if not replace and directory.is_dir():
-        return directory
+def _features() -> Any:
+    """The columns of a prepared table (``datasets`` features, in column order)."""
+    import datasets
+
+    tokens = datasets.List(datasets.Value("int32"))
+    return datasets.Features(
+        {
+            "input_ids": tokens,
+            "labels": tokens,
+            "length": datasets.Value("int32"),
+            "num_supervised": datasets.Value("int32"),
+            **{name: datasets.Value("string") for name in TEXT_COLUMNS},
+        }
+    )
+
+
+TEXT_COLUMNS = ("source", "meta", "conv")
+
+
+def record_batch(encoded: dict[str, Any], keep: list[int], texts: dict[str, list[str]]) -> Any:
+    """The rows ``keep`` of an encoded chunk (``encode.py``: flat ``ids``/``labels`` buffers and per-record
+    ``length``, ``num_supervised``) as an Arrow record batch of the prepared table; ``texts`` holds the text
+    columns of the kept rows. Token columns are list arrays over the flat buffers: no per-row step."""
+    import pyarrow as pa
+
+    lengths = np.asarray(encoded["length"], dtype=np.int64)
+    keep_arr = np.asarray(keep, dtype=np.int64)
+    take = np.repeat(np.isin(np.arange(len(lengths)), keep_arr), lengths)  # the tokens of the kept records
+    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths[keep_arr]))).astype(np.int32))
+    columns = [
+        pa.ListArray.from_arrays(offsets, pa.array(encoded["ids"][take])),
+        pa.ListArray.from_arrays(offsets, pa.array(encoded["labels"][take])),
+        pa.array(lengths[keep_arr].astype(np.int32)),
+        pa.array(np.asarray(encoded["num_supervised"], dtype=np.int32)[keep_arr]),
+        *(pa.array(texts[name], type=pa.string()) for name in TEXT_COLUMNS),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=_features().arrow_schema)
+
+
+class ShardWriter:
+    """Writes a prepared directory a shard at a time, into ``DIR.partial`` beside it, and moves it into place
+    whole at the end (a crashed or stopped writer leaves no half directory). A later writer of the same
+    fingerprint continues the work: a shard finished before (its ``.arrow`` and its ``.json`` summary) is kept,
+    the one being written is written again. Each shard is an Arrow stream file as ``datasets``' ``save_to_disk``
+    writes them, so the result is memory-mapped when loaded, as a saved dataset is."""
+
+    def __init__(self, directory: Path, digest: str):
+        self.directory, self.digest = Path(directory), digest
+        check_replaceable(self.directory)
+        self.work = self.directory.with_name(f"{self.directory.name}.partial")
+        stamp = self.work / "fingerprint"
+        if self.work.exists() and not (stamp.is_file() and stamp.read_text() == digest):
+            shutil.rmtree(self.work)  # another configuration's unfinished work
+        self.work.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
+        self.finished: dict[int, dict] = {}
+        for summary in sorted(self.work.glob("shard-*.json")):
+            shard = int(summary.stem.split("-")[1])
+            if (self.work / _shard_file(shard)).is_file():
+                self.finished[shard] = json.loads(summary.read_text())
+        self._shard: int | None = None
+        self._sink: Any = None
+
+    def write(self, shard: int, batch: Any) -> None:
+        """Append rows to ``shard`` (opened at its first rows; shards are written in order, one at a time)."""
+        if shard != self._shard:
+            self._open(shard)
+        self._sink.write_batch(batch)
+
+    def _open(self, shard: int) -> None:
+        import pyarrow as pa
+
+        if self._sink is not None:
+            raise RuntimeError(f"shard {self._shard} was not finished before shard {shard}")
+        self._shard = shard
+        self._sink = pa.ipc.new_stream(str(self.work / _shard_file(shard)), _features().arrow_schema)
+
+    def finish(self, shard: int, summary: dict) -> None:
+        """Close ``shard`` (with no rows, if none were written) and record its summary: the shard is done."""
+        if self._sink is None:
+            self._open(shard)
+        self._sink.close()
+        self._sink, self._shard = None, None
+        tmp = self.work / f"shard-{shard:05d}.json.tmp"
+        tmp.write_text(json.dumps(summary))
+        tmp.rename(self.work / f"shard-{shard:05d}.json")  # written last: its presence says the shard is whole
+        self.finished[shard] = summary
+
+    def commit(self, manifest: dict) -> Path:
+        """Make the finished shards the prepared directory (replacing an earlier one there)."""
+        files = [_shard_file(shard) for shard in sorted(self.finished)]
+        for leftover in self.work.glob("shard-*"):
+            if leftover.name not in files and not leftover.name.endswith(".json"):
+                leftover.unlink()  # (a shard begun beyond the last one a resumed run needed)
+        state = {
+            "_data_files": [{"filename": name} for name in files],
+            "_fingerprint": self.digest,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        (self.work / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        import datasets
+
+        datasets.DatasetInfo(features=_features()).write_to_directory(str(self.work))
+        for summary in self.work.glob("shard-*.json"):
+            summary.unlink()
+        (self.work / "fingerprint").unlink()
+        (self.work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.work.rename(self.directory)
+        return self.directory
+
+
+def _shard_file(shard: int) -> str:
+    return f"shard-{shard:05d}.arrow"
+
+
+def check_replaceable(directory: Path) -> None:
+    """Only a prepared directory (or an empty one) is ever replaced: said before any work is done."""
     if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
         raise ConfigError(
             f"{directory} exists and is not a prepared-data directory: refusing to replace it; "
             "choose another output_dir"
         )
+
+
+@contextlib.contextmanager
+def writing(directory: Path) -> Iterator[None]:
+    """One writer of ``directory`` at a time, across processes and nodes that share the file system (a lock
+    file beside it): a second preparation of the same data waits for the first, then finds its result."""
+    import fcntl
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(f"{directory.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def copy_prepared(source: Path, directory: Path) -> Path:
+    """A copy of a prepared directory (e.g. from the cache) at ``directory``, moved into place whole."""
+    check_replaceable(directory)
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    table.save_to_disk(str(tmp))
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    shutil.copytree(source, tmp)
     if directory.exists():
-        if not replace:  # another process wrote the same content meanwhile
-            shutil.rmtree(tmp)
-            return directory
         shutil.rmtree(directory)
     tmp.rename(directory)
     return directory
@@ -125,13 +263,14 @@ def check_prepared(directory: str | Path) -> None:
         )
 
 
-def load_prepared(directory: str | Path) -> tuple[Any, dict]:
+def load_prepared(directory: str | Path, in_memory: bool = False) -> tuple[Any, dict]:
+    """(table, manifest): the table memory-mapped, or read into memory with ``in_memory``."""
     import datasets
 
     directory = Path(directory)
     check_prepared(directory)
     manifest = json.loads((directory / MANIFEST).read_text())
-    return datasets.load_from_disk(str(directory)), manifest
+    return datasets.load_from_disk(str(directory), keep_in_memory=in_memory), manifest
 
 
 def check_compatible(manifest: dict, directory: str | Path, tokenizer: Any, template: str, max_length: int) -> None:

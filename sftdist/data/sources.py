@@ -3,6 +3,9 @@ or a glob of such files (shards, read in sorted order as one source), saved Hugg
 DatasetDict's ``split``), or the generated demo; each record with a ``where`` that names it (``FILE line N``,
 ``FILE record N``, ``DIR row N``).
 
+Records are read one at a time (parquet a batch of rows at a time), so a source of any size is read in bounded
+memory; a ``.json`` file (one JSON list) is the exception, read whole. ``ReadProgress`` follows the bytes read.
+
 A record that cannot even be parsed (invalid JSON, not UTF-8) is yielded as a counted rejection, not an
 exception: one bad line never stops the others from being read. A file that cannot be read at all
 (missing, unsupported, empty, a .json that is not a list) is a DataError naming it, and so is a glob that matches
@@ -12,6 +15,7 @@ nothing. A byte-order mark and CRLF line ends are read as what they are.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import gzip
 import io
@@ -175,45 +179,88 @@ def _one_split(key: str, path: str, files: list[Path]) -> None:
         )
 
 
-def iter_records(source: Source) -> Iterator[tuple[str, Any]]:
-    """(where, raw record or Rejected) in file order (shard by shard)."""
+class ReadProgress:
+    """How far the reading of some sources has got, in bytes of their files (compressed bytes for compressed files):
+    for a progress display and its ETA. Readers say where they are in the file they read; nothing is counted twice."""
+
+    def __init__(self, sources: list[Source]):
+        self.total = input_bytes(sources)
+        self.records = 0  # read so far (counted by whoever reads them)
+        self._done = 0  # the files read to the end
+        self._at: Any = lambda: 0  # bytes read of the current file
+        self._last = 0.0
+
+    def start_file(self, at: Any) -> None:
+        self._at = at
+
+    def end_file(self, size: int) -> None:
+        self._done, self._at = self._done + size, (lambda: 0)
+
+    def fraction(self) -> float | None:
+        """The share of the bytes read, or None when there are none to read (the demo). (Asked from another thread
+        than the reader's: a file closed meanwhile leaves the last answer.)"""
+        if not self.total:
+            return None
+        with contextlib.suppress(ValueError, OSError):
+            self._last = min(1.0, (self._done + self._at()) / self.total)
+        return self._last
+
+
+def input_bytes(sources: list[Source]) -> int:
+    """The size of the files the sources read (compressed files as stored)."""
+    return sum(_size(f) for s in sources if s.path is not None for f in source_files(s.key, s.path))
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def iter_records(source: Source, progress: ReadProgress | None = None) -> Iterator[tuple[str, Any]]:
+    """(where, raw record or Rejected) in file order (shard by shard), one at a time: a file of any size is read in
+    bounded memory, but a ``.json`` file (one JSON list), which is read whole."""
+    progress = progress or ReadProgress([])
     if source.path is None:
         yield from ((f"{source.name} record {i}", r) for i, r in enumerate(source.records))
         return
     for path in source_files(source.key, source.path):
         kind = None if path.is_dir() else _data_kind(path)
+        size = _size(path)
         if path.is_dir():
-            records = _iter_dataset_dir(path, source.split, source.key)
+            records = _iter_dataset_dir(path, source.split, source.key, progress, size)
         elif kind == ".jsonl":
-            records = _iter_jsonl(path)
+            records = _iter_jsonl(path, progress)
         elif kind == ".json":
-            records = _iter_json(path)
+            records = _iter_json(path, progress, size)
         else:
-            records = _iter_parquet(path)
+            records = _iter_parquet(path, progress, size)
         empty = True
         for item in records:
             empty = False
             yield item
+        progress.end_file(size)
         if empty:
             raise DataError(f"{source.key}: {path} is empty (no records)")
 
 
-def _open(path: Path) -> io.BufferedIOBase:
-    """``path`` for reading bytes, decompressed (.gz, .zst)."""
+def _open(path: Path, progress: ReadProgress) -> io.BufferedIOBase:
+    """``path`` for reading bytes, decompressed (.gz, .zst); ``progress`` follows the bytes read from the file."""
+    raw = path.open("rb")
+    progress.start_file(raw.tell)
     suffix = path.suffix.lower()
     if suffix == ".gz":
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if suffix == ".zst":
         try:
             import zstandard
         except ImportError as err:
+            raw.close()
             raise DataError(f"{path}: reading .zst files needs zstandard (pip install zstandard)") from err
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True))
-    return path.open("rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return raw
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open(path) as f:
+def _iter_jsonl(path: Path, progress: ReadProgress) -> Iterator[tuple[str, Any]]:
+    with _open(path, progress) as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
@@ -234,8 +281,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             yield where, record
 
 
-def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
-    with _open(path) as f:
+def _iter_json(path: Path, progress: ReadProgress, size: int) -> Iterator[tuple[str, Any]]:
+    with _open(path, progress) as f:
         text = f.read()
     if not text.strip():
         return  # (empty: said by iter_records)
@@ -252,8 +299,12 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
         ) from err
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of records, not {type(data).__name__}")
-    for i, record in enumerate(data):
+    del text
+    i = 0
+    progress.start_file(lambda: size * i // max(1, len(data)))
+    for record in data:
         yield f"{path} record {i}", record
+        i += 1
 
 
 def _without_nulls(value: Any) -> Any:
@@ -265,19 +316,25 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_parquet(path: Path, progress: ReadProgress, size: int) -> Iterator[tuple[str, Any]]:
+    """The rows of a parquet file, a batch of rows in memory at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    i = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        parquet = pq.ParquetFile(path)
+        total = max(1, parquet.metadata.num_rows)
+        progress.start_file(lambda: size * i // total)
+        for batch in parquet.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{path} row {i}", _without_nulls(row)
+                i += 1
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable parquet file ({err})") from err
-    for i, row in enumerate(rows):
-        yield f"{path} row {i}", _without_nulls(row)
 
 
-def _iter_dataset_dir(path: Path, split: str, key: str) -> Iterator[tuple[str, Any]]:
+def _iter_dataset_dir(path: Path, split: str, key: str, progress: ReadProgress, size: int) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
@@ -291,19 +348,22 @@ def _iter_dataset_dir(path: Path, split: str, key: str) -> Iterator[tuple[str, A
                 f"set {key.removesuffix('.path')}.split"
             )
         ds = ds[split]
-    for i, row in enumerate(ds):
+    i = 0
+    progress.start_file(lambda: size * i // max(1, len(ds)))
+    for row in ds:
         yield f"{path} row {i}", _without_nulls(row)
+        i += 1
 
 
-def with_format(source: Source) -> Iterator[tuple[str, Any, str | None]]:
+def with_format(source: Source, progress: ReadProgress | None = None) -> Iterator[tuple[str, Any, str | None]]:
     """(where, raw record or Rejected, format) of every record. With ``auto`` the format is the one of the
     first record whose shape says it; the records before it are held back until then (None: no record says)."""
     if source.format != "auto":
-        yield from ((where, raw, source.format) for where, raw in iter_records(source))
+        yield from ((where, raw, source.format) for where, raw in iter_records(source, progress))
         return
     held: list[tuple[str, Any]] = []
     fmt = None
-    for where, raw in iter_records(source):
+    for where, raw in iter_records(source, progress):
         if fmt is None and not isinstance(raw, Rejected):
             fmt = detect_format(raw)
         if fmt is None:
