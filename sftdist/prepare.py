@@ -31,7 +31,13 @@ def prepare_to_dir(cfg: SFTConfig) -> Path:
 
     tokenizer, template = build_tokenizer(cfg.model, cfg.data)
     out = Path(cfg.output_dir)
-    report = prepare_into(cfg.data, tokenizer, template, cfg.seed, out)
+    try:
+        report = prepare_into(cfg.data, tokenizer, template, cfg.seed, out)
+    except KeyboardInterrupt:
+        partial = out.with_name(f"{out.name}.partial")
+        done = len(list(partial.glob("shard-*.json")))
+        log.warning("stopped: %d finished shards kept in %s; the same command continues from them", done, partial)
+        raise SystemExit(130) from None
     tokenizer.save_pretrained(str(out / "tokenizer"))
     (out / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info(

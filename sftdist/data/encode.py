@@ -2,7 +2,8 @@
 
 Each worker renders, tokenizes (one Rust batch per chunk) and labels a chunk of conversations and sends
 back flat int32 arrays, which the parent writes out as they come (``prepared.ShardWriter``), without a per-row
-step. In one process, the tokenization of a chunk (Rust, all cores, no GIL) overlaps the rendering of the next.
+step; the parent hands out chunks as it reads them, a bounded number ahead. In one process, the tokenization of
+a chunk (Rust, all cores, no GIL) overlaps the rendering of the next.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import signal
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -107,19 +110,25 @@ def encode_chunk(convs: list[dict]) -> dict[str, Any]:
     return _finish_chunk(filtered, rendered, _tokenize(rendered))
 
 
-def _encode_overlapped(chunks: Iterable[list[dict]]) -> Iterator[dict[str, Any]]:
+def _encode_overlapped(chunks: Iterable[tuple[Any, list[dict]]]) -> Iterator[tuple[Any, dict[str, Any]]]:
     """One process: tokenize chunk k in a thread (Rust releases the GIL and uses every core) while Python
-    renders chunk k + 1 and labels chunk k - 1. At most two chunks are taken ahead of the one handed out."""
+    renders chunk k + 1 and labels chunk k - 1."""
     pending = None
     with ThreadPoolExecutor(max_workers=1) as tokenizer_thread:
-        for chunk in chunks:
+        for tag, chunk in chunks:
             filtered, rendered = _render_chunk(chunk)
             future = tokenizer_thread.submit(_tokenize, rendered)
             if pending is not None:
-                yield _finish_chunk(pending[0], pending[1], pending[2].result())
-            pending = (filtered, rendered, future)
+                yield pending[0], _finish_chunk(pending[1], pending[2], pending[3].result())
+            pending = (tag, filtered, rendered, future)
         if pending is not None:
-            yield _finish_chunk(pending[0], pending[1], pending[2].result())
+            yield pending[0], _finish_chunk(pending[1], pending[2], pending[3].result())
+
+
+def _init_worker(*args: Any) -> None:
+    """A pool worker: Ctrl-C is the parent's to handle (it stops the pool), then this process's settings."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init(*args)
 
 
 @contextlib.contextmanager
@@ -137,22 +146,31 @@ def _single_threaded_tokenizers():
 
 
 def encode_chunks(
-    chunks: Iterable[list[dict]],
+    chunks: Iterable[tuple[Any, list[dict]]],
     tokenizer: Any,
     template: str,
     max_length: int,
     truncation: str,
     filters: FiltersConfig,
     num_proc: int,
-) -> Iterator[dict[str, Any]]:
-    """Each chunk of conversations encoded, in order, in ``num_proc`` processes (1: in this one), as they come.
-    The chunks may be produced while the workers run: the pool reads them in a thread of its own, as fast as it
-    can, so a producer that must stay ahead by a bounded amount only (bounded memory) has to wait by itself."""
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(tag, encoded chunk) for each (tag, chunk of conversations), in order, encoded in ``num_proc`` processes (1:
+    in this one). The chunks are taken from ``chunks`` in the caller's thread, never more than ``2 * num_proc + 1``
+    ahead of the result handed out: reading does not run away from encoding (memory stays bounded), and an error
+    on either side (or Ctrl-C) stops the pool at once."""
     args = (tokenizer, template, max_length, truncation, filters)
     if num_proc <= 1:
         _init(*args)
         yield from _encode_overlapped(chunks)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with _single_threaded_tokenizers(), mp.get_context(method).Pool(num_proc, _init, args) as pool:
-        yield from pool.imap(encode_chunk, chunks)
+    with _single_threaded_tokenizers(), mp.get_context(method).Pool(num_proc, _init_worker, args) as pool:
+        pending: deque = deque()
+        for tag, chunk in chunks:
+            pending.append((tag, pool.apply_async(encode_chunk, (chunk,))))
+            if len(pending) > 2 * num_proc:
+                tag, result = pending.popleft()
+                yield tag, result.get()
+        while pending:
+            tag, result = pending.popleft()
+            yield tag, result.get()

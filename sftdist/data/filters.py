@@ -55,10 +55,11 @@ def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
 
 def repeated_ngram_fraction(text: str, n: int = 3) -> float | None:
     """Share of the word n-grams of ``text`` that repeat an earlier one; None when there are under 10."""
-    grams = _ngrams(words(text), n)
-    if len(grams) < 10:
+    tokens = words(text)
+    count = len(tokens) - n + 1
+    if count < 10:
         return None
-    return 1.0 - len(set(grams)) / len(grams)
+    return 1.0 - len(set(zip(*(tokens[i:] for i in range(n))))) / count  # (the n-grams, without a list of them)
 
 
 class Decontaminator:

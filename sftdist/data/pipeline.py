@@ -21,9 +21,8 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,13 +173,10 @@ class _Chunk:
     records: list[tuple[str, str, dict]]  # (source, where, conversation)
 
 
-def _chunks(
-    records: Iterator[tuple[str, str, dict]], done: set[int], handed: deque, window: threading.Semaphore
-) -> Iterator[list[dict]]:
-    """The conversations to encode, ``_CHUNK`` at a time, ``_SHARD_CHUNKS`` chunks to a shard. Each chunk handed
-    out is put in ``handed`` too (for whoever takes the results), and never more than ``window`` ahead of them:
-    reading does not run away from encoding. The chunks of a shard in ``done`` (finished by an earlier run) are
-    read, so that the filters that compare records and the counts see their records, but not handed out."""
+def _chunks(records: Iterator[tuple[str, str, dict]], done: set[int], meter: _Meter) -> Iterator[tuple[_Chunk, list]]:
+    """(chunk, its conversations) to encode, ``_CHUNK`` conversations at a time, ``_SHARD_CHUNKS`` chunks to a
+    shard. The chunks of a shard in ``done`` (finished by an earlier run) are read, so that the filters that compare
+    records and the counts see their records, but not handed out."""
     chunk: list[tuple[str, str, dict]] = []
     index = 0
     for record in _with_end(records):
@@ -192,9 +188,8 @@ def _chunks(
             break
         shard, index = index // _SHARD_CHUNKS, index + 1
         if shard not in done:
-            window.acquire()
-            handed.append(_Chunk(shard, chunk))
-            yield [conv for _, _, conv in chunk]
+            yield _Chunk(shard, chunk), [conv for _, _, conv in chunk]
+        meter.tick()
         chunk = []
 
 
@@ -256,11 +251,12 @@ def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[
                 table, _ = load_prepared(Path(tmp) / digest, in_memory=True)
             return table, report
         cached = cache_root(cfg) / digest
-        with writing(cached):  # (another process preparing the same data: wait for it, then read its result)
-            if cached.is_dir():
-                log.info("data: prepared samples from the cache (%s)", cached)
-            else:
-                write_prepared(cfg, sources, tokenizer, template, digest, cached)
+        if cached.is_dir():  # (no lock to take: a read-only cache is fine)
+            log.info("data: prepared samples from the cache (%s)", cached)
+        else:
+            with writing(cached):  # (another process preparing the same data: wait for it, then read its result)
+                if not cached.is_dir():
+                    write_prepared(cfg, sources, tokenizer, template, digest, cached)
         table, manifest = load_prepared(cached)
         return table, _with_threshold(manifest["report"], cfg)
 
@@ -301,21 +297,19 @@ def write_prepared(
     exact dedup's 8-byte hash per record, near dedup's signatures, see ``filters.py``). A preparation that was
     stopped is continued: its finished shards are read again (the filters and the counts need their records) but
     not encoded again. Returns the report; raises DataError when too much was rejected or nothing is usable."""
-    writer = ShardWriter(directory, digest)
+    writer = ShardWriter(directory, digest, layout=f"{_CHUNK} conversations a chunk, {_SHARD_CHUNKS} chunks a shard")
     if writer.finished:
         log.info("data: continuing the preparation in %s (%d shards done before)", writer.work, len(writer.finished))
     eval_texts = _decontamination_texts(cfg.filters.decontaminate) if cfg.filters.decontaminate else None
     record_filter = RecordFilter(cfg.filters, eval_texts)
-    num_proc = _num_proc(cfg, sources)
     read_tally, progress = _Tally(), ReadProgress(sources)
-    handed: deque[_Chunk] = deque()
-    window = threading.Semaphore(2 * num_proc + 2)  # chunks read ahead of encoding (more than two: see encode.py)
-    chunks = _chunks(_read(sources, record_filter, read_tally, progress), set(writer.finished), handed, window)
     meter = _Meter(progress)
+    chunks = _chunks(_read(sources, record_filter, read_tally, progress), set(writer.finished), meter)
+    encoded_chunks = encode_chunks(
+        chunks, tokenizer, template, cfg.max_length, cfg.truncation, cfg.filters, _num_proc(cfg, sources)
+    )
     shard, tally = None, _Tally()
-    for encoded in encode_chunks(chunks, tokenizer, template, cfg.max_length, cfg.truncation, cfg.filters, num_proc):
-        chunk = handed.popleft()
-        window.release()
+    for chunk, encoded in encoded_chunks:
         if chunk.shard != shard:
             if shard is not None:
                 writer.finish(shard, tally.to_json())
@@ -328,7 +322,7 @@ def write_prepared(
             "conv": [json.dumps(c, ensure_ascii=False, default=str) for _, _, c in convs],
         }
         writer.write(shard, record_batch(encoded, keep, texts))
-        meter.add_tokens(int(sum(encoded["length"][i] for i in keep)))
+        meter.tokens += int(sum(encoded["length"][i] for i in keep))
     if shard is not None:
         writer.finish(shard, tally.to_json())
     for _, saved in sorted(writer.finished.items()):
@@ -373,8 +367,8 @@ class _Meter:
         self.progress, self.tokens = progress, 0
         self.start = self.said = time.monotonic()
 
-    def add_tokens(self, n: int) -> None:
-        self.tokens += n
+    def tick(self) -> None:
+        """Say the progress if it is time to."""
         if time.monotonic() - self.said >= _PROGRESS_SECONDS:
             self.said = time.monotonic()
             log.info("data: %s", self.line())

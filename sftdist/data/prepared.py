@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ import numpy as np
 from sftdist.config import DataConfig
 from sftdist.data.sources import must_exist, source_files
 from sftdist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 2  # bump when encoding or filtering changes what the same inputs produce
 MANIFEST = "sftdist_prepared.json"
@@ -143,15 +146,16 @@ class ShardWriter:
     the one being written is written again. Each shard is an Arrow stream file as ``datasets``' ``save_to_disk``
     writes them, so the result is memory-mapped when loaded, as a saved dataset is."""
 
-    def __init__(self, directory: Path, digest: str):
+    def __init__(self, directory: Path, digest: str, layout: str):
+        """``layout`` says how records are cut into shards: work is continued only under the same one."""
         self.directory, self.digest = Path(directory), digest
         check_replaceable(self.directory)
         self.work = self.directory.with_name(f"{self.directory.name}.partial")
-        stamp = self.work / "fingerprint"
-        if self.work.exists() and not (stamp.is_file() and stamp.read_text() == digest):
-            shutil.rmtree(self.work)  # another configuration's unfinished work
+        stamp, expected = self.work / "fingerprint", f"{digest} (pipeline version {PIPELINE_VERSION}; {layout})"
+        if self.work.exists() and not (stamp.is_file() and stamp.read_text() == expected):
+            shutil.rmtree(self.work)  # unfinished work of other data, settings or shard layout
         self.work.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(digest)
+        stamp.write_text(expected)
         self.finished: dict[int, dict] = {}
         for summary in sorted(self.work.glob("shard-*.json")):
             shard = int(summary.stem.split("-")[1])
@@ -234,12 +238,19 @@ def writing(directory: Path) -> Iterator[None]:
     import fcntl
 
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.with_name(f"{directory.name}.lock"), "w") as lock:
+    path = directory.with_name(f"{directory.name}.lock")
+    try:
+        lock = open(path, "w")  # noqa: SIM115 (closed below)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError as err:  # a file system without locks (some Lustre mounts), a read-only one
+        log.warning("data: cannot lock %s (%s): preparing without a lock", path, err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
 
 def copy_prepared(source: Path, directory: Path) -> Path:

@@ -194,7 +194,8 @@ class ReadProgress:
         self._at = at
 
     def end_file(self, size: int) -> None:
-        self._done, self._at = self._done + size, (lambda: 0)
+        self._at = lambda: 0
+        self._done += size
 
     def fraction(self) -> float | None:
         """The share of the bytes read, or None when there are none to read (the demo). (Asked from another thread

@@ -114,9 +114,22 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
         """The text ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)`` renders (a test holds
         the two equal), for empty conversations too. Keys whose value is None are dropped, as it does."""
+        return self.render_clean(self.clean(messages), add_generation_prompt, tools)
+
+    @staticmethod
+    def clean(messages: list[dict]) -> list[dict]:
+        """The messages as the template sees them: keys whose value is None dropped (as apply_chat_template does),
+        our ``weight`` dropped, reasoning under each name templates read. A prefix of a cleaned list is the cleaned
+        prefix, so a conversation is cleaned once for all its renders."""
         messages = [{k: v for k, v in m.items() if v is not None and k != "weight"} for m in messages]
         if any(k in m for m in messages for k in _REASONING_FIELDS):
             messages = _alias_reasoning(messages)
+        return messages
+
+    def render_clean(
+        self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+    ) -> str:
+        """``render`` of messages already ``clean``."""
         try:
             return self._compiled.render(
                 messages=messages,
@@ -236,13 +249,14 @@ def assistant_char_spans(
     ct: ChatTemplate, messages: list[dict], tools: list[dict] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans of its supervised assistant output."""
-    full = ct.render(messages, False, tools)
+    clean = ct.clean(messages)
+    full = ct.render_clean(clean, False, tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        before = ct.render(messages[:i], True, tools)
-        through = full if i + 1 == len(messages) else ct.render(messages[: i + 1], False, tools)
+        before = ct.render_clean(clean[:i], True, tools)
+        through = full if i + 1 == len(messages) else ct.render_clean(clean[: i + 1], False, tools)
         if not through.startswith(before) or not full.startswith(through):
             raise TemplateSplitError(
                 f"assistant turn {i}: the template does not render conversations as prefixes of each "

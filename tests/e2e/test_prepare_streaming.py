@@ -86,7 +86,7 @@ def test_reading_never_runs_more_than_a_window_ahead_of_encoding(data_file, tmp_
     _small_shards(monkeypatch, chunk=5, shard_chunks=4)
     progresses, ahead = [], []
 
-    class Watched(pipeline.ReadProgress):
+    class Watched(pipeline.ReadProgress):  # (reading happens in this process's main thread)
         def __init__(self, sources):
             super().__init__(sources)
             progresses.append(self)
@@ -102,7 +102,7 @@ def test_reading_never_runs_more_than_a_window_ahead_of_encoding(data_file, tmp_
     monkeypatch.setattr(pipeline, "ReadProgress", Watched)
     monkeypatch.setattr(pipeline, "record_batch", record_batch)
     _, report = prepare(_config(data_file, tmp_path, num_proc=2, cache=False), TOKENIZER, TEMPLATE, 0)
-    window_records = (2 * 2 + 2 + 1) * 5  # the window's chunks and one being formed
+    window_records = (2 * 2 + 1 + 1) * 5  # the chunks in flight and one being formed
     read_stage_left_out = report["records_in"] - _reaching_encoding(report)
     assert max(ahead) <= window_records + read_stage_left_out < report["records_in"] / 2
 
@@ -128,7 +128,7 @@ def test_a_stopped_preparation_continues_without_encoding_its_finished_shards(da
     real_encode = pipeline.encode_chunks
 
     def counting(chunks, *args):
-        yield from real_encode((encoded.append(len(c)) or c for c in chunks), *args)
+        yield from real_encode((encoded.append(len(convs)) or (tag, convs) for tag, convs in chunks), *args)
 
     monkeypatch.setattr(pipeline, "encode_chunks", counting)
     report = prepare_into(_config(data_file, tmp_path, cache=False), TOKENIZER, TEMPLATE, 0, out)
@@ -142,11 +142,55 @@ def test_a_stopped_preparation_continues_without_encoding_its_finished_shards(da
     assert encoded == []
 
 
+STOP_SCRIPT = """
+import sys
+from pathlib import Path
+from sftdist.config import DataConfig
+from sftdist.data import encode, pipeline, prepared
+from sftdist.data.demo import load_demo_tokenizer
+
+where = sys.argv[2]
+def boom(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+if where == "writer":  # the parent, mid-way (the pool busy, chunks in flight)
+    real = prepared.ShardWriter.write
+    calls = []
+    def write(self, shard, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            boom()
+        return real(self, shard, batch)
+    pipeline.ShardWriter.write = write
+elif where == "worker":  # a worker's encoding (forked: it sees this module's change)
+    encode.encode_chunk = boom
+pipeline._CHUNK = 5
+tok = load_demo_tokenizer()
+cfg = DataConfig(path=sys.argv[1], cache=False, max_length=256, num_proc=2, max_rejected_fraction=1.0)
+pipeline.prepare_into(cfg, tok, tok.chat_template, 0, Path(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("where", ["writer", "worker"])
+def test_an_error_on_either_side_of_the_pool_stops_the_preparation_at_once(data_file, tmp_path, where):
+    """With encoding workers, an error in the parent (a full disk) or in a worker ends the run with that error:
+    the pool is never left waiting on a reader blocked for room."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", STOP_SCRIPT, str(data_file), where, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "No space left on device" in proc.stderr
+
+
 def test_unfinished_work_of_other_settings_is_not_continued(data_file, tmp_path, monkeypatch):
     _small_shards(monkeypatch)
     partial = tmp_path / "prepared.partial"
     partial.mkdir()
-    (partial / "fingerprint").write_text("another configuration")
+    (partial / "fingerprint").write_text("another configuration")  # or the same data cut into other shards
     (partial / "shard-00000.arrow").write_text("not this data")
     (partial / "shard-00000.json").write_text("{}")
     prepare_into(_config(data_file, tmp_path, cache=False), TOKENIZER, TEMPLATE, 0, tmp_path / "prepared")
