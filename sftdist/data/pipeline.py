@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -39,7 +40,6 @@ from sftdist.data.prepared import (
     ShardWriter,
     cache_root,
     check_compatible,
-    check_replaceable,
     copy_prepared,
     fingerprint,
     load_prepared,
@@ -51,7 +51,6 @@ from sftdist.data.prepared import (
 from sftdist.data.sources import (
     ReadProgress,
     Source,
-    input_bytes,
     source_weights,
     sources_from_config,
     with_format,
@@ -177,32 +176,24 @@ def _chunks(records: Iterator[tuple[str, str, dict]], done: set[int], meter: _Me
     """(chunk, its conversations) to encode, ``_CHUNK`` conversations at a time, ``_SHARD_CHUNKS`` chunks to a
     shard. The chunks of a shard in ``done`` (finished by an earlier run) are read, so that the filters that compare
     records and the counts see their records, but not handed out."""
-    chunk: list[tuple[str, str, dict]] = []
-    index = 0
-    for record in _with_end(records):
-        if record is not None:
-            chunk.append(record)
-            if len(chunk) < _CHUNK:
-                continue
-        if not chunk:
-            break
-        shard, index = index // _SHARD_CHUNKS, index + 1
+    for index, chunk in enumerate(_batched(records, _CHUNK)):
+        shard = index // _SHARD_CHUNKS
         if shard not in done:
             yield _Chunk(shard, chunk), [conv for _, _, conv in chunk]
         meter.tick()
-        chunk = []
 
 
-def _with_end(items: Iterator[Any]) -> Iterator[Any]:
-    yield from items
-    yield None
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` items (the last one shorter), as Python 3.12's itertools.batched."""
+    while batch := list(itertools.islice(items, size)):
+        yield batch
 
 
-def _num_proc(cfg: DataConfig, sources: list[Source]) -> int:
+def _num_proc(cfg: DataConfig, input_size: int) -> int:
     """data.num_proc, or by input size: below ~16 MB of data, starting workers costs more than they save."""
     if cfg.num_proc:
         return cfg.num_proc
-    return 1 if input_bytes(sources) < _AUTO_PARALLEL_BYTES else max(1, min(os.cpu_count() or 1, 8))
+    return 1 if input_size < _AUTO_PARALLEL_BYTES else max(1, min(os.cpu_count() or 1, 8))
 
 
 def check_rejections(rejected: dict[str, int], examples: dict[str, list[str]], records_in: int, limit: float) -> None:
@@ -267,7 +258,6 @@ def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, dire
     with quiet_datasets():
         sources = sources_from_config(cfg, seed)
         digest = fingerprint(sources, tokenizer, template, cfg)
-        check_replaceable(directory)
         cached = cache_root(cfg) / digest
         with writing(directory):
             if (directory / MANIFEST).is_file() and json.loads((directory / MANIFEST).read_text()).get(
@@ -306,7 +296,7 @@ def write_prepared(
     meter = _Meter(progress)
     chunks = _chunks(_read(sources, record_filter, read_tally, progress), set(writer.finished), meter)
     encoded_chunks = encode_chunks(
-        chunks, tokenizer, template, cfg.max_length, cfg.truncation, cfg.filters, _num_proc(cfg, sources)
+        chunks, tokenizer, template, cfg.max_length, cfg.truncation, cfg.filters, _num_proc(cfg, progress.total)
     )
     shard, tally = None, _Tally()
     for chunk, encoded in encoded_chunks:
