@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 _MAX_EXAMPLES = 5  # examples kept per reason in the report
 _AUTO_PARALLEL_BYTES = 16 << 20  # below this much input, worker start-up costs more than it saves
 _CHUNK = 512  # conversations per encoding task
+_FIRST_CHUNK = 32  # ... but the first chunks are smaller (32, 64, ...): a small input is still several chunks, so
+# its rendering overlaps its tokenization and its chunks spread over the workers
 _SHARD_CHUNKS = 64  # chunks per shard of prepared data (32,768 conversations): what a stopped preparation redoes
 _PROGRESS_SECONDS = 10.0  # between progress lines in the log
 
@@ -173,19 +175,27 @@ class _Chunk:
 
 
 def _chunks(records: Iterator[tuple[str, str, dict]], done: set[int], meter: _Meter) -> Iterator[tuple[_Chunk, list]]:
-    """(chunk, its conversations) to encode, ``_CHUNK`` conversations at a time, ``_SHARD_CHUNKS`` chunks to a
-    shard. The chunks of a shard in ``done`` (finished by an earlier run) are read, so that the filters that compare
-    records and the counts see their records, but not handed out."""
-    for index, chunk in enumerate(_batched(records, _CHUNK)):
+    """(chunk, its conversations) to encode, ``_CHUNK`` conversations at a time (after the first, smaller ones),
+    ``_SHARD_CHUNKS`` chunks to a shard. The chunks of a shard in ``done`` (finished by an earlier run) are read, so
+    that the filters that compare records and the counts see their records, but not handed out."""
+    for index, chunk in enumerate(_batched(records, _chunk_sizes())):
         shard = index // _SHARD_CHUNKS
         if shard not in done:
             yield _Chunk(shard, chunk), [conv for _, _, conv in chunk]
         meter.tick()
 
 
-def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    """Lists of ``size`` items (the last one shorter), as Python 3.12's itertools.batched."""
-    while batch := list(itertools.islice(items, size)):
+def _chunk_sizes() -> Iterator[int]:
+    """_FIRST_CHUNK, doubling up to _CHUNK, then _CHUNK for ever."""
+    size = min(_FIRST_CHUNK, _CHUNK)
+    while True:
+        yield size
+        size = min(2 * size, _CHUNK)
+
+
+def _batched(items: Iterator[Any], sizes: Iterator[int]) -> Iterator[list[Any]]:
+    """Lists of the next size's number of items (the last one shorter)."""
+    while batch := list(itertools.islice(items, next(sizes))):
         yield batch
 
 
@@ -287,7 +297,11 @@ def write_prepared(
     exact dedup's 8-byte hash per record, near dedup's signatures, see ``filters.py``). A preparation that was
     stopped is continued: its finished shards are read again (the filters and the counts need their records) but
     not encoded again. Returns the report; raises DataError when too much was rejected or nothing is usable."""
-    writer = ShardWriter(directory, digest, layout=f"{_CHUNK} conversations a chunk, {_SHARD_CHUNKS} chunks a shard")
+    writer = ShardWriter(
+        directory,
+        digest,
+        layout=f"chunks of {_FIRST_CHUNK} doubling to {_CHUNK} conversations, {_SHARD_CHUNKS} chunks a shard",
+    )
     if writer.finished:
         log.info("data: continuing the preparation in %s (%d shards done before)", writer.work, len(writer.finished))
     eval_texts = _decontamination_texts(cfg.filters.decontaminate) if cfg.filters.decontaminate else None

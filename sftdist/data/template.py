@@ -27,9 +27,11 @@ system prompt. Adaptations are counted in the data report.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,73 @@ def _compile(template: str, where: str) -> Any:
         return _compile_jinja_template(template)
     except jinja2.TemplateSyntaxError as err:
         raise ConfigError(f"{where}: the chat template does not parse: {err.message} (line {err.lineno})") from err
+
+
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+_LOOP_COUNTERS = frozenset(("index", "index0", "revindex", "revindex0", "first", "last", "length", "depth", "depth0"))
+
+
+class _JsonMemo:
+    """The ``tojson`` filter, serialising each value once for all the renders of one conversation (inside
+    ``scope()``; outside, it just calls ``tojson``). Exact: a template cannot change a value (the sandbox is
+    immutable), so the same object gives the same JSON; and the memo holds every object it saw, so no id is
+    reused by another object while it lives."""
+
+    def __init__(self, tojson: Any):
+        self.tojson = tojson
+        self.memo: dict | None = None
+
+    def __call__(self, value: Any, *args: Any, **kwargs: Any) -> str:
+        if self.memo is None:
+            return self.tojson(value, *args, **kwargs)
+        key = (id(value), repr(args), repr(kwargs))
+        seen = self.memo.get(key)
+        if seen is None:
+            seen = self.memo[key] = (value, self.tojson(value, *args, **kwargs))
+        return seen[1]
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        self.memo = {}
+        try:
+            yield
+        finally:
+            self.memo = None
+
+
+def _renderer(compiled: Any, template: str) -> tuple[Any, _JsonMemo]:
+    """``template`` compiled again in an overlay of apply_chat_template's environment (same class, settings,
+    filters, tests, globals and extensions), rendering the same text faster:
+
+    - its ``getattr`` answers ``message.role`` on a plain dict from the dict at once. The sandbox would first try
+      the dict's attributes and fail, then read the item; for a plain dict and a name that is not an attribute of
+      dict that failure is certain, so the answer is the same (the item, or the same Undefined) without the
+      exception. ``loop.last`` and the loop's other counters, which the sandbox checks and allows (numbers and
+      truths of a LoopContext), are read at once too. Anything else goes to the sandbox's own ``getattr``;
+    - its globals are a plain dict (a copy of the chain of template and environment globals, which are set once
+      when the template is compiled), so each render's context is a dict copy, not a walk of the chain;
+    - its ``tojson`` can serialise a value once for all the renders of a conversation (``_JsonMemo``)."""
+    from jinja2.runtime import LoopContext
+
+    env = compiled.environment.overlay()
+    env.filters = dict(env.filters)  # (the overlay's own: the environment's stay as they are)
+    memo = env.filters["tojson"] = _JsonMemo(env.filters["tojson"])
+    sandbox_getattr, undefined = env.getattr, env.undefined
+
+    def getattr_(obj: Any, attribute: Any) -> Any:
+        if type(obj) is dict and type(attribute) is str and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return undefined(obj=obj, name=attribute)
+        if type(obj) is LoopContext and attribute in _LOOP_COUNTERS:
+            return getattr(obj, attribute)
+        return sandbox_getattr(obj, attribute)
+
+    env.getattr = getattr_
+    renderer = env.from_string(template)
+    renderer.globals = dict(renderer.globals)
+    return renderer, memo
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str:
@@ -107,7 +176,7 @@ class ChatTemplate:
         self.template = template
         self.hash = template_hash(template)
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        self._compiled = _compile(template, f"the chat template of {name!r}")  # apply_chat_template's environment
+        self._compiled, self._json = _renderer(_compile(template, f"the chat template of {name!r}"), template)
         self._kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self.caps = self._probe()
 
@@ -125,6 +194,10 @@ class ChatTemplate:
         if any(k in m for m in messages for k in _REASONING_FIELDS):
             messages = _alias_reasoning(messages)
         return messages
+
+    def one_conversation(self) -> contextlib.AbstractContextManager:
+        """Renders of one conversation inside: each value its template serialises to JSON is serialised once."""
+        return self._json.scope()
 
     def render_clean(
         self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
@@ -249,24 +322,25 @@ def assistant_char_spans(
     ct: ChatTemplate, messages: list[dict], tools: list[dict] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans of its supervised assistant output."""
-    clean = ct.clean(messages)
-    full = ct.render_clean(clean, False, tools)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) == 0:
-            continue
-        before = ct.render_clean(clean[:i], True, tools)
-        through = full if i + 1 == len(messages) else ct.render_clean(clean[: i + 1], False, tools)
-        if not through.startswith(before) or not full.startswith(through):
-            raise TemplateSplitError(
-                f"assistant turn {i}: the template does not render conversations as prefixes of each "
-                "other (the text up to the generation prompt is not kept when the turn is added, or a "
-                "later turn rewrites an earlier one), so the assistant spans cannot be derived reliably"
-            )
-        start = len(before)
-        end = start + len(through[start:].rstrip())
-        if end > start:
-            spans.append((start, end))
+    with ct.one_conversation():
+        clean = ct.clean(messages)
+        full = ct.render_clean(clean, False, tools)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant" or message.get("weight", 1) == 0:
+                continue
+            before = ct.render_clean(clean[:i], True, tools)
+            through = full if i + 1 == len(messages) else ct.render_clean(clean[: i + 1], False, tools)
+            if not through.startswith(before) or not full.startswith(through):
+                raise TemplateSplitError(
+                    f"assistant turn {i}: the template does not render conversations as prefixes of each "
+                    "other (the text up to the generation prompt is not kept when the turn is added, or a "
+                    "later turn rewrites an earlier one), so the assistant spans cannot be derived reliably"
+                )
+            start = len(before)
+            end = start + len(through[start:].rstrip())
+            if end > start:
+                spans.append((start, end))
     return full, spans
 
 

@@ -208,3 +208,69 @@ def test_a_template_file_that_does_not_parse_is_named(tmp_path):
     path.write_text("{% for m in messages %}{{ m.content }}")
     with pytest.raises(ConfigError, match=r"data.chat_template='.*broken.jinja': the chat template does not parse"):
         load_chat_template(str(path))
+
+
+# Every way a template reads a message's fields: present and missing keys, keys named like dict methods,
+# attr(), nested dicts, the loop's counters and methods, dict methods the sandbox allows.
+_ATTRIBUTE_PROBE = (
+    "{% for m in messages %}"
+    "[{{ m.role }}|{{ m.content }}|{{ m.missing is defined }}|{{ m.items is defined }}|{{ m.get('role') }}"
+    "|{{ m['role'] }}|{{ m | attr('role') }}|{{ m.keys() | list | length }}|{{ m.extra.inner if m.extra }}"
+    "|{{ (m.extra.missing is defined) if m.extra else '' }}"
+    "|{{ loop.index0 }}{{ loop.last }}{{ loop.first }}{{ loop.length }}{{ loop.revindex }}{{ loop.cycle('x', 'y') }}"
+    "|{{ m.values is defined }}]"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<gen>{% endif %}"
+)
+
+
+def test_the_fast_renderer_renders_what_apply_chat_template_renders(demo_tokenizer):
+    """Our renderer answers a plain dict's fields without the sandbox's failed attribute lookup: the same text for
+    every way of reading a field, and the same refusals of unsafe attributes."""
+    import jinja2
+
+    from sftdist.data.template import ChatTemplate
+
+    ct = ChatTemplate(demo_tokenizer, _ATTRIBUTE_PROBE)
+    messages = [
+        {"role": "user", "content": "hi", "extra": {"inner": "deep"}},
+        {"role": "assistant", "content": "yo", "items": "shadowed by dict.items", "values": 3},
+    ]
+    for gen in (False, True):
+        ours = ct.render(messages, add_generation_prompt=gen)
+        assert ours == demo_tokenizer.apply_chat_template(
+            messages, chat_template=_ATTRIBUTE_PROBE, tokenize=False, add_generation_prompt=gen
+        )
+    assert ours.startswith("[user|hi|False|True|user|user||3|deep|False|0FalseTrue22x|True][assistant|yo|False|True|")
+    for unsafe in ("{{ messages[0].__class__.__mro__ }}", "{{ messages[0].update({}) }}", "{{ messages | attr(1) }}"):
+        with pytest.raises((jinja2.exceptions.SecurityError, TypeError)):
+            demo_tokenizer.apply_chat_template(messages, chat_template=unsafe, tokenize=False)
+        with pytest.raises(TemplateSplitError, match="failed to render"):
+            ChatTemplate(demo_tokenizer, unsafe).render(messages)
+
+
+def test_json_is_serialised_once_per_conversation_and_stays_exact(demo_tokenizer):
+    """Within one conversation's renders each value is serialised to JSON once; values the template builds and
+    drops (whose ids Python reuses) still serialise to themselves, and the spans' text is apply_chat_template's."""
+    from sftdist.data.template import ChatTemplate, assistant_char_spans
+
+    ct = ChatTemplate(
+        demo_tokenizer,
+        "{% for m in messages %}{% for i in range(3) %}{{ [i, m.content] | tojson }}{% endfor %}"
+        "{{ m.args | tojson(indent=1) if m.args is defined }}{{ m.args | tojson }}{% endfor %}",
+    )
+    messages = [
+        {"role": "user", "content": "a", "args": {"x": [1, 2]}},
+        {"role": "assistant", "content": "b", "args": {"y": "é"}},
+    ]
+    text, _ = assistant_char_spans(ct, messages)
+    assert text == demo_tokenizer.apply_chat_template(messages, chat_template=ct.template, tokenize=False)
+    assert text.startswith('[0, "a"][1, "a"][2, "a"]{\n "x": [\n  1,\n  2\n ]\n}{"x": [1, 2]}[0, "b"]')
+    calls = []  # (what was serialised, not the values: holding them would keep their ids from being reused)
+    tojson = ct._json.tojson
+    ct._json.tojson = lambda *a, **k: calls.append(repr(a[0])) or tojson(*a, **k)
+    assert assistant_char_spans(ct, messages)[0] == text
+    # Rendered twice (in full, and up to the assistant turn), each args dict is serialised once per indent (not
+    # four times: the user's is in both renders); each temporary list once per render.
+    assert calls.count("{'x': [1, 2]}") == 2 and calls.count("{'y': 'é'}") == 2
+    assert calls.count("[0, 'a']") == 2
