@@ -3,8 +3,8 @@ or a glob of such files (shards, read in sorted order as one source), saved Hugg
 DatasetDict's ``split``), or the generated demo; each record with a ``where`` that names it (``FILE line N``,
 ``FILE record N``, ``DIR row N``).
 
-Records are read one at a time (parquet a batch of rows at a time), so a source of any size is read in bounded
-memory; a ``.json`` file (one JSON list) is the exception, read whole. ``ReadProgress`` follows the bytes read.
+Records are read one at a time (parquet a batch of rows at a time; a ``.json`` file, one JSON list, a block of the
+file at a time), so a source of any size is read in bounded memory. ``ReadProgress`` follows the bytes read.
 
 A record that cannot even be parsed (invalid JSON, not UTF-8) is yielded as a counted rejection, not an
 exception: one bad line never stops the others from being read. A file that cannot be read at all
@@ -19,6 +19,7 @@ import contextlib
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
 import re
@@ -218,7 +219,7 @@ def _size(path: Path) -> int:
 
 def iter_records(source: Source, progress: ReadProgress | None = None) -> Iterator[tuple[str, Any]]:
     """(where, raw record or Rejected) in file order (shard by shard), one at a time: a file of any size is read in
-    bounded memory, but a ``.json`` file (one JSON list), which is read whole."""
+    bounded memory."""
     progress = progress or ReadProgress([])
     if source.path is None:
         yield from ((f"{source.name} record {i}", r) for i, r in enumerate(source.records))
@@ -231,7 +232,7 @@ def iter_records(source: Source, progress: ReadProgress | None = None) -> Iterat
         elif kind == ".jsonl":
             records = _iter_jsonl(path, progress)
         elif kind == ".json":
-            records = _iter_json(path, progress, size)
+            records = _iter_json(path, progress)
         else:
             records = _iter_parquet(path, progress, size)
         empty = True
@@ -282,30 +283,98 @@ def _iter_jsonl(path: Path, progress: ReadProgress) -> Iterator[tuple[str, Any]]
             yield where, record
 
 
-def _iter_json(path: Path, progress: ReadProgress, size: int) -> Iterator[tuple[str, Any]]:
+_JSON_BLOCK = 1 << 20  # bytes of a .json list read at a time
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER_CHARS = re.compile(r"[0-9.eE+-]*")
+_JSON_KINDS = {"{": "dict", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
+
+
+class _JsonText:
+    """The text of a .json file, decoded a block at a time (a byte-order mark dropped): what is kept is the unread
+    rest of the current block, plus a record that spans blocks. ``pos`` is where reading is in ``text``."""
+
+    def __init__(self, path: Path, file: io.BufferedIOBase):
+        self.path, self.file = path, file
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.text, self.pos = "", 0
+        self.lines_before = 0  # line ends in the text already dropped
+        self.bytes_read = 0
+
+    def more(self, size: int = 0) -> bool:
+        """Add the next block (``size`` bytes, else ``_JSON_BLOCK``) to the unread text; False at the end of the
+        file."""
+        data = self.file.read(size or _JSON_BLOCK)
+        try:
+            text = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{self.path}: not UTF-8 ({err.reason} at byte {self.bytes_read + err.start})") from err
+        self.bytes_read += len(data)
+        self.lines_before += self.text.count("\n", 0, self.pos)
+        self.text, self.pos = self.text[self.pos :] + text, 0
+        return bool(data)
+
+    def next_char(self) -> str:
+        """The next character that is not white space ('' at the end of the file); ``pos`` is at it."""
+        while True:
+            self.pos = _WHITESPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self.more():
+                return ""
+
+    def value(self, decoder: json.JSONDecoder) -> Any:
+        """The JSON value at ``pos`` (after white space), read on into further blocks while it is cut off."""
+        self.next_char()
+        size = _JSON_BLOCK
+        while True:
+            try:
+                value, end = decoder.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError as err:
+                if self.more(size):
+                    size *= 2
+                    continue
+                raise self.error(err.msg, err.pos) from err
+            except RecursionError as err:
+                raise DataError(f"{self.path}: JSON nested too deeply to read") from err
+            if type(value) in (int, float) and _NUMBER_CHARS.match(self.text, end).end() == len(self.text):
+                if self.more(size):  # (the number may go on in the next block: 1.5 of 1.5e3)
+                    continue
+            self.pos = end
+            return value
+
+    def error(self, message: str, at: int) -> DataError:
+        line = self.lines_before + self.text.count("\n", 0, at) + 1
+        return DataError(
+            f"{self.path}: invalid JSON at line {line} ({message}); one record per line (.jsonl) lets the good "
+            "records through"
+        )
+
+
+def _iter_json(path: Path, progress: ReadProgress) -> Iterator[tuple[str, Any]]:
+    """The records of a .json file holding one JSON list, parsed one at a time as the file is read."""
+    decoder = json.JSONDecoder()
     with _open(path, progress) as f:
-        text = f.read()
-    if not text.strip():
-        return  # (empty: said by iter_records)
-    try:
-        data = json.loads(text.decode("utf-8-sig"))
-    except RecursionError as err:
-        raise DataError(f"{path}: JSON nested too deeply to read") from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from err
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: invalid JSON at line {err.lineno} ({err.msg}); one record per line "
-            "(.jsonl) lets the good records through"
-        ) from err
-    if not isinstance(data, list):
-        raise DataError(f"{path}: a .json data file must hold a list of records, not {type(data).__name__}")
-    del text
-    i = 0
-    progress.start_file(lambda: size * i // max(1, len(data)))
-    for record in data:
-        yield f"{path} record {i}", record
-        i += 1
+        text = _JsonText(path, f)
+        first = text.next_char()
+        if not first:
+            return  # (empty: said by iter_records)
+        if first != "[":
+            kind = _JSON_KINDS.get(first, "a number" if first in "-0123456789" else f"{first!r}")
+            raise DataError(f"{path}: a .json data file must hold a list of records, not {kind}")
+        text.pos += 1
+        if text.next_char() == "]":
+            text.pos += 1
+        else:
+            for i in itertools.count():
+                yield f"{path} record {i}", text.value(decoder)
+                after = text.next_char()
+                if after not in (",", "]"):
+                    raise text.error("Expecting ',' delimiter" if after else "the list is not closed", text.pos)
+                text.pos += 1
+                if after == "]":
+                    break
+        if text.next_char():
+            raise text.error("Extra data", text.pos)
 
 
 def _without_nulls(value: Any) -> Any:

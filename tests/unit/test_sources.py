@@ -108,3 +108,72 @@ def test_sources_from_config(tmp_path, monkeypatch):
         sources_from_config(DataConfig(sources=[SourceConfig(path="nope.jsonl")]), 0)
     with pytest.raises(DataError, match="same name twice"):
         sources_from_config(DataConfig(sources=[SourceConfig(path="x/a.jsonl"), SourceConfig(path="y/a.json")]), 0)
+
+
+def _json_records(path):
+    return [r for _, r in _records(path)]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 64, 1 << 20])
+def test_a_json_list_is_read_a_block_at_a_time_as_it_would_be_whole(tmp_path, monkeypatch, block):
+    """Records, numbers, strings with escapes and multi-byte characters cut at every place by the blocks read."""
+    from sftdist.data import sources
+
+    monkeypatch.setattr(sources, "_JSON_BLOCK", block)
+    rows = [GOOD, {"text": 'é€😀 "quoted" \\ \n'}, 12345, -1.5e3, [], {}, "s", True, None, {"deep": [[{"x": [1]}]]}]
+    for name, text in (
+        ("compact.json", json.dumps(rows, ensure_ascii=False)),
+        ("indented.json", json.dumps(rows, indent=2)),
+        ("crlf.json", json.dumps(rows, indent=1).replace("\n", "\r\n")),
+    ):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8") + b"\n")
+        records = _records(path)
+        assert [r for _, r in records] == rows, name
+        assert records[3][0].endswith(f"{name} record 3")
+    (tmp_path / "empty_list.json").write_text(" [ ] \n")
+    with pytest.raises(DataError, match="empty_list.json is empty"):
+        _records(tmp_path / "empty_list.json")
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('[{"a": 1},\n{"a": 2},\n\n{"a": 3 "b"}]', "invalid JSON at line 4 \\(Expecting ',' delimiter\\)"),
+        ('[{"a": 1},\n{"a": 2}\n{"a": 3}]', "invalid JSON at line 3 \\(Expecting ',' delimiter\\)"),
+        ('[{"a": 1},\n{"a": 2},\n]', "invalid JSON at line 3 \\(Expecting value\\)"),
+        ('[{"a": 1},\n{"a": 2}', "invalid JSON at line 2 \\(the list is not closed\\)"),
+        ('[{"a": 1}]\n[]', "invalid JSON at line 2 \\(Extra data\\)"),
+        ('"a"', "must hold a list of records, not str"),
+        ("7", "must hold a list of records, not a number"),
+    ],
+)
+def test_a_json_list_read_in_blocks_names_the_line_of_its_error(tmp_path, monkeypatch, content, message):
+    from sftdist.data import sources
+
+    monkeypatch.setattr(sources, "_JSON_BLOCK", 4)
+    (tmp_path / "d.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        _records(tmp_path / "d.json")
+    (tmp_path / "d.json").write_bytes(b'[{"a": "ok"},\n {"a": "caf\xe9"}]')
+    with pytest.raises(DataError, match="not UTF-8 \\(invalid continuation byte at byte 25\\)"):
+        _records(tmp_path / "d.json")
+
+
+def test_a_large_json_list_is_read_in_bounded_memory(tmp_path):
+    """A 24 MB list of records is read holding about a block (1 MB) and a record, not the file."""
+    import tracemalloc
+
+    record = {**GOOD, "meta": {"pad": "x" * 2000}}
+    path = tmp_path / "big.json"
+    with path.open("w") as f:
+        f.write("[" + ",\n".join(json.dumps({**record, "meta": {**record["meta"], "i": i}}) for i in range(12000)) + "]")
+    assert path.stat().st_size > 24e6
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_records(Source("s", "auto", 1.0, str(path))))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 12000
+    assert peak < 6e6, f"peak {peak / 1e6:.1f} MB reading a {path.stat().st_size / 1e6:.0f} MB file"
