@@ -64,7 +64,8 @@ _AUTO_PARALLEL_BYTES = 16 << 20  # below this much input, worker start-up costs 
 _CHUNK = 512  # conversations per encoding task
 _FIRST_CHUNK = 32  # ... but the first chunks are smaller (32, 64, ...): a small input is still several chunks, so
 # its rendering overlaps its tokenization and its chunks spread over the workers
-_SHARD_CHUNKS = 64  # chunks per shard of prepared data (32,768 conversations): what a stopped preparation redoes
+_SHARD_CHUNKS = 64  # chunks per shard of prepared data (32,768 conversations; the first, 31,200): what a stopped
+# preparation redoes
 _PROGRESS_SECONDS = 10.0  # between progress lines in the log
 
 
@@ -300,7 +301,7 @@ def write_prepared(
     writer = ShardWriter(
         directory,
         digest,
-        layout=f"chunks of {_FIRST_CHUNK} doubling to {_CHUNK} conversations, {_SHARD_CHUNKS} chunks a shard",
+        layout=f"chunks of {min(_FIRST_CHUNK, _CHUNK)} doubling to {_CHUNK} conversations, {_SHARD_CHUNKS} a shard",
     )
     if writer.finished:
         log.info("data: continuing the preparation in %s (%d shards done before)", writer.work, len(writer.finished))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,30 +75,41 @@ _LOOP_COUNTERS = frozenset(("index", "index0", "revindex", "revindex0", "first",
 
 class _JsonMemo:
     """The ``tojson`` filter, serialising each value once for all the renders of one conversation (inside
-    ``scope()``; outside, it just calls ``tojson``). Exact: a template cannot change a value (the sandbox is
-    immutable), so the same object gives the same JSON; and the memo holds every object it saw, so no id is
-    reused by another object while it lives."""
+    ``scope()``, in this thread; elsewhere it just calls ``tojson``). Exact: a template cannot change a value (the
+    sandbox is immutable), so the same object gives the same JSON; the memo holds every object it saw, so no id is
+    reused by another object while it lives; and only calls whose options are plain constants (None, truths,
+    numbers, strings, lists of strings) are remembered: a lazy option (a ``map`` generator) goes to ``tojson``."""
 
     def __init__(self, tojson: Any):
         self.tojson = tojson
-        self.memo: dict | None = None
+        self._local = threading.local()
 
     def __call__(self, value: Any, *args: Any, **kwargs: Any) -> str:
-        if self.memo is None:
+        memo = getattr(self._local, "memo", None)
+        options = (*args, *sorted(kwargs.items()))
+        if memo is None or not all(_constant(o) for o in options):
             return self.tojson(value, *args, **kwargs)
-        key = (id(value), repr(args), repr(kwargs))
-        seen = self.memo.get(key)
+        key = (id(value), repr(options))
+        seen = memo.get(key)
         if seen is None:
-            seen = self.memo[key] = (value, self.tojson(value, *args, **kwargs))
+            seen = memo[key] = (value, self.tojson(value, *args, **kwargs))
         return seen[1]
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
-        self.memo = {}
+        outer = getattr(self._local, "memo", None)
+        self._local.memo = {} if outer is None else outer
         try:
             yield
         finally:
-            self.memo = None
+            self._local.memo = outer
+
+
+def _constant(option: Any) -> bool:
+    """A tojson option whose repr says all it is: None, a truth, a number, a string, a list or pair of these."""
+    if type(option) in (list, tuple):
+        return all(_constant(o) for o in option)
+    return option is None or type(option) in (bool, int, float, str)
 
 
 def _renderer(compiled: Any, template: str) -> tuple[Any, _JsonMemo]:
@@ -123,10 +135,13 @@ def _renderer(compiled: Any, template: str) -> tuple[Any, _JsonMemo]:
         if type(obj) is dict and type(attribute) is str and attribute not in _DICT_ATTRIBUTES:
             try:
                 return obj[attribute]
-            except KeyError:
+            except (TypeError, LookupError):
                 return undefined(obj=obj, name=attribute)
         if type(obj) is LoopContext and attribute in _LOOP_COUNTERS:
-            return getattr(obj, attribute)
+            try:
+                return getattr(obj, attribute)
+            except AttributeError:  # (raised by the loop's items while reading ahead: the sandbox then tries
+                return undefined(obj=obj, name=attribute)  # loop[attribute], which a LoopContext refuses)
         return sandbox_getattr(obj, attribute)
 
     env.getattr = getattr_

@@ -7,7 +7,7 @@ no assistant mask, since TRL refuses to mask these templates) on the same tokeni
 
 The tokenizer is an 8k-vocab byte-level BPE trained here on the three files, with the Qwen2.5 template
 (it renders tools, tool calls and tool results) and its special tokens. Each figure is the best of
-``--repeat`` runs; the cache is off for sftdist, so every run does all the work. "tokenize only" is one
+``--repeat`` runs, interleaved; the cache is off for sftdist, so every run does all the work. "tokenize only" is one
 batch tokenization of the rendered texts on all cores: the ceiling of any preparation of the same text.
 """
 
@@ -151,10 +151,14 @@ def main() -> None:
         )
         for name in FILES:
             path = SHARED / "data" / name
-            ours1 = min(time_sftdist(path, tokenizer, 1)[0] for _ in range(args.repeat))
-            ours2 = min(time_sftdist(path, tokenizer, 2)[0] for _ in range(args.repeat))
-            theirs, n = min(time_trl(path, tokenizer, trainer, trl_args) for _ in range(args.repeat))
-            floor = min(time_tokenize_only(path, tokenizer) for _ in range(args.repeat))
+            runs: dict[str, list[float]] = {"ours1": [], "ours2": [], "theirs": [], "floor": []}
+            for _ in range(args.repeat):  # interleaved, so that a busy spell of the machine hits every column alike
+                runs["ours1"].append(time_sftdist(path, tokenizer, 1)[0])
+                runs["ours2"].append(time_sftdist(path, tokenizer, 2)[0])
+                seconds, n = time_trl(path, tokenizer, trainer, trl_args)
+                runs["theirs"].append(seconds)
+                runs["floor"].append(time_tokenize_only(path, tokenizer))
+            ours1, ours2, theirs, floor = (min(runs[k]) for k in ("ours1", "ours2", "theirs", "floor"))
             best = max(n / ours1, n / ours2)
             print(
                 f"{name:<30} {n:>7} {n / ours1:>12.0f}/s {n / ours2:>12.0f}/s {n / theirs:>7.0f}/s "

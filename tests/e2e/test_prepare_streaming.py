@@ -58,7 +58,9 @@ def _reaching_encoding(report: dict) -> int:
     return report["records_used"] + report["rejected"].get("too_long", 0)
 
 
-def _small_shards(monkeypatch, chunk: int = 7, shard_chunks: int = 3) -> None:
+def _small_shards(monkeypatch, chunk: int = 7, shard_chunks: int = 3, first: int = 2) -> None:
+    """Chunks of 2, 4, then 7 conversations, 3 chunks a shard (the first shard 13 conversations, then 21)."""
+    monkeypatch.setattr(pipeline, "_FIRST_CHUNK", first)
     monkeypatch.setattr(pipeline, "_CHUNK", chunk)
     monkeypatch.setattr(pipeline, "_SHARD_CHUNKS", shard_chunks)
 
@@ -70,7 +72,7 @@ def test_many_small_shards_give_the_samples_and_report_of_one(data_file, tmp_pat
     table, report = prepare(_config(data_file, tmp_path, num_proc=num_proc), TOKENIZER, TEMPLATE, 0)
     (cached,) = [p for p in (tmp_path / "cache" / "prepared").iterdir() if p.is_dir()]
     files = json.loads((cached / "state.json").read_text())["_data_files"]
-    assert len(files) == -(-_reaching_encoding(report) // 21)  # a shard per three chunks of seven
+    assert len(files) == 1 + -(-(_reaching_encoding(report) - 13) // 21)  # 2 + 4 + 7, then three chunks of seven
     assert _rows(table) == _rows(one_table)
     assert report == one_report  # counts, examples (first five, in record order), tokens, ends, per source
     assert set(report["rejected"]) == {"invalid_json", "missing_field", "too_long"}
@@ -132,7 +134,7 @@ def test_a_stopped_preparation_continues_without_encoding_its_finished_shards(da
 
     monkeypatch.setattr(pipeline, "encode_chunks", counting)
     report = prepare_into(_config(data_file, tmp_path, cache=False), TOKENIZER, TEMPLATE, 0, out)
-    assert sum(encoded) == _reaching_encoding(report) - 3 * 3 * 7  # three shards of 3 chunks of 7: not encoded again
+    assert sum(encoded) == _reaching_encoding(report) - 13 - 2 * 21  # three shards: not encoded again
     assert report == whole_report
     assert _rows(datasets.load_from_disk(str(out))) == _rows(whole)
     assert not (tmp_path / "prepared.partial").exists()

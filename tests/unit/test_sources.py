@@ -140,24 +140,100 @@ def test_a_json_list_is_read_a_block_at_a_time_as_it_would_be_whole(tmp_path, mo
     "content,message",
     [
         ('[{"a": 1},\n{"a": 2},\n\n{"a": 3 "b"}]', "invalid JSON at line 4 \\(Expecting ',' delimiter\\)"),
+        ('[{"a": 1},\n{"a": 2},\n\n{"a": 3 "b"},\n{"c": 1},\n{"c": 2}]', "invalid JSON at line 4 \\(Expecting ','"),
         ('[{"a": 1},\n{"a": 2}\n{"a": 3}]', "invalid JSON at line 3 \\(Expecting ',' delimiter\\)"),
         ('[{"a": 1},\n{"a": 2},\n]', "invalid JSON at line 3 \\(Expecting value\\)"),
         ('[{"a": 1},\n{"a": 2}', "invalid JSON at line 2 \\(the list is not closed\\)"),
         ('[{"a": 1}]\n[]', "invalid JSON at line 2 \\(Extra data\\)"),
         ('"a"', "must hold a list of records, not str"),
-        ("7", "must hold a list of records, not a number"),
+        ("7", "must hold a list of records, not int"),
     ],
 )
-def test_a_json_list_read_in_blocks_names_the_line_of_its_error(tmp_path, monkeypatch, content, message):
+@pytest.mark.parametrize("block", [4, None])  # (None: the 1 MB default, the whole file in one block)
+def test_a_json_list_read_in_blocks_names_the_line_of_its_error(tmp_path, monkeypatch, content, message, block):
     from sftdist.data import sources
 
-    monkeypatch.setattr(sources, "_JSON_BLOCK", 4)
+    if block:
+        monkeypatch.setattr(sources, "_JSON_BLOCK", block)
     (tmp_path / "d.json").write_text(content)
     with pytest.raises(DataError, match=message):
         _records(tmp_path / "d.json")
-    (tmp_path / "d.json").write_bytes(b'[{"a": "ok"},\n {"a": "caf\xe9"}]')
-    with pytest.raises(DataError, match="not UTF-8 \\(invalid continuation byte at byte 25\\)"):
-        _records(tmp_path / "d.json")
+
+
+@pytest.mark.parametrize("block", [1, 3, 12, None])
+def test_a_json_list_that_is_not_utf8_names_the_byte(tmp_path, monkeypatch, block):
+    from sftdist.data import sources
+
+    if block:
+        monkeypatch.setattr(sources, "_JSON_BLOCK", block)
+    for content, at in (
+        (b'[{"a": "\xc3\xa9\xe2\x82"}]', 10),  # (a 3-byte character cut short)
+        (b'\xef\xbb\xbf[{"a": "ok"},\n {"a": "caf\xe9"}]', 28),  # (after a byte-order mark)
+        (b"\xef", 0),  # (a byte-order mark cut short is not an empty file)
+        (b"\xef\xbb", 0),
+    ):
+        (tmp_path / "d.json").write_bytes(content)
+        with pytest.raises(DataError, match=f"not UTF-8 \\(.* at byte {at}\\)"):
+            _records(tmp_path / "d.json")
+
+
+def test_a_json_list_read_in_blocks_reads_what_json_loads_reads(tmp_path, monkeypatch):
+    """Random lists (escapes, multi-byte characters, numbers, literals, nesting, white space), whole and with
+    bytes changed, at several block sizes: the same records as json.loads, or an error where it has one."""
+    import random
+
+    from sftdist.data import sources
+
+    rng = random.Random(0)
+
+    def value(depth=0):
+        kind = rng.choice(["str", "num", "lit", "list", "dict"] if depth < 3 else ["str", "num", "lit"])
+        if kind == "str":
+            return "".join(rng.choice('ab "\\/\n\té€😀\u2028') for _ in range(rng.randint(0, 8)))
+        if kind == "num":
+            return rng.choice([0, -7, 12345678901234567890, 1.5, -2.5e-7, 3e300])
+        if kind == "lit":
+            return rng.choice([True, False, None])
+        if kind == "list":
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {f"k{i}": value(depth + 1) for i in range(rng.randint(0, 3))}
+
+    path = tmp_path / "d.json"
+    for case in range(400):
+        rows = [value() for _ in range(rng.randint(0, 5))]
+        data = json.dumps(rows, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5).encode()
+        if case % 2:  # a byte changed, inserted or removed
+            at = rng.randrange(len(data))
+            data = data[:at] + rng.choice([b"", b",", b"]", b"{", b'"', b"\\", b"x", b" "]) + data[at + 1 :]
+        path.write_bytes(data)
+        try:
+            expected = json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            expected = ValueError
+        for block in (1, 5, 64):
+            monkeypatch.setattr(sources, "_JSON_BLOCK", block)
+            if expected is ValueError or not isinstance(expected, list) or not expected:
+                with pytest.raises(DataError):
+                    _records(path)
+            else:
+                assert [r for _, r in _records(path)] == expected, (data, block)
+
+
+def test_an_invalid_record_is_said_without_reading_the_rest_of_the_file(tmp_path):
+    """A bad record in a large .json list is an error at once: the rest of the file is not read into memory."""
+    import tracemalloc
+
+    path = tmp_path / "bad.json"
+    with path.open("w") as f:
+        f.write('[{"a": 1 "b": 2},\n' + ",\n".join(json.dumps({"pad": "x" * 1000, "i": i}) for i in range(8000)) + "]")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="invalid JSON at line 1 \\(Expecting ',' delimiter\\)"):
+            _records(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6e6, f"peak {peak / 1e6:.1f} MB for a {path.stat().st_size / 1e6:.0f} MB file"
 
 
 def test_a_large_json_list_is_read_in_bounded_memory(tmp_path):
@@ -167,7 +243,9 @@ def test_a_large_json_list_is_read_in_bounded_memory(tmp_path):
     record = {**GOOD, "meta": {"pad": "x" * 2000}}
     path = tmp_path / "big.json"
     with path.open("w") as f:
-        f.write("[" + ",\n".join(json.dumps({**record, "meta": {**record["meta"], "i": i}}) for i in range(12000)) + "]")
+        f.write(
+            "[" + ",\n".join(json.dumps({**record, "meta": {**record["meta"], "i": i}}) for i in range(12000)) + "]"
+        )
     assert path.stat().st_size > 24e6
     tracemalloc.start()
     try:

@@ -274,3 +274,34 @@ def test_json_is_serialised_once_per_conversation_and_stays_exact(demo_tokenizer
     # four times: the user's is in both renders); each temporary list once per render.
     assert calls.count("{'x': [1, 2]}") == 2 and calls.count("{'y': 'é'}") == 2
     assert calls.count("[0, 'a']") == 2
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # a lazy tojson option (a map generator): never remembered, each render its own
+        "{% for m in messages %}{{ messages[0] | tojson(separators=[loop.index|string, ':']|map('trim')) }}\n"
+        "{% endfor %}",
+        "{% set g = [',', ':']|map('trim') %}{{ messages[0]|tojson(separators=g) }}|"
+        "{{ messages[0]|tojson(separators=g) }}",
+        # loop.last reads ahead into an item that fails: the sandbox makes it undefined, not an error
+        "{% for x in [{'a': 1}, [1]] | map('dictsort') %}[{{ loop.last }}]{% endfor %}{{ messages[0].content }}",
+    ],
+)
+def test_template_oddities_render_or_fail_as_apply_chat_template_does(demo_tokenizer, template):
+    from sftdist.data.template import ChatTemplate, assistant_char_spans
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    try:
+        expected = demo_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:
+        expected = None
+    ct = ChatTemplate(demo_tokenizer, template)
+    if expected is None:
+        with pytest.raises(TemplateSplitError):
+            assistant_char_spans(ct, messages)
+    else:
+        assert ct.render(messages) == expected
+        with ct.one_conversation():
+            assert ct.render(messages[:1], add_generation_prompt=True) is not None
+            assert ct.render(messages) == expected
