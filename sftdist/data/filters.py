@@ -28,6 +28,7 @@ import numpy as np
 from sftdist.config import FiltersConfig
 
 _WORD = re.compile(r"\w+")
+_ASCII_WORDS = bytes(c if c < 128 and re.fullmatch(r"\w", chr(c)) else ord(" ") for c in range(256))  # (table)
 _NUM_PERM, _BANDS = 128, 16
 _PRIME = 4294967311  # > 2**32: (a * x + b) mod p over 32-bit shingle hashes, no uint64 overflow with a < 2**31
 
@@ -46,7 +47,13 @@ def trained_responses(conv: dict) -> list[str]:
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    """The lower-cased words of ``text``: its runs of word characters (regex ``\\w+``). ASCII text, the usual
+    case, is split without the regex, several times faster: every character that is not a word character made a
+    space (a byte table), then split on spaces, which gives the same words (a test holds them equal)."""
+    text = text.lower()
+    if text.isascii():
+        return text.encode().translate(_ASCII_WORDS).decode().split()
+    return _WORD.findall(text)
 
 
 def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:

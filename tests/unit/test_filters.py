@@ -93,3 +93,26 @@ def test_decontamination_needs_a_whole_shared_n_gram():
     assert not d("Question: " + " ".join(words[2:14]))  # 12 are not enough
     f = RecordFilter(FiltersConfig(), eval_texts=[eval_text])
     assert f.reason(_conv(eval_text.upper(), "72")) == "contaminated"
+
+
+def test_words_are_the_regex_words_of_ascii_and_other_text():
+    """``words`` splits ASCII text without the regex: the same words as ``\\w+`` on every ASCII character, and
+    on text that is not ASCII (which takes the regex)."""
+    import random
+    import re
+
+    from sftdist.data.filters import words
+
+    rng = random.Random(0)
+    ascii_chars = [chr(c) for c in range(128)]
+    for _ in range(300):
+        text = "".join(rng.choice(ascii_chars) for _ in range(rng.randint(0, 60)))
+        assert words(text) == re.findall(r"\w+", text.lower()), repr(text)
+    for text in ("Ünïcödé wörds—and_more 42²", "naïve café\u00a0x\u2028y", "İstanbul ß"):
+        assert words(text) == re.findall(r"\w+", text.lower())
+    code_points = [c for c in range(0x30000) if not 0xD800 <= c < 0xE000]
+    for _ in range(300):
+        text = "".join(
+            chr(rng.choice(code_points)) if rng.random() < 0.5 else rng.choice(ascii_chars) for _ in range(40)
+        )
+        assert words(text) == re.findall(r"\w+", text.lower()), repr(text)
