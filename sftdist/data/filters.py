@@ -19,6 +19,7 @@ The first occurrence is always the one kept, so results depend on record order o
 
 from __future__ import annotations
 
+import array
 import json
 import re
 import zlib
@@ -126,6 +127,38 @@ def response_reason(conv: dict, cfg: FiltersConfig) -> str | None:
     return None
 
 
+class HashSet:
+    """A set of 64-bit hashes that keeps 8 bytes a hash (16 to 32 with the table's free slots) where a Python set of
+    ints keeps about 140: an open-addressing table (linear probing, at most half full, doubled when it is)."""
+
+    def __init__(self, capacity: int = 1 << 12):
+        self._table = array.array("Q", bytes(8 * capacity))
+        self._size = 0
+
+    def add(self, key: int) -> bool:
+        """Add ``key`` (an int, taken modulo 2**64); False when it was there already. (0 stands for an empty slot, so
+        the hash 0 counts as 1: two keys in 2**64 more that match.)"""
+        key = (key & 0xFFFF_FFFF_FFFF_FFFF) or 1
+        table = self._table
+        mask = len(table) - 1
+        slot = key & mask
+        while held := table[slot]:
+            if held == key:
+                return False
+            slot = (slot + 1) & mask
+        table[slot] = key
+        self._size += 1
+        if 2 * self._size > len(table):
+            self._table, self._size = array.array("Q", bytes(16 * len(table))), 0
+            for held in table:
+                if held:
+                    self.add(held)
+        return True
+
+    def __len__(self) -> int:
+        return self._size
+
+
 class RecordFilter:
     """The filters that compare records (decontamination, exact and near dedup), in record order:
     ``reason(conv)`` is None to keep, else the counted reason. ``response_reason`` covers the rest."""
@@ -133,7 +166,7 @@ class RecordFilter:
     def __init__(self, cfg: FiltersConfig, eval_texts: list[str] | None = None):
         self.cfg = cfg
         self.decontaminator = Decontaminator(eval_texts, cfg.decontaminate_ngram) if eval_texts is not None else None
-        self._seen: set[int] = set()
+        self._seen = HashSet()
         self._near = NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
 
     def reason(self, conv: dict) -> str | None:
@@ -145,9 +178,8 @@ class RecordFilter:
         if self.cfg.exact_dedup:
             tools = json.dumps(conv["tools"], sort_keys=True) if conv.get("tools") else ""
             key = hash(" ".join(text.lower().split()) + tools)  # 64-bit: a false match is ~n**2 / 2**64 unlikely
-            if key in self._seen:
+            if not self._seen.add(key):
                 return "exact_duplicate"
-            self._seen.add(key)
         if self._near is not None and self._near.is_duplicate(text):
             return "near_duplicate"
         return None
