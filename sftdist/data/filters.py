@@ -129,7 +129,7 @@ def response_reason(conv: dict, cfg: FiltersConfig) -> str | None:
 
 class HashSet:
     """A set of 64-bit hashes that keeps 8 bytes a hash (16 to 32 with the table's free slots) where a Python set of
-    ints keeps about 140: an open-addressing table (linear probing, at most half full, doubled when it is)."""
+    ints keeps about 80: an open-addressing table (linear probing, at most half full, doubled when it is)."""
 
     def __init__(self, capacity: int = 1 << 12):
         self._table = array.array("Q", bytes(8 * capacity))

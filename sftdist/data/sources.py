@@ -388,7 +388,7 @@ def _iter_json(path: Path, progress: ReadProgress) -> Iterator[tuple[str, Any]]:
         if not first:
             return  # (empty: said by iter_records)
         if first != "[":
-            kind = type(text.value(decoder)).__name__  # (a list of records is the one thing not read whole)
+            kind = type(text.value(decoder)).__name__  # (read whole to name it: only a list is read a record at a time)
             raise DataError(f"{path}: a .json data file must hold a list of records, not {kind}")
         text.pos += 1
         if text.next_char() == "]":
