@@ -181,6 +181,7 @@ def test_stop_signals_through_launch_torchrun_sh(launched, tmp_path):
     def launch(output_dir: Path, **env: str) -> subprocess.Popen:
         return subprocess.Popen(
             [str(REPO / "launch" / "torchrun.sh"), *args, f"output_dir={output_dir}"],
+            cwd=REPO,  # torchrun -m sftdist.train with the repository root first on sys.path, as users start it
             env=torchrun_env(NPROC_PER_NODE="2", PYTHON=sys.executable, **env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

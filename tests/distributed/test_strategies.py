@@ -158,8 +158,9 @@ def test_two_nodes_rehearsed_on_localhost_train_and_export(launched, single_proc
         "strategy=fsdp2",
         f"output_dir={tmp_path / 'run'}",
     ]
-    agents = [
-        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    agents = [  # started in the repository root, as sbatch slurm/sft.sh starts it from a checkout
+        subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
     ]
     outputs = [agent.communicate(timeout=600) for agent in agents]
     for agent, (_, err) in zip(agents, outputs):

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import compose, max_relative_difference, read_metrics
+from helpers import REPO, compose, max_relative_difference, read_metrics
 from sftdist.data.batching import collate_packed
 from sftdist.data.pipeline import Sample
 from sftdist.errors import ConfigError
@@ -91,6 +94,26 @@ def test_final_is_a_hugging_face_directory_with_the_trained_weights(demo_run):
     assert (
         model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     )
+
+
+def test_the_readme_snippet_runs_in_the_repository_root(demo_run):
+    """README's "Try the result" snippet, read from README.md now, run in the repository root (where a folder named
+    like a package transformers imports broke it) on this module's demo; only the run's path is changed."""
+    out, _, _ = demo_run
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("Try the result", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert snippet.count('"outputs/sft/final"') == 2, snippet
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    proc = subprocess.run(
+        [sys.executable, "-c", snippet.replace('"outputs/sft/final"', repr(str(out / "final")))],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n" in proc.stdout, proc.stdout
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
