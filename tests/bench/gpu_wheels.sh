@@ -31,30 +31,44 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 PLATFORMS=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-WHEELS=(
-  hydra-core==1.3.8 omegaconf==2.3.1
-  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-  trl==1.16.0
-  hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
-  liger-kernel==0.8.5 cut-cross-entropy==25.1.1
-  peft==0.21.2
+# The versions are requirements.lock's (the ones the suite passed with), but for the two fused losses, which are no
+# dependency of sftdist's and so not in the lock.
+LOCKED=(
+  hydra-core omegaconf datasets dill multiprocess trl
+  hjson pydantic pydantic-core annotated-types typing-inspection
+  jsonschema jsonschema-specifications referencing rpds-py
+  peft
 )
 WANDB=(
-  wandb==0.31.0 cwevals==0.0.1b1 distro==1.9.0 sniffio==1.3.1 platformdirs==4.14.9 googleapis-common-protos==1.76.0
-  opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
-  opentelemetry-semantic-conventions==0.66b2 opentelemetry-exporter-otlp-proto-http==1.45.2
-  opentelemetry-exporter-otlp-proto-common==1.45.2 opentelemetry-exporter-http-transport==0.66b2
-  opentelemetry-exporter-otlp-common==0.66b2
+  wandb cwevals distro sniffio platformdirs googleapis-common-protos
+  opentelemetry-api opentelemetry-sdk opentelemetry-proto
+  opentelemetry-semantic-conventions opentelemetry-exporter-otlp-proto-http
+  opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-http-transport
+  opentelemetry-exporter-otlp-common
 )
-BUILT=(antlr4-python3-runtime==4.9.3 deepspeed==0.19.8)  # sdists only: built here
+BUILT=(antlr4-python3-runtime deepspeed) # sdists only: built here
+
+# locked NAME...: NAME==VERSION as requirements.lock pins it, or the script stops naming what the lock lacks.
+locked() {
+  local name pin
+  for name; do
+    pin=$(grep -m1 -i "^${name}==" requirements.lock) ||
+      { echo "gpu_wheels.sh: $name is not in requirements.lock" >&2; return 1; }
+    echo "$pin"
+  done
+}
+[[ ${SKIP_WANDB:-0} == 1 ]] || LOCKED+=("${WANDB[@]}")
+pins=$(locked "${LOCKED[@]}")
+mapfile -t WHEELS <<<"$pins"
+WHEELS+=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)
+pins=$(locked "${BUILT[@]}")
+mapfile -t BUILT <<<"$pins"
 
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>.git/info/exclude
 grep -qx '/.bench_data/' .git/info/exclude 2>/dev/null || echo /.bench_data/ >>.git/info/exclude
 rm -rf .whl .bench_data
 mkdir -p .whl .bench_data
 
-[[ ${SKIP_WANDB:-0} == 1 ]] || WHEELS+=("${WANDB[@]}")
 "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d .whl "${WHEELS[@]}"
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "${BUILT[@]}"
 if "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d .whl flash-attn 2>/dev/null; then
