@@ -41,7 +41,10 @@ def write_uneven_data(path: Path) -> str:
 
 
 def torchrun_env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1", **extra}
+    """The test session's environment for a launch, with the working directory first on the workers' sys.path as a
+    user's has it (PYTHONSAFEPATH would hide a folder of the checkout that shadows a dependency)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    return {**env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1", **extra}
 
 
 def launch_scenarios(

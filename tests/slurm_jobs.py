@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def job_env(**extra: str) -> dict:
     """What a job sees (sbatch exports the submitting environment): the checkout, one process per node, a cache
     of the test session's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_"))}
-    return {**env, "SFTDIST_HOME": str(REPO), "VENV": str(REPO / ".venv"), "NPROC_PER_NODE": "1", **extra}
+    return {**env, "SFTDIST_HOME": str(REPO), "VENV": sys.prefix, "NPROC_PER_NODE": "1", **extra}
 
 
 def submit(cwd: Path, *args: str, **env: str) -> str:

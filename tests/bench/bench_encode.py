@@ -2,7 +2,7 @@
 side by side with TRL's SFTTrainer dataset preparation (its plain conversational path: render + tokenize,
 no assistant mask, since TRL refuses to mask these templates) on the same tokenizer and chat template.
 
-    .venv/bin/pip install trl==1.16.0            # not a dependency of sftdist
+    .venv/bin/pip install -c requirements.lock -e '.[bench]'   # trl (not a dependency of sftdist)
     .venv/bin/python tests/bench/bench_encode.py [--repeat 2]
 
 The tokenizer is an 8k-vocab byte-level BPE trained here on the three files, with the Qwen2.5 template

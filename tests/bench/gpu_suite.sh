@@ -88,8 +88,9 @@ install_packages() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl ||
       return 1
   fi
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" . || return 1
+  # PYTHONPATH: the carried setuptools builds sftdist (the image's may be older than 77, which refuses its license)
+  PYTHONPATH=$SITE "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
+    --upgrade --target "$SITE" . || return 1
   PYTHONPATH=$SITE PYTHONSAFEPATH=1 "$PY" -c "import sftdist.conf, sftdist.kernels, sftdist.trainer, torch, transformers, datasets, trl
 print('sftdist from', sftdist.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available(),
       '| transformers', transformers.__version__, '| trl', trl.__version__)"

@@ -8,8 +8,9 @@
 #                  pydantic and its parts (strategy=zero3), jsonschema and its parts (probe checks), liger-kernel and
 #                  cut-cross-entropy (the fused losses bench_loss_layer.py compares with ours on CUDA; Triton is in the
 #                  image), wandb and its parts (imported by no GPU run, which all set wandb.mode=disabled; SKIP_WANDB=1
-#                  leaves its ~21 MiB out). Everything else sftdist and TRL import is in the image (its package list:
-#                  the device notes).
+#                  leaves its ~21 MiB out), setuptools (what builds sftdist there: its project.license is an SPDX
+#                  string, which a setuptools older than 77 refuses). Everything else sftdist and TRL import is in
+#                  the image (its package list: the device notes).
 #   .bench_data/   the GSM8K records (../shared/data, which does not travel) and the SmolLM2 tokenizer (from the
 #                  directory bench_probes_smollm2.py converts), for bench_vs_trl.py --model llama1b.
 #
@@ -38,6 +39,7 @@ LOCKED=(
   hjson pydantic pydantic-core annotated-types typing-inspection
   jsonschema jsonschema-specifications referencing rpds-py
   peft
+  setuptools
 )
 WANDB=(
   wandb cwevals distro sniffio platformdirs googleapis-common-protos

@@ -18,12 +18,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import REPO, bitwise_equal, final_weights, read_metrics
+from helpers import bitwise_equal, final_weights, read_metrics
 from slurm_jobs import (
     CURRICULUM,
     RESOURCES,
@@ -209,7 +210,12 @@ def test_the_curriculum_runs_as_three_dependent_jobs_equal_to_one(jobs):
 
 def test_a_malformed_override_fails_in_the_checks_with_the_local_commands_error(cluster, tmp_path):
     local = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "sftdist-train"), *DEMO, "train.max_steps=0", f"output_dir={tmp_path / 'x'}"],
+        [
+            str(Path(sys.executable).parent / "sftdist-train"),
+            *DEMO,
+            "train.max_steps=0",
+            f"output_dir={tmp_path / 'x'}",
+        ],
         capture_output=True,
         text=True,
     )
