@@ -22,8 +22,10 @@ The formats:
   turn and the assistant's answer); the completion is trained on, the prompt is context (its own assistant turns
   included).
 
-In every format a message's content may be a list of OpenAI-style content parts (``[{"type": "text", "text":
-...}]``): the text parts are joined; a part of another type (an image, audio) rejects the record as
+In every format a message's content may be a list of typed content parts (``[{"type": "text", "text": ...}]``),
+each part's text under ``text`` (OpenAI) or ``value`` (LLaMA-Factory): the text parts are joined, ``reasoning`` parts
+become the turn's ``reasoning_content`` and ``tool_call`` parts its tool calls (the call as JSON text, or ``name`` and
+``arguments``, or OpenAI's ``function``), in order; a part of another type (an image, audio) rejects the record as
 ``non_text_content``, naming it. A top-level ``system`` string is the conversation's system prompt in every format
 (a record with another system turn too is rejected as ``two_system_prompts``).
 
@@ -39,7 +41,8 @@ from typing import Any
 FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
 META_KEYS = ("source", "task", "lang", "difficulty")
-_KEPT_STRINGS = ("name", "tool_call_id", "reasoning_content", "reasoning", "thinking")
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_KEPT_STRINGS = ("name", "tool_call_id", *_REASONING_KEYS)
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -117,17 +120,48 @@ def _string(value: Any, field: str, *, required: bool) -> str:
     return value
 
 
-def _text(value: Any, field: str, *, required: bool) -> str:
-    """A message's content: a string, or OpenAI-style content parts whose text parts are joined."""
+_TEXT_PARTS = ("text", "input_text", "output_text")  # (the last two: OpenAI's Responses API)
+
+
+def _content(value: Any, field: str, *, required: bool) -> tuple[str, str | None, list[dict]]:
+    """A message's content as (text, reasoning, tool calls): a string, or typed content parts. Text parts are joined,
+    reasoning parts joined as the turn's reasoning, tool-call parts become its tool calls, in order; a part's text is
+    under ``text`` (OpenAI) or ``value`` (LLaMA-Factory)."""
     if not isinstance(value, list):
-        return _string(value, field, required=required)
-    texts = []
+        return _string(value, field, required=required), None, []
+    texts, reasonings, calls = [], [], []
     for k, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind not in ("text", "input_text", "output_text"):  # (the last two: OpenAI's Responses API)
-            raise _Reject("non_text_content", f"{field}[{k}] is a {kind!r} part: sftdist trains on text only")
-        texts.append(_string(part.get("text"), f"{field}[{k}].text", required=True))
-    return "".join(texts)
+        where = f"{field}[{k}]"
+        if kind in _TEXT_PARTS:
+            texts.append(_part_text(part, where))
+        elif kind == "reasoning":
+            reasonings.append(_part_text(part, where))
+        elif kind == "tool_call":
+            calls.append(_tool_call_part(part, where))
+        else:
+            raise _Reject(
+                "non_text_content",
+                f"{where} is a {kind!r} part: sftdist trains on text, reasoning and tool calls only",
+            )
+    return "".join(texts), "".join(reasonings) if reasonings else None, calls
+
+
+def _part_text(part: dict, where: str) -> str:
+    key = "text" if "text" in part or "value" not in part else "value"
+    return _string(part.get(key), f"{where}.{key}", required=True)
+
+
+def _tool_call_part(part: dict, where: str) -> dict:
+    """A tool-call part: its call as JSON text under ``value`` or ``text``, or the call's fields in the part itself
+    (``name`` and ``arguments``, or OpenAI's ``function``)."""
+    if "value" in part or "text" in part:
+        return _tool_call(_part_text(part, where), where)
+    call = part.get("function", part)
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise _Reject("bad_tool_calls", f"{where} is a tool_call part without a 'name'")
+    out = {"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}
+    return {**({"id": part["id"]} if isinstance(part.get("id"), str) else {}), **out}
 
 
 def _from_messages(messages: Any, field: str) -> list[dict]:
@@ -139,21 +173,33 @@ def _from_messages(messages: Any, field: str) -> list[dict]:
         if not isinstance(message, dict):
             raise _Reject("not_an_object", f"{field}[{j}] is not an object")
         message = {k: v for k, v in message.items() if v is not None}  # null = absent (Arrow fills missing keys)
+        content_key = "content"
         if "role" not in message and "from" in message:
-            message = _from_sharegpt_turn(message, field, j)
+            message, content_key = _from_sharegpt_turn(message, field, j), "value"
         role = message.get("role")
         if role not in ROLES:
             raise _Reject("unknown_role", f"{field}[{j}].role={role!r} is not one of {', '.join(ROLES)}")
         clean = {"role": role}
         calls = message.get("tool_calls") or None  # [] is no call
-        if calls is not None:
-            if role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-                raise _Reject(
-                    "bad_tool_calls", f"{field}[{j}].tool_calls must be a list of objects on an assistant turn"
-                )
-            clean["tool_calls"] = calls
+        if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+            raise _Reject("bad_tool_calls", f"{field}[{j}].tool_calls must be a list of objects on an assistant turn")
+        where = f"{field}[{j}].{content_key}"
         # OpenAI style: a pure tool call has content null
-        clean["content"] = _text(message.get("content"), f"{field}[{j}].content", required=not calls)
+        text, reasoning, part_calls = _content(message.get("content"), where, required=not calls)
+        if part_calls:
+            if calls:
+                raise _Reject("bad_tool_calls", f"{field}[{j}] has tool_calls and tool_call parts: keep one of them")
+            calls = part_calls
+        if calls and role != "assistant":
+            raise _Reject("bad_tool_calls", f"{field}[{j}] is a {role} turn with tool calls: only assistant turns call")
+        if calls:
+            clean["tool_calls"] = calls
+        clean["content"] = text
+        if reasoning is not None:
+            if role != "assistant" or any(k in message for k in _REASONING_KEYS):
+                why = f"on a {role} turn" if role != "assistant" else "beside a reasoning field: keep one of them"
+                raise _Reject("non_text_content", f"{where} has a reasoning part {why}")
+            message["reasoning_content"] = reasoning
         if "weight" in message:
             if message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
                 raise _Reject("bad_weight", f"{field}[{j}].weight={message['weight']!r} must be 0 or 1")
@@ -224,9 +270,10 @@ def _from_sharegpt_turn(turn: dict, field: str, j: int) -> dict:
     source_role = turn["from"]
     if source_role not in _SHAREGPT_ROLES:
         raise _Reject("unknown_role", f"{field}[{j}].from={source_role!r} is not one of {', '.join(_SHAREGPT_ROLES)}")
-    value = _text(turn.get("value"), f"{field}[{j}].value", required=True)
+    value = turn.get("value")
     turn = {k: v for k, v in turn.items() if k not in ("from", "value")}
     if source_role == "function_call":
+        value = _string(value, f"{field}[{j}].value", required=True)
         return {**turn, "role": "assistant", "content": "", "tool_calls": [_tool_call(value, f"{field}[{j}]")]}
     return {**turn, "role": _SHAREGPT_ROLES[source_role], "content": value}
 

@@ -34,7 +34,7 @@ from sftdist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 2  # bump when encoding or filtering changes what the same inputs produce
+PIPELINE_VERSION = 3  # bump when encoding or filtering changes what the same inputs produce
 MANIFEST = "sftdist_prepared.json"
 
 

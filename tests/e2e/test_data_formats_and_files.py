@@ -1,6 +1,7 @@
-"""The formats and files users bring (issue 15): OpenAI content parts, role/content and from/value keys either way,
-TRL's prompt/completion, a system field, a byte-order mark and CRLF, compressed files, directories and globs of
-shards, a DatasetDict split; each gives the samples of the plain file, or is refused naming the file."""
+"""The formats and files users bring (issues 15 and 25): typed content parts (text, reasoning, tool calls),
+role/content and from/value keys either way, TRL's prompt/completion, a system field, a byte-order mark and CRLF,
+compressed files, directories and globs of shards, a DatasetDict split; each gives the samples of the plain file, or
+is refused naming the file."""
 
 from __future__ import annotations
 
@@ -294,3 +295,44 @@ def test_directories_leave_out_hidden_folders_and_metadata_and_refuse_mixed_spli
     with pytest.raises(DataError, match="train-1.jsonl is empty"):
         source_files("data.path", str(shards / "train-*"))
     assert [source_name(p) for p in ("data/train-*.parquet", "data/**/*.jsonl", "*.jsonl")] == ["train", "data", "data"]
+
+
+@pytest.mark.skipif(not (SHARED / "chat_templates" / "qwen3.jinja").is_file(), reason="needs ../shared/chat_templates")
+def test_reasoning_and_tool_call_parts_render_where_qwen3_puts_them(tmp_path):
+    """A reasoning + tool-use file in typed content parts (LLaMA-Factory's `value` spelling) on Qwen3's own template:
+    nothing rejected, the samples of the same conversations written with `reasoning_content` and `tool_calls`, and
+    the trained span holds the think block and the tool call. (One assistant turn each: a conversation of several
+    is refused by this template until serving-exact samples land.)"""
+    from helpers import tiny_tokenizer
+
+    specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
+    template = (SHARED / "chat_templates" / "qwen3.jinja").read_text()
+    tokenizer = tiny_tokenizer(specials, eos="<|im_end|>", template=template)
+    call = {"name": "add", "arguments": {"a": 2, "b": 3}}
+    typed, plain = [], []
+    for i in range(12):
+        question, thought = f"What is {i} + 3?", f"Add {i} and 3."
+        if i % 2:  # an answer
+            parts = [{"type": "reasoning", "value": thought}, {"type": "text", "value": f"It is {i + 3}."}]
+            fields = {"content": f"It is {i + 3}.", "reasoning_content": thought}
+        else:  # a tool call
+            parts = [{"type": "reasoning", "value": thought}, {"type": "tool_call", "value": json.dumps(call)}]
+            fields = {
+                "content": "",
+                "reasoning_content": thought,
+                "tool_calls": [{"type": "function", "function": call}],
+            }
+        typed.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]})
+        plain.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", **fields}]})
+
+    def samples(records, name):
+        config = DataConfig(path=_jsonl(tmp_path / name, records), cache=False, max_length=512)
+        table, report = prepare(config, tokenizer, template, 0)
+        assert report["rejected"] == {} and report["records_used"] == len(records), report["rejected"]
+        return [(table[i]["input_ids"], table[i]["labels"]) for i in range(len(table))]
+
+    ours = samples(typed, "typed.jsonl")
+    assert ours == samples(plain, "plain.jsonl")
+    trained = [tokenizer.decode([t for t, label in zip(ids, labels) if label != -100]) for ids, labels in ours]
+    assert all(t.startswith("<think>\nAdd ") and t.endswith("<|im_end|>") for t in trained), trained[:2]
+    assert sum('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in t for t in trained) == 6

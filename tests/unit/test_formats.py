@@ -185,3 +185,116 @@ def test_the_config_offers_every_format():
     from sftdist.config import FORMATS as CONFIG_FORMATS
 
     assert CONFIG_FORMATS == ("auto", *FORMATS)
+
+
+PLAIN_REASONING_TOOLS = {
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}],
+            "reasoning_content": "The user wants the weather. I call the tool.",
+        },
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "21 degrees.", "reasoning_content": "Answer with the number."},
+    ]
+}
+
+
+def _typed_parts(key: str, call: str) -> dict:
+    """PLAIN_REASONING_TOOLS with its reasoning, text and tool calls as typed content parts under ``key``."""
+    call_part = {
+        "json": {"type": "tool_call", key: '{"name": "weather", "arguments": {"city": "Paris"}}'},
+        "fields": {"type": "tool_call", "name": "weather", "arguments": {"city": "Paris"}},
+        "openai": {"type": "tool_call", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
+    }[call]
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", key: "Weather in Paris?"}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "reasoning", key: "The user wants the weather. "},
+                    {"type": "reasoning", key: "I call the tool."},
+                    {"type": "text", key: "Let me check."},
+                    call_part,
+                ],
+            },
+            {"role": "tool", "content": [{"type": "text", key: '{"temp": 21}'}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "reasoning", key: "Answer with the number."},
+                    {"type": "text", key: "21 degrees."},
+                ],
+            },
+        ]
+    }
+
+
+@pytest.mark.parametrize("call", ["json", "fields", "openai"])
+@pytest.mark.parametrize("key", ["text", "value"])
+def test_reasoning_and_tool_call_parts_give_the_conversation_of_the_plain_fields(key, call):
+    assert normalise(_typed_parts(key, call), "messages") == normalise(PLAIN_REASONING_TOOLS, "messages")
+
+
+def test_typed_parts_in_sharegpt_spelled_turns_too():
+    spelled = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "gpt", "value": _typed_parts("value", "json")["messages"][1]["content"]},
+            {"from": "observation", "value": '{"temp": 21}'},
+            {"from": "gpt", "value": _typed_parts("value", "json")["messages"][3]["content"]},
+        ]
+    }
+    assert normalise(spelled, "sharegpt") == normalise(PLAIN_REASONING_TOOLS, "messages")
+
+
+@pytest.mark.parametrize(
+    ("turn", "reason", "detail"),
+    [
+        (
+            {"role": "assistant", "content": [{"type": "image_url", "image_url": {}}]},
+            "non_text_content",
+            "messages[1].content[0] is a 'image_url' part",
+        ),
+        (
+            {"role": "user", "content": [{"type": "reasoning", "text": "r"}, {"type": "text", "text": "q"}]},
+            "non_text_content",
+            "messages[1].content has a reasoning part on a user turn",
+        ),
+        (
+            {"role": "assistant", "content": [{"type": "reasoning", "text": "r"}], "reasoning_content": "r"},
+            "non_text_content",
+            "beside a reasoning field",
+        ),
+        (
+            {"role": "user", "content": [{"type": "tool_call", "name": "f", "arguments": {}}]},
+            "bad_tool_calls",
+            "messages[1] is a user turn with tool calls",
+        ),
+        (
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_call", "name": "f"}],
+                "tool_calls": [{"type": "function", "function": {"name": "g", "arguments": {}}}],
+            },
+            "bad_tool_calls",
+            "has tool_calls and tool_call parts",
+        ),
+        (
+            {"role": "assistant", "content": [{"type": "tool_call", "arguments": {}}]},
+            "bad_tool_calls",
+            "messages[1].content[0] is a tool_call part without a 'name'",
+        ),
+        (
+            {"role": "assistant", "content": [{"type": "text", "value": 3}]},
+            "non_string_content",
+            "messages[1].content[0].value is a int",
+        ),
+    ],
+)
+def test_a_typed_part_that_cannot_be_used_is_rejected_naming_it(turn, reason, detail):
+    rejected = normalise({"messages": [{"role": "user", "content": "q"}, turn]}, "messages")
+    assert isinstance(rejected, Rejected) and rejected.reason == reason and detail in rejected.detail, rejected
