@@ -111,7 +111,7 @@ def _load(target: list[str]) -> tuple[Any, dict, Any, str, SFTConfig]:
     tokenizer, template = build_tokenizer(cfg.model, cfg.data)
     if cfg.data.prepared is not None:
         table, manifest = load_prepared(cfg.data.prepared)
-        check_compatible(manifest, cfg.data.prepared, tokenizer, template, cfg.data.max_length)
+        check_compatible(manifest, cfg.data.prepared, tokenizer, template, cfg.data)
         return table, manifest["report"], tokenizer, template, cfg
     cfg.data.max_rejected_fraction = 1.0  # show every rejection instead of stopping at the first threshold
     table, report = prepare(cfg.data, tokenizer, template, cfg.seed)
@@ -122,7 +122,7 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
     from sftdist.data.template import bind_template
 
     table, report, tokenizer, template, cfg = _load(target)
-    ct = bind_template(tokenizer, template)
+    ct = bind_template(tokenizer, template, cfg.data.chat_template_kwargs)
     roles: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     seen: dict[str, int] = defaultdict(int)
     shown, out = 0, []

@@ -9,8 +9,9 @@ Each field is documented once, here; the README's reference table repeats the na
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, get_args, get_type_hints
+from typing import Any, Dict, List, Optional, get_args, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
@@ -92,6 +93,9 @@ class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)  # several sources with weights, instead of path
     prepared: Optional[str] = None  # a directory written by sftdist-prepare: train on it, skip preparation
     chat_template: Optional[str] = None  # Jinja file that replaces the tokenizer's chat template
+    # Arguments of the chat template, passed to every render ({enable_thinking: false}, {reasoning_effort: low}, ...);
+    # saved in final/sftdist_training.json: a server must pass the same (its requests' chat_template_kwargs)
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     packing: bool = True  # true: whole samples packed into rows, varlen attention; false: padded rows
     max_length: int = 1024  # longest sample in tokens; longer conversations follow data.truncation
     truncation: str = "drop"  # drop: reject over-long conversations; truncate: keep what fits (turn-aware)
@@ -233,7 +237,10 @@ def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (``conf/sft.yaml`` lists it in its defaults)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=SFTConfig)
+    schema = OmegaConf.structured(SFTConfig)
+    # a mapping of the user's own keys: `data.chat_template_kwargs={...}` adds them without Hydra's `++`
+    OmegaConf.set_struct(schema.data.chat_template_kwargs, False)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=schema)
 
 
 FORMATS = ("auto", "messages", "alpaca", "sharegpt", "prompt_completion")  # auto and sftdist.data.formats.FORMATS
@@ -428,6 +435,7 @@ def _validate_data(d: DataConfig) -> None:
     for i, source in enumerate(d.sources):
         _not_empty(f"data.sources[{i}].path", source.path)
         _positive(f"data.sources[{i}].weight", source.weight)
+    _validate_template_kwargs(d.chat_template_kwargs)
     _positive("data.max_length", d.max_length)
     _positive("data.demo_size", d.demo_size)
     _positive("data.num_proc", d.num_proc, allow_zero=True)
@@ -438,6 +446,22 @@ def _validate_data(d: DataConfig) -> None:
     _positive("data.filters.min_response_chars", f.min_response_chars, allow_zero=True)
     _not_empty("data.filters.decontaminate", f.decontaminate)
     _positive("data.filters.decontaminate_ngram", f.decontaminate_ngram)
+
+
+TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt")  # what each render sets itself
+
+
+def _validate_template_kwargs(kwargs: dict) -> None:
+    taken = sorted(set(kwargs) & set(TEMPLATE_ARGUMENTS))
+    if taken:
+        raise ConfigError(
+            f"data.chat_template_kwargs.{taken[0]}: sftdist sets {', '.join(TEMPLATE_ARGUMENTS)} itself at each "
+            "render; give the template's own arguments only (enable_thinking, reasoning_effort, ...)"
+        )
+    try:
+        json.dumps(kwargs, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"data.chat_template_kwargs={kwargs!r}: the values must be plain data ({err})") from err
 
 
 def _validate_eval_extras(e: EvalConfig) -> None:

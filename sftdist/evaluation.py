@@ -118,7 +118,7 @@ class Evaluator:
         self.cfg, self.eval_set, self.buckets, self.extra, self.probes = cfg, eval_set, buckets, extra, probes
         self.sources = np.asarray(eval_set.table.data.column("source").to_pylist(), dtype=object)[eval_set.rows]
         self.tokenizer = tokenizer
-        ct = bind_template(tokenizer, template)
+        ct = bind_template(tokenizer, template, cfg.data.chat_template_kwargs)
         self.prompts = [_prompt_ids(probe, ct, tokenizer) for probe in probes]
 
     def losses(self, loss_sums: LossSums, all_sum: Callable[[list[float]], list[float]]) -> dict[str, float]:

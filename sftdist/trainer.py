@@ -600,6 +600,7 @@ class Trainer:
         info = {
             "step": step,
             "template_hash": self.data_report["template_hash"],
+            "chat_template_kwargs": self.data_report["chat_template_kwargs"],  # (a server must pass the same)
             "sftdist_version": __version__,
             "data_fingerprint": self.data_report["fingerprint"],
             "tokenizer_hash": self.data_report["tokenizer_hash"],

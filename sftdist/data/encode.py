@@ -30,12 +30,18 @@ from sftdist.data.template import (
     truncate_at_turns,
 )
 
-_WORKER: dict[str, Any] = {}  # tokenizer, template and settings of this process (inherited by forked workers)
+_WORKER: dict[str, Any] = {}  # tokenizer, bound template and settings of this process (inherited by forked workers)
 
 
-def _init(tokenizer: Any, template: str, max_length: int, truncation: str, filters: FiltersConfig) -> None:
+def _init(
+    tokenizer: Any, template: str, template_kwargs: dict, max_length: int, truncation: str, filters: FiltersConfig
+) -> None:
     _WORKER.update(
-        tokenizer=tokenizer, template=template, max_length=max_length, truncation=truncation, filters=filters
+        tokenizer=tokenizer,
+        template=bind_template(tokenizer, template, template_kwargs),
+        max_length=max_length,
+        truncation=truncation,
+        filters=filters,
     )
 
 
@@ -63,8 +69,8 @@ def _encode_one(r: dict, max_length: int, truncation: str) -> tuple[list[int], l
 def _render_chunk(convs: list[dict]) -> tuple[list[str], list[tuple]]:
     """Phase 1 of a chunk (Python): the per-record filters, then rendering and spans."""
     filtered = [response_reason(c, _WORKER["filters"]) or "" for c in convs]
-    ct = bind_template(_WORKER["tokenizer"], _WORKER["template"])
-    return filtered, render_many(ct, [(c["messages"], c["tools"]) for c, f in zip(convs, filtered) if not f])
+    kept = [(c["messages"], c["tools"]) for c, f in zip(convs, filtered) if not f]
+    return filtered, render_many(_WORKER["template"], kept)
 
 
 def _tokenize(rendered: list[tuple]) -> list[Any]:
@@ -149,6 +155,7 @@ def encode_chunks(
     chunks: Iterable[tuple[Any, list[dict]]],
     tokenizer: Any,
     template: str,
+    template_kwargs: dict,
     max_length: int,
     truncation: str,
     filters: FiltersConfig,
@@ -158,7 +165,7 @@ def encode_chunks(
     in this one). The chunks are taken from ``chunks`` in the caller's thread, never more than ``2 * num_proc + 1``
     ahead of the result handed out: reading does not run away from encoding (memory stays bounded), and an error
     on either side (or Ctrl-C) stops the pool at once."""
-    args = (tokenizer, template, max_length, truncation, filters)
+    args = (tokenizer, template, template_kwargs, max_length, truncation, filters)
     if num_proc <= 1:
         _init(*args)
         yield from _encode_overlapped(chunks)

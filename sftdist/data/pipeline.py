@@ -311,7 +311,14 @@ def write_prepared(
     meter = _Meter(progress)
     chunks = _chunks(_read(sources, record_filter, read_tally, progress), set(writer.finished), meter)
     encoded_chunks = encode_chunks(
-        chunks, tokenizer, template, cfg.max_length, cfg.truncation, cfg.filters, _num_proc(cfg, progress.total)
+        chunks,
+        tokenizer,
+        template,
+        cfg.chat_template_kwargs,
+        cfg.max_length,
+        cfg.truncation,
+        cfg.filters,
+        _num_proc(cfg, progress.total),
     )
     shard, tally = None, _Tally()
     for chunk, encoded in encoded_chunks:
@@ -446,6 +453,7 @@ def _report(
         "num_supervised_tokens": sum(c["supervised"] for c in tally.by_source.values()),
         "end_of_turn_ids": {str(k): v for k, v in tally.ends.most_common()},
         "template_hash": template_hash(template),
+        "chat_template_kwargs": dict(cfg.chat_template_kwargs),
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "fingerprint": digest,
         "settings": {
@@ -518,7 +526,7 @@ def build_datasets(
     """(train samples, eval samples, report) for a run: from data.prepared, the cache, or prepared now."""
     if cfg.prepared is not None:  # weights as sftdist-prepare was configured
         table, manifest = load_prepared(cfg.prepared)
-        check_compatible(manifest, cfg.prepared, tokenizer, template, cfg.max_length)
+        check_compatible(manifest, cfg.prepared, tokenizer, template, cfg)
         report = manifest["report"]
         weights = {name: s["weight"] for name, s in report["sources"].items()}
     else:  # weights are not part of the fingerprint: this run's

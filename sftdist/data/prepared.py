@@ -80,6 +80,8 @@ def fingerprint(sources: list, tokenizer: Any, template: str, cfg: DataConfig) -
         "truncation": cfg.truncation,
         "filters": {k: v for k, v in dataclasses.asdict(cfg.filters).items() if k != "decontaminate"},
     }
+    if cfg.chat_template_kwargs:  # (absent when empty: the fingerprints of runs without them stay as they were)
+        settings["chat_template_kwargs"] = dict(cfg.chat_template_kwargs)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -284,8 +286,9 @@ def load_prepared(directory: str | Path, in_memory: bool = False) -> tuple[Any, 
     return datasets.load_from_disk(str(directory), keep_in_memory=in_memory), manifest
 
 
-def check_compatible(manifest: dict, directory: str | Path, tokenizer: Any, template: str, max_length: int) -> None:
-    """A prepared directory must come from this tokenizer and template, within this max_length."""
+def check_compatible(manifest: dict, directory: str | Path, tokenizer: Any, template: str, cfg: DataConfig) -> None:
+    """A prepared directory must come from this tokenizer, template and template arguments, within this max_length."""
+    max_length = cfg.max_length
     where = f"data.prepared={str(directory)!r}"
     if manifest.get("pipeline_version") != PIPELINE_VERSION:
         raise ConfigError(
@@ -303,6 +306,12 @@ def check_compatible(manifest: dict, directory: str | Path, tokenizer: Any, temp
         raise ConfigError(
             f"{where} was rendered with another chat template ({manifest['template_hash']}, this run's "
             f"is {template_hash(template)}): prepare it with this run's data.chat_template"
+        )
+    theirs = manifest["report"].get("chat_template_kwargs", {})
+    if theirs != dict(cfg.chat_template_kwargs):
+        raise ConfigError(
+            f"{where} was rendered with data.chat_template_kwargs={theirs}, this run's are "
+            f"{dict(cfg.chat_template_kwargs)}: give the same, or prepare it with this run's"
         )
     if manifest["settings"]["max_length"] > max_length:
         raise ConfigError(

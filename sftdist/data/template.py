@@ -187,17 +187,19 @@ class ChatTemplate:
     """A chat template with the tokenizer's special tokens: renders as ``apply_chat_template`` does
     (empty prefixes included), knows what it can render, and adapts conversations to it."""
 
-    def __init__(self, tokenizer: Any, template: str):
+    def __init__(self, tokenizer: Any, template: str, kwargs: dict | None = None):
         self.template = template
         self.hash = template_hash(template)
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         self._compiled, self._json = _renderer(_compile(template, f"the chat template of {name!r}"), template)
+        # as apply_chat_template: the special tokens, then the template's own arguments (data.chat_template_kwargs)
         self._kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self._kwargs.update(kwargs or {})
         self.caps = self._probe()
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
-        """The text ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)`` renders (a test holds
-        the two equal), for empty conversations too. Keys whose value is None are dropped, as it does."""
+        """The text ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)`` renders (a test
+        holds the two equal), for empty conversations too. Keys whose value is None are dropped, as it does."""
         return self.render_clean(self.clean(messages), add_generation_prompt, tools)
 
     @staticmethod
@@ -325,11 +327,13 @@ def _alias_reasoning(messages: list[dict]) -> list[dict]:
     return _alias_reasoning_fields(messages)
 
 
-def bind_template(tokenizer: Any, template: str) -> ChatTemplate:
-    """The (cached) ChatTemplate of a template string with a tokenizer's special tokens."""
-    key = (template, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())))
+def bind_template(tokenizer: Any, template: str, kwargs: dict | None = None) -> ChatTemplate:
+    """The (cached) ChatTemplate of a template string with a tokenizer's special tokens and the template's own
+    arguments (``data.chat_template_kwargs``)."""
+    specials = tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()))
+    key = (template, specials, json.dumps(kwargs or {}, sort_keys=True))
     if key not in _TEMPLATES:
-        _TEMPLATES[key] = ChatTemplate(tokenizer, template)
+        _TEMPLATES[key] = ChatTemplate(tokenizer, template, kwargs)
     return _TEMPLATES[key]
 
 
@@ -478,6 +482,7 @@ def encode_conversation(
     chat_template: str | None = None,
     max_length: int | None = None,
     tools: list[dict] | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``messages`` with the chat template and label assistant output only.
 
@@ -486,11 +491,12 @@ def encode_conversation(
     is exactly the tokenization of the template's rendering (of the conversation as adapted to what the
     template can render, see the module docstring). With ``max_length`` the conversation is cut after the
     last assistant turn that fits whole (else at ``max_length``) and the removed tokens are counted.
-    ``tools`` (tool schemas) are passed to the template.
+    ``tools`` (tool schemas) and ``chat_template_kwargs`` (the template's own arguments, such as
+    ``enable_thinking``) are passed to the template.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("encode_conversation needs a fast (tokenizers-backed) tokenizer for its offsets")
-    ct = bind_template(tokenizer, resolve_chat_template(tokenizer, chat_template))
+    ct = bind_template(tokenizer, resolve_chat_template(tokenizer, chat_template), chat_template_kwargs)
     (result,) = encode_many(tokenizer, ct, [(messages, tools)])
     if "error" in result:
         raise result["error"]

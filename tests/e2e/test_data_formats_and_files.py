@@ -297,17 +297,24 @@ def test_directories_leave_out_hidden_folders_and_metadata_and_refuse_mixed_spli
     assert [source_name(p) for p in ("data/train-*.parquet", "data/**/*.jsonl", "*.jsonl")] == ["train", "data", "data"]
 
 
-@pytest.mark.skipif(not (SHARED / "chat_templates" / "qwen3.jinja").is_file(), reason="needs ../shared/chat_templates")
+QWEN3 = SHARED / "chat_templates" / "qwen3.jinja"
+
+
+def _qwen3():
+    """A tokenizer that knows Qwen3's special tokens, with Qwen3's own template."""
+    from helpers import tiny_tokenizer
+
+    specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
+    return tiny_tokenizer(specials, eos="<|im_end|>", template=QWEN3.read_text()), QWEN3.read_text()
+
+
+@pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")
 def test_reasoning_and_tool_call_parts_render_where_qwen3_puts_them(tmp_path):
     """A reasoning + tool-use file in typed content parts (LLaMA-Factory's `value` spelling) on Qwen3's own template:
     nothing rejected, the samples of the same conversations written with `reasoning_content` and `tool_calls`, and
     the trained span holds the think block and the tool call. (One assistant turn each: a conversation of several
     is refused by this template until serving-exact samples land.)"""
-    from helpers import tiny_tokenizer
-
-    specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
-    template = (SHARED / "chat_templates" / "qwen3.jinja").read_text()
-    tokenizer = tiny_tokenizer(specials, eos="<|im_end|>", template=template)
+    tokenizer, template = _qwen3()
     call = {"name": "add", "arguments": {"a": 2, "b": 3}}
     typed, plain = [], []
     for i in range(12):
@@ -336,3 +343,25 @@ def test_reasoning_and_tool_call_parts_render_where_qwen3_puts_them(tmp_path):
     trained = [tokenizer.decode([t for t, label in zip(ids, labels) if label != -100]) for ids, labels in ours]
     assert all(t.startswith("<think>\nAdd ") and t.endswith("<|im_end|>") for t in trained), trained[:2]
     assert sum('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in t for t in trained) == 6
+
+
+@pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")
+def test_qwen3_without_thinking_keeps_the_empty_think_block_in_the_prompt(tmp_path):
+    """Answers without reasoning on Qwen3: by default the template inserts an empty think block in the answer, which
+    is trained; with `data.chat_template_kwargs={enable_thinking: false}` the generation prompt holds it, as a server
+    passing the same argument renders it, and the answer alone is trained."""
+    tokenizer, template = _qwen3()
+    firsts = [m[: next(i for i, t in enumerate(m) if t["role"] == "assistant") + 1] for m in CONVERSATIONS[:8]]
+    path = _jsonl(tmp_path / "a.jsonl", [{"messages": m} for m in firsts])  # (one answer: no history to rewrite)
+    trained = {}
+    for name, kwargs in (("default", {}), ("no_thinking", {"enable_thinking": False})):
+        config = DataConfig(path=path, cache=False, max_length=512, chat_template_kwargs=kwargs)
+        table, report = prepare(config, tokenizer, template, 0)
+        assert report["rejected"] == {} and report["chat_template_kwargs"] == kwargs
+        rows = [(table[i]["input_ids"], table[i]["labels"]) for i in range(len(table))]
+        trained[name] = [tokenizer.decode([t for t, y in zip(ids, labels) if y != -100]) for ids, labels in rows]
+        prompts = [tokenizer.decode(ids[: labels.index(next(y for y in labels if y != -100))]) for ids, labels in rows]
+    assert all(t.startswith("<think>\n\n</think>\n\n") for t in trained["default"])
+    answers = [m[-1]["content"] for m in firsts]
+    assert trained["no_thinking"] == [f"{a}<|im_end|>" for a in answers]
+    assert all(p.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for p in prompts)  # (the last loop's)

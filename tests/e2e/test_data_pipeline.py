@@ -230,6 +230,10 @@ def test_prepare_once_then_train_and_inspect_the_prepared_directory(tmp_path):
                 "wandb.mode=disabled",
             )
         )
+    with pytest.raises(ConfigError, match=r"rendered with data.chat_template_kwargs=\{\}, this run's are \{'x': 1\}"):
+        Trainer(
+            compose(f"output_dir={tmp_path / 'y'}", f"data.prepared={prepared}", "data.chat_template_kwargs={x: 1}")
+        )
     with pytest.raises(ConfigError, match="set one of data.path, data.sources and data.prepared"):
         compose(f"data.prepared={prepared}", f"data.path={tmp_path / 'chat.jsonl'}")
 

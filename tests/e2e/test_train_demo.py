@@ -116,6 +116,18 @@ def test_the_readme_snippet_runs_in_the_repository_root(demo_run):
     assert "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n" in proc.stdout, proc.stdout
 
 
+def test_chat_template_arguments_are_recorded_for_the_server_and_key_the_data(demo_run, tmp_path):
+    _train(tmp_path, "train.max_steps=1", "eval.every_steps=0", "data.chat_template_kwargs={enable_thinking: false}")
+    info = json.loads((tmp_path / "final" / "sftdist_training.json").read_text())
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert info["chat_template_kwargs"] == report["chat_template_kwargs"] == {"enable_thinking": False}
+    plain = json.loads((demo_run[0] / "data_report.json").read_text())
+    assert plain["chat_template_kwargs"] == {}
+    # the demo's template ignores the argument, but prepared data is keyed by it: a cache never mixes the two
+    assert report["fingerprint"] != plain["fingerprint"]
+    assert report["num_tokens"] == plain["num_tokens"]
+
+
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
     runs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):

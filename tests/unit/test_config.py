@@ -107,6 +107,25 @@ def test_contract_override_keys_exist(override):
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.chat_template_kwargs={enable_thinking: false}"],
+        ["data.chat_template_kwargs.enable_thinking=false"],
+        ["++data.chat_template_kwargs={enable_thinking: false}"],
+    ],
+)
+def test_chat_template_arguments_are_a_mapping_of_the_user_s_own_keys(overrides):
+    assert compose(*overrides).data.chat_template_kwargs == {"enable_thinking": False}
+    assert compose().data.chat_template_kwargs == {}
+    # a recipe's arguments and the command line's add up, as Hydra merges mappings; ~KEY removes one
+    both = ["data.chat_template_kwargs={reasoning_effort: low}", "data.chat_template_kwargs={enable_thinking: false}"]
+    assert compose(*both).data.chat_template_kwargs == {"reasoning_effort": "low", "enable_thinking": False}
+    assert compose(*both, "~data.chat_template_kwargs.reasoning_effort").data.chat_template_kwargs == {
+        "enable_thinking": False
+    }
+
+
+@pytest.mark.parametrize(
     "override,message",
     [
         ("precision=fp16", "precision='fp16' is not one of: fp32, bf16"),
@@ -142,6 +161,10 @@ def test_contract_override_keys_exist(override):
         ("data.max_length=8192", "data.max_length=8192 is larger than train.micro_batch_tokens=4096"),
         ("model.num_heads=3", "model.hidden_size=256 is not divisible by model.num_heads=3"),
         ("eval.holdout_records=0", "eval.every_steps=50 needs eval.holdout_records > 0"),
+        (
+            "data.chat_template_kwargs={tools: [], enable_thinking: false}",
+            "data.chat_template_kwargs.tools: sftdist sets messages, tools, documents, add_generation_prompt itself",
+        ),
         ("+model.bar=2", "unknown key model.bar"),
         ("+bar=2", "unknown key bar"),
     ],

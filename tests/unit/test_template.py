@@ -305,3 +305,31 @@ def test_template_oddities_render_or_fail_as_apply_chat_template_does(demo_token
         with ct.one_conversation():
             assert ct.render(messages[:1], add_generation_prompt=True) is not None
             assert ct.render(messages) == expected
+
+
+FLAG_TEMPLATE = (  # a template argument that changes the generation prompt, as Qwen3's enable_thinking does
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}<think></think>"
+    "{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if quiet %}<think></think>{% endif %}{% endif %}"
+)
+
+
+def test_chat_template_arguments_reach_every_render_as_apply_chat_template_passes_them(demo_tokenizer):
+    from sftdist.data.template import bind_template
+
+    plain = encode_conversation(demo_tokenizer, CONVERSATION, chat_template=FLAG_TEMPLATE)
+    quiet = encode_conversation(
+        demo_tokenizer, CONVERSATION, chat_template=FLAG_TEMPLATE, chat_template_kwargs={"quiet": True}
+    )
+    expected = demo_tokenizer.apply_chat_template(CONVERSATION, chat_template=FLAG_TEMPLATE, tokenize=False, quiet=True)
+    assert demo_tokenizer.decode(quiet["input_ids"]) == expected
+    # the empty think block is the generation prompt's with the argument (context), the answer's without it
+    assert [demo_tokenizer.decode(r) for r in _supervised_runs(quiet)] == [
+        "2 + 3 = 5\n#### 5<|im_end|>",
+        "5 + 4 = 9\n#### 9<|im_end|>",
+    ]
+    assert demo_tokenizer.decode(_supervised_runs(plain)[0]) == "<think></think>2 + 3 = 5\n#### 5<|im_end|>"
+    ct = bind_template(demo_tokenizer, FLAG_TEMPLATE, {"quiet": True})
+    assert ct is bind_template(demo_tokenizer, FLAG_TEMPLATE, {"quiet": True})  # cached per arguments
+    assert ct is not bind_template(demo_tokenizer, FLAG_TEMPLATE)
+    assert ct.render(CONVERSATION[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n<think></think>")
