@@ -23,6 +23,20 @@ def compose(*overrides: str):
         return to_schema(hydra_compose(config_name="sft", overrides=list(overrides)))
 
 
+def python_in_root(code: str, *path_folders: Path):
+    """``python -c code`` in the repository root, as a user runs a snippet or ``python -m`` there (the root first on
+    sys.path), with ``path_folders`` after it; the test fails with its stderr unless it succeeds."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in path_folders)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def read_metrics(output_dir: Path, baseline: bool = False) -> list[dict]:
     """metrics.jsonl's rows of the training steps; with ``baseline``, the eval before training (step 0) too."""
     rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO
+from helpers import REPO, python_in_root
 
 # The folders a process of ours may have first on sys.path: the root (python -m, python -c, pytest's rootdir),
 # tests/ (pytest's pythonpath), each tests/ folder (pytest puts a test module's folder first, and
@@ -49,24 +47,8 @@ def _of_the_checkout(path: str) -> bool:
     return Path(path).is_relative_to(REPO) and not Path(path).is_relative_to(sys.prefix)
 
 
-def _in_root(code: str, *path_folders) -> subprocess.CompletedProcess:
-    """``python -c code`` in the repository root, with ``path_folders`` after the root on sys.path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in path_folders)
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_transformers_model_code_and_sftdist_import_in_the_repository_root():
-    proc = _in_root(
+    proc = python_in_root(
         "import importlib.util, json, sys\n"
         "import transformers.models.llama.modeling_llama, sftdist.kernels.linear_cross_entropy, sftdist.trainer\n"
         "spec = importlib.util.find_spec('kernels')\n"
@@ -82,7 +64,7 @@ def test_transformers_model_code_and_sftdist_import_in_the_repository_root():
 def test_no_folder_of_the_checkout_shadows_a_dependency_or_the_standard_library():
     """Every top-level name an installed distribution provides (transformers, kernels, deepspeed, ...) and every
     standard-library module resolves outside the checkout, with all of PATH_FOLDERS on sys.path."""
-    proc = _in_root(
+    proc = python_in_root(
         _INSTALLED_NAMES + "import importlib.util\n"
         "found = {}\n"
         "for name in sorted(names):\n"

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import REPO, compose, max_relative_difference, read_metrics
+from helpers import REPO, compose, max_relative_difference, python_in_root, read_metrics
 from sftdist.data.batching import collate_packed
 from sftdist.data.pipeline import Sample
 from sftdist.errors import ConfigError
@@ -103,16 +100,7 @@ def test_the_readme_snippet_runs_in_the_repository_root(demo_run):
     readme = (REPO / "README.md").read_text()
     snippet = readme.split("Try the result", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert snippet.count('"outputs/sft/final"') == 2, snippet
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    proc = subprocess.run(
-        [sys.executable, "-c", snippet.replace('"outputs/sft/final"', repr(str(out / "final")))],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = python_in_root(snippet.replace('"outputs/sft/final"', repr(str(out / "final"))))
     assert "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n" in proc.stdout, proc.stdout
 
 
