@@ -55,7 +55,7 @@ from sftdist.data.sources import (
     sources_from_config,
     with_format,
 )
-from sftdist.data.template import IGNORE_INDEX, template_hash
+from sftdist.data.template import IGNORE_INDEX, check_serving, template_hash
 from sftdist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,7 @@ def quiet_datasets():
 def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[Any, dict]:
     """(encoded table, report) for the configured sources: from the cache when it holds them, else prepared (into
     the cache, or with ``data.cache=false`` into a temporary directory and then memory)."""
+    check_serving(tokenizer, template, cfg.chat_template_kwargs)
     with quiet_datasets():
         sources = sources_from_config(cfg, seed)
         digest = fingerprint(sources, tokenizer, template, cfg)
@@ -251,7 +252,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[
             with tempfile.TemporaryDirectory(prefix="sftdist-prepare-") as tmp:
                 report = write_prepared(cfg, sources, tokenizer, template, digest, Path(tmp) / digest)
                 table, _ = load_prepared(Path(tmp) / digest, in_memory=True)
-            return table, report
+            return table, _said(report)
         cached = cache_root(cfg) / digest
         if cached.is_dir():  # (no lock to take: a read-only cache is fine)
             log.info("data: prepared samples from the cache (%s)", cached)
@@ -260,12 +261,13 @@ def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[
                 if not cached.is_dir():
                     write_prepared(cfg, sources, tokenizer, template, digest, cached)
         table, manifest = load_prepared(cached)
-        return table, _with_threshold(manifest["report"], cfg)
+        return table, _said(_with_threshold(manifest["report"], cfg))
 
 
 def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, directory: Path) -> dict:
     """Prepare into ``directory`` (sftdist-prepare's output_dir) and return the report: nothing to do when it holds
     this data already, a copy of the cache's when that does, else written there (continuing a stopped run)."""
+    check_serving(tokenizer, template, cfg.chat_template_kwargs)
     with quiet_datasets():
         sources = sources_from_config(cfg, seed)
         digest = fingerprint(sources, tokenizer, template, cfg)
@@ -282,6 +284,18 @@ def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, dire
                 return write_prepared(cfg, sources, tokenizer, template, digest, directory)
         _, manifest = load_prepared(directory)
         return _with_threshold(manifest["report"], cfg)
+
+
+def _said(report: dict) -> dict:
+    """The report, after saying in the log what it holds that the user did not ask for: reasoning not trained."""
+    dropped = report["adaptations"].get("reasoning_dropped")
+    if dropped:
+        log.warning(
+            "data: %d records carry reasoning that the chat template does not render: it is not trained "
+            "(reasoning_dropped; a template that renders reasoning_content trains it)",
+            dropped,
+        )
+    return report
 
 
 def _with_threshold(report: dict, cfg: DataConfig) -> dict:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ import numpy as np
 from sftdist.errors import ConfigError, TemplateSplitError
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 def load_chat_template(path: str | None) -> str | None:
@@ -178,6 +181,7 @@ class Capabilities:
     tool_calls: bool
     consecutive_user: bool
     tools: bool  # renders the tool schemas passed as ``tools``
+    reasoning: bool  # renders the reasoning of the turn being answered
 
 
 TOOLS_HEADER = "You can call these tools (JSON schemas):\n"
@@ -256,6 +260,7 @@ class ChatTemplate:
             consecutive_user=self._renders(
                 [user, {"role": "user", "content": "PROBE_U2"}, answer], "PROBE_U1", "PROBE_U2"
             ),
+            reasoning=self._renders([user, {**answer, "reasoning_content": "PROBE_R"}], "PROBE_R"),
             tools=self._renders(
                 [user, answer],
                 "PROBE_SCHEMA",
@@ -271,11 +276,32 @@ class ChatTemplate:
             ),
         )
 
+    def serving_problem(self, reasoning: bool) -> str | None:
+        """Why a server cannot be served what this template trains on an answer with (or without) reasoning, or
+        None: the generation prompt must be the start of the assistant turn it prompts (a prompt that opens
+        ``<think>`` where the turn renders none trains text the served model never continues)."""
+        user, answer = {"role": "user", "content": "PROBE_U1"}, {"role": "assistant", "content": "PROBE_A1"}
+        if reasoning:
+            answer["reasoning_content"] = "PROBE_R"
+        try:
+            prompt, turn = self.render([user], add_generation_prompt=True), self.render([user, answer])
+        except TemplateSplitError:
+            return None  # (a template that needs more than this to render: its records say what they need)
+        if turn.startswith(prompt):
+            return None
+        common = len(os.path.commonprefix([prompt, turn]))
+        return (
+            f"its generation prompt ends {prompt[common:][:40]!r} where the assistant turn it prompts (an answer "
+            f"{'with' if reasoning else 'without'} reasoning) renders {turn[common:][:40]!r}"
+        )
+
     def adapt(
         self, messages: list[dict], tools: list[dict] | None = None
     ) -> tuple[list[dict], list[dict] | None, list[str]]:
         """(messages, tools) in a form this template can render, and the names of the adaptations made."""
         caps, notes, out = self.caps, [], []
+        if not caps.reasoning and any(k in m for m in messages for k in _REASONING_FIELDS):
+            notes.append("reasoning_dropped")  # (the template renders none: said in the report, not trained)
         if tools and not caps.tools:
             schemas = TOOLS_HEADER + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
             if messages and messages[0]["role"] == "system":
@@ -337,6 +363,47 @@ def bind_template(tokenizer: Any, template: str, kwargs: dict | None = None) -> 
     return _TEMPLATES[key]
 
 
+def check_serving(tokenizer: Any, template: str, kwargs: dict) -> None:
+    """At start: a template that can serve neither answers with reasoning nor answers without is refused, naming
+    the cause and the template arguments that would fix it; one that cannot serve one kind is said, and each such
+    record is rejected as ``not_servable`` (``assistant_char_spans``)."""
+    ct = bind_template(tokenizer, template, kwargs)
+    problems = {r: p for r in (False, True) if (p := ct.serving_problem(r))}  # reasoning -> what goes wrong
+    if not problems:
+        return
+    fixes = [
+        f"data.chat_template_kwargs={{{name}: {json.dumps(value)}}}"
+        for name in _template_arguments(ct)
+        for value in (True, False)
+        if not any(bind_template(tokenizer, template, {**kwargs, name: value}).serving_problem(r) for r in problems)
+    ]
+    fix = " or ".join(fixes[:3]) + " makes it consistent" if fixes else "no template argument (true or false) fixes it"
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    first = next(iter(problems.values()))
+    if len(problems) == 2:
+        raise ConfigError(
+            f"the chat template of {name!r} cannot serve its own renders: {first}; {fix}: give that, or "
+            "data.chat_template=FILE"
+        )
+    log.warning(
+        "data: the chat template of %r cannot serve some of its own renders: %s; each such record is rejected as "
+        "not_servable (%s)",
+        name,
+        first,
+        fix,
+    )
+
+
+def _template_arguments(ct: ChatTemplate) -> list[str]:
+    """The variables a template reads that apply_chat_template leaves to its caller (enable_thinking, ...)."""
+    from jinja2 import meta
+
+    env = ct._compiled.environment
+    names = meta.find_undeclared_variables(env.parse(ct.template))
+    given = {"messages", "tools", "documents", "add_generation_prompt", *ct._kwargs, *env.globals}
+    return sorted(n for n in names if n not in given)[:8]
+
+
 def assistant_char_spans(
     ct: ChatTemplate, messages: list[dict], tools: list[dict] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -350,7 +417,15 @@ def assistant_char_spans(
                 continue
             before = ct.render_clean(clean[:i], True, tools)
             through = full if i + 1 == len(messages) else ct.render_clean(clean[: i + 1], False, tools)
-            if not through.startswith(before) or not full.startswith(through):
+            if not through.startswith(before):
+                common = len(os.path.commonprefix([before, through]))
+                raise TemplateSplitError(
+                    f"assistant turn {i}: the generation prompt ends {before[common:][:40]!r} where the turn "
+                    f"renders {through[common:][:40]!r}: a server would prompt the model with text this turn does "
+                    "not continue (a template argument such as enable_thinking decides it, or the turn's reasoning)",
+                    reason="not_servable",
+                )
+            if not full.startswith(through):
                 raise TemplateSplitError(
                     f"assistant turn {i}: the template does not render conversations as prefixes of each "
                     "other (the text up to the generation prompt is not kept when the turn is added, or a "

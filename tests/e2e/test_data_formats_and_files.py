@@ -365,3 +365,25 @@ def test_qwen3_without_thinking_keeps_the_empty_think_block_in_the_prompt(tmp_pa
     answers = [m[-1]["content"] for m in firsts]
     assert trained["no_thinking"] == [f"{a}<|im_end|>" for a in answers]
     assert all(p.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for p in prompts)  # (the last loop's)
+    # an answer with reasoning cannot be served so: the prompt closes the think block the answer would fill
+    question, answer = {"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "#### 2"}
+    reasoned = [{"messages": [question, {**answer, "reasoning_content": "Think first."}]}]
+    config = DataConfig(
+        path=_jsonl(tmp_path / "r.jsonl", reasoned + [{"messages": m} for m in firsts]),
+        cache=False,
+        max_length=512,
+        chat_template_kwargs={"enable_thinking": False},
+        max_rejected_fraction=0.5,
+    )
+    _, report = prepare(config, tokenizer, template, 0)
+    assert report["rejected"] == {"not_servable": 1} and report["records_used"] == len(firsts)
+
+
+def test_reasoning_a_template_does_not_render_is_counted_and_said(reference, tmp_path, caplog):
+    """The demo's ChatML template renders no reasoning: records that carry it give the plain samples, counted as
+    reasoning_dropped and said in the log, so nobody believes their reasoning traces were trained."""
+    records = [{"messages": [*m[:-1], {**m[-1], "reasoning_content": "Step by step."}]} for m in CONVERSATIONS]
+    with caplog.at_level("WARNING"):
+        samples, report = _prepare(_jsonl(tmp_path / "r.jsonl", records))
+    assert samples == reference and report["adaptations"] == {"reasoning_dropped": len(CONVERSATIONS)}
+    assert f"{len(CONVERSATIONS)} records carry reasoning that the chat template does not render" in caplog.text

@@ -333,3 +333,52 @@ def test_chat_template_arguments_reach_every_render_as_apply_chat_template_passe
     assert ct is bind_template(demo_tokenizer, FLAG_TEMPLATE, {"quiet": True})  # cached per arguments
     assert ct is not bind_template(demo_tokenizer, FLAG_TEMPLATE)
     assert ct.render(CONVERSATION[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n<think></think>")
+
+
+OPENS_THINK_TEMPLATE = (  # opens a think block in its generation prompt that a turn without reasoning never renders
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>\n{{ m.reasoning_content }}"
+    "</think>\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if not no_think %}<think>\n{% endif %}{% endif %}"
+)
+
+
+def test_a_template_that_cannot_serve_its_own_renders_is_refused_naming_the_argument_that_fixes_it(demo_tokenizer):
+    from sftdist.data.template import check_serving
+    from sftdist.errors import ConfigError
+
+    never = OPENS_THINK_TEMPLATE.replace("<think>\n{% endif %}{% endif %}", "[A]{% endif %}{% endif %}")
+    with pytest.raises(ConfigError) as refused:  # neither an answer with reasoning nor one without continues "[A]"
+        check_serving(demo_tokenizer, never, {})
+    message = str(refused.value)
+    assert "cannot serve its own renders: its generation prompt ends '[A]' where the assistant turn it" in message
+    assert "(an answer without reasoning) renders 'PROBE_A1<|im_end|>" in message
+    assert "data.chat_template_kwargs={no_think: true} makes it consistent" in message
+    check_serving(demo_tokenizer, never, {"no_think": True})
+    check_serving(demo_tokenizer, demo_tokenizer.chat_template, {})
+    with pytest.raises(ConfigError, match="no template argument \\(true or false\\) fixes it"):
+        check_serving(demo_tokenizer, never.replace("not no_think", "true"), {})
+
+
+def test_a_template_that_serves_answers_with_reasoning_only_rejects_the_others_as_not_servable(demo_tokenizer, caplog):
+    from sftdist.data.template import check_serving
+
+    with caplog.at_level("WARNING"):
+        check_serving(demo_tokenizer, OPENS_THINK_TEMPLATE, {})  # said, not refused: reasoning data serves
+    assert "cannot serve some of its own renders" in caplog.text and "{no_think: true}" in caplog.text
+    question = {"role": "user", "content": "2+2?"}
+    thought = {"role": "assistant", "content": "4", "reasoning_content": "two and two"}
+    encode_conversation(demo_tokenizer, [question, thought], chat_template=OPENS_THINK_TEMPLATE)
+    with pytest.raises(TemplateSplitError, match="the generation prompt ends .<think>.n. where the turn") as err:
+        encode_conversation(demo_tokenizer, [question, {"role": "assistant", "content": "4"}], OPENS_THINK_TEMPLATE)
+    assert err.value.reason == "not_servable"
+
+
+def test_reasoning_a_template_does_not_render_is_counted_as_dropped(demo_tokenizer):
+    from sftdist.data.template import bind_template
+
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "r"}]
+    chatml = bind_template(demo_tokenizer, demo_tokenizer.chat_template)
+    thinking = bind_template(demo_tokenizer, THINKING_TEMPLATE)
+    assert not chatml.caps.reasoning and thinking.caps.reasoning
+    assert chatml.adapt(messages)[2] == ["reasoning_dropped"] and thinking.adapt(messages)[2] == []
+    assert chatml.adapt(messages[:1] + [{"role": "assistant", "content": "4"}])[2] == []
