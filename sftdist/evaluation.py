@@ -35,6 +35,7 @@ from sftdist.metrics.probes import (
     check,
     default_checks,
     load_probe_file,
+    opened_think,
     probe_metrics,
     reference_tools,
 )
@@ -120,6 +121,7 @@ class Evaluator:
         self.tokenizer = tokenizer
         ct = bind_template(tokenizer, template, cfg.data.chat_template_kwargs)
         self.prompts = [_prompt_ids(probe, ct, tokenizer) for probe in probes]
+        self.opened = [opened_think(tokenizer.decode(prompt)) for prompt in self.prompts]
 
     def losses(self, loss_sums: LossSums, all_sum: Callable[[list[float]], list[float]]) -> dict[str, float]:
         """``eval/loss`` and its breakdowns: each held-out sample is scored once, in the part of its (source,
@@ -170,8 +172,8 @@ class Evaluator:
             autocast=autocast,
         )
         responses = [
-            check(probe, Response(self.tokenizer.decode(g.tokens), len(g.tokens), g.stopped))
-            for probe, g in zip(self.probes, generated)
+            check(probe, Response(self.tokenizer.decode(g.tokens), len(g.tokens), g.stopped, opened=opened))
+            for probe, g, opened in zip(self.probes, generated, self.opened)
         ]
         rows = [
             {

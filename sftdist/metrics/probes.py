@@ -15,8 +15,9 @@ turn (its tokens, exactly as trained), the checks follow from the reference answ
 Metrics (:func:`probe_metrics`): ``eval/format_pass_rate`` (probes passing every check), ``eval/format/<check>`` (of
 the probes with that check, the share passing it), ``eval/repetition_rate`` (mean over responses of the share of
 word n-grams that repeat an earlier one in the same response), ``eval/distinct_2`` (distinct word bigrams over all
-bigrams, across responses), ``eval/eos_rate`` (responses that ended with the end-of-turn token before the limit) and
-``eval/response_tokens`` (mean generated tokens, the end-of-turn token not counted).
+bigrams, across responses), ``eval/eos_rate`` (responses that ended with the end-of-turn token before the limit),
+``eval/response_tokens`` (mean generated tokens, the end-of-turn token not counted) and, where probes have the
+``think`` check, ``eval/think_rate`` (of those, the share whose answer thinks: a closed, non-empty think block first).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Response:
     num_tokens: int  # generated tokens, the end-of-turn token not included
     stopped: bool  # ended with an end-of-turn token before max_new_tokens
     checks: dict[str, bool] = field(default_factory=dict)
+    opened: str = ""  # what the generation prompt already wrote of the answer: a think block it opened
 
     @property
     def passed(self) -> bool:
@@ -118,6 +120,28 @@ def find_tool_call(text: str) -> dict[str, Any] | None:
     return None
 
 
+THINK = ("<think>", "</think>")
+
+
+def opened_think(prompt: str) -> str:
+    """The think tag a generation prompt leaves open (its answer continues inside the block), or ""."""
+    return THINK[0] if prompt.rfind(THINK[0]) > prompt.rfind(THINK[1]) else ""
+
+
+def think_parts(response: Response) -> tuple[str, str] | None:
+    """(reasoning, answer) of a response: one think block at its start, closed, then an answer; ("", text) for a
+    response without think tags; None where the tags are unbalanced or out of place, or the answer is missing (left
+    inside the block)."""
+    opening, closing = THINK
+    text = (response.opened + response.text).lstrip()
+    if opening not in text and closing not in text:
+        return "", text
+    if not text.startswith(opening) or text.count(opening) != 1 or text.count(closing) != 1:
+        return None
+    reasoning, _, answer = text[len(opening) :].partition(closing)
+    return (reasoning, answer) if answer.strip() else None
+
+
 def _check_tool_call(response: Response, argument: Any, tools: Any) -> bool:
     """A well-formed call of a declared tool: a known name, arguments that are an object holding every required
     argument of that tool."""
@@ -138,6 +162,7 @@ CHECKS: dict[str, Callable[[Response, Any, Any], bool]] = {
     "json_schema": _check_json_schema,
     "tool_call": _check_tool_call,
     "stops": lambda r, wanted, tools: r.stopped is bool(wanted),
+    "think": lambda r, wanted, tools: (think_parts(r) is not None) is bool(wanted),
     "max_words": lambda r, n, tools: len(_words(r.text)) <= n,
     "min_words": lambda r, n, tools: len(_words(r.text)) >= n,
     "starts_with": lambda r, prefix, tools: r.text.lstrip().startswith(prefix),
@@ -165,7 +190,7 @@ def _validate_checks(checks: Any, where: str) -> dict[str, Any]:
                 re.compile(argument)
             except (re.error, TypeError) as err:
                 raise DataError(f"{where}: checks.regex={argument!r} is not a regular expression ({err})") from err
-        if name in ("json", "tool_call", "stops") and not isinstance(argument, bool):
+        if name in ("json", "tool_call", "stops", "think") and not isinstance(argument, bool):
             raise DataError(f"{where}: checks.{name}={argument!r} must be true or false")
         if name in ("max_words", "min_words") and (
             isinstance(argument, bool) or not isinstance(argument, int) or argument < 0
@@ -223,6 +248,8 @@ def default_checks(reference: str, length_factor: float) -> dict[str, Any]:
     """Checks for a held-out prompt, from its reference answer: the response stops; it is JSON when the reference
     is, a tool call when the reference is one; its length (words) within ``length_factor`` of the reference's."""
     checks: dict[str, Any] = {"stops": True}
+    if reference.lstrip().startswith(THINK[0]):
+        checks["think"] = True
     call = find_tool_call(reference)
     if call is not None and call["arguments"] is not None:
         checks["tool_call"] = True
@@ -271,4 +298,7 @@ def probe_metrics(probes: Sequence[Probe], responses: Sequence[Response], ngram:
         results = [r.checks[name] for r in responses if name in r.checks]
         if results:
             metrics[f"eval/format/{name}"] = sum(results) / len(results)
+    thinking = [think_parts(r) for r in responses if "think" in r.checks]
+    if thinking:  # (answers expected to think: a run that stops thinking shows here)
+        metrics["eval/think_rate"] = sum(bool(parts and parts[0].strip()) for parts in thinking) / len(thinking)
     return metrics

@@ -16,6 +16,7 @@ from sftdist.metrics.probes import (
     distinct_2,
     find_tool_call,
     load_probe_file,
+    opened_think,
     probe_metrics,
     repetition,
 )
@@ -141,3 +142,37 @@ def test_a_probe_file_loads_and_a_bad_probe_is_named_by_its_line(tmp_path):
         assert f"{path}:2" in str(err.value)
     with pytest.raises(FileNotFoundError, match="eval.probes.path="):
         load_probe_file(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(
+    "text,opened,expected",
+    [
+        ("<think>\nAdd them.\n</think>\n\n#### 12", "", True),
+        ("#### 12", "", True),  # no think block at all: well formed (eval/think_rate shows it)
+        ("<think>\n\n</think>\n\n#### 12", "", True),  # an empty block
+        ("<think>\nAdd them, then #### 12", "", False),  # never closed: the answer is inside the block
+        ("<think>\nAdd them.\n</think>\n", "", False),  # closed, but no answer after it
+        ("#### 12</think>", "", False),  # a close without an open
+        ("So: <think>add</think> 12", "", False),  # not at the start
+        ("<think>a</think>b<think>c</think>d", "", False),  # two blocks
+        ("Add them.\n</think>\n\n#### 12", "<think>", True),  # the prompt opened the block
+        ("#### 12", "<think>", False),  # ... and the answer never closed it
+    ],
+)
+def test_the_think_check(text, opened, expected):
+    probe = Probe("p", {"think": True})
+    assert check(probe, Response(text, 3, True, opened=opened)).checks == {"think": expected}
+    assert check(Probe("p", {"think": False}), Response(text, 3, True, opened=opened)).checks == {"think": not expected}
+
+
+def test_think_rate_counts_answers_that_think_among_probes_with_the_think_check():
+    probes = [Probe(str(i), {"think": True}) for i in range(4)] + [Probe("plain", {"stops": True})]
+    texts = ["<think>a</think>x", "<think>\n</think>x", "x", "<think>a", "<think>b</think>y"]
+    metrics = probe_metrics(probes, [check(p, Response(t, 1, True)) for p, t in zip(probes, texts)], ngram=3)
+    assert metrics["eval/think_rate"] == 1 / 4  # one of the four: empty, none and unclosed do not count
+    assert metrics["eval/format/think"] == 3 / 4
+    assert "eval/think_rate" not in probe_metrics(probes[4:], [check(probes[4], Response("x", 1, True))], ngram=3)
+    assert default_checks("<think>\nadd\n</think>\n\n#### 12", 3.0)["think"] is True
+    assert "think" not in default_checks("#### 12", 3.0)
+    assert opened_think("<|im_start|>assistant\n<think>\n") == "<think>"
+    assert opened_think("<|im_start|>assistant\n<think>\n\n</think>\n\n") == ""
