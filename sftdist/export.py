@@ -73,34 +73,33 @@ def write_hf_meta(
 
 
 def stop_token_ids(tokenizer: Any, end_of_turn_ids: dict[str, int], current: Any) -> list[int] | None:
-    """The generation config's stop tokens (``current``: an id, a list or None) plus the token that ends (nearly)
-    every trained assistant turn (``end_of_turn_ids``: the data report's count of each turn's last token), or None
-    to leave them as they are."""
+    """The generation config's stop tokens (``current``: an id, a list or None) plus the special tokens that end
+    (nearly) every trained assistant turn (``end_of_turn_ids``: the data report's count of each turn's last token):
+    one end-of-turn marker, or the headers that follow an answer where the template writes none (GLM-4.5's
+    ``<|user|>`` and ``<|observation|>``); or None to leave them as they are."""
     ends = Counter({int(k): v for k, v in end_of_turn_ids.items()})
     if not ends:
         return None
-    token, count = ends.most_common(1)[0]
-    name = tokenizer.convert_ids_to_tokens(token)
-    if count < 0.9 * sum(ends.values()):
+    special = [t for t in ends if t in tokenizer.all_special_ids or t in tokenizer.added_tokens_decoder]
+    covered = sum(ends[t] for t in special)
+    if covered < 0.9 * sum(ends.values()):
+        token, count = ends.most_common(1)[0]
         log.warning(
-            "assistant turns do not end with a common token (the most common, %r, ends %.0f%%): the model may not "
-            "learn to stop; check the chat template's end-of-turn marker",
-            name,
+            "assistant turns do not end with special tokens (%.0f%% do; the most common end, %r, ends %.0f%%): the "
+            "model may not learn to stop; check the chat template's end-of-turn marker",
+            100 * covered / sum(ends.values()),
+            tokenizer.convert_ids_to_tokens(token),
             100 * count / sum(ends.values()),
         )
         return None
-    if token not in tokenizer.all_special_ids and token not in tokenizer.added_tokens_decoder:
-        log.warning(
-            "the trained assistant turns end with %r, which is not a special token: generation cannot stop on it "
-            "reliably; make the template's end-of-turn marker a special token",
-            name,
-        )
-        return None
     current = [] if current is None else [current] if isinstance(current, int) else list(current)
-    if token in current:
-        return current
-    log.info("generation stops at %r too: it ends the trained assistant turns", name)
-    return [*current, token]
+    # the special ends in order of use, each ending at least 1% of the turns (not a stray token of a few)
+    new = [t for t, n in ends.most_common() if t in special and t not in current and n >= 0.01 * covered]
+    if new:
+        log.info(
+            "generation stops at %s too: they end the trained assistant turns", tokenizer.convert_ids_to_tokens(new)
+        )
+    return [*current, *new]
 
 
 def export_hf(

@@ -182,6 +182,7 @@ class Capabilities:
     consecutive_user: bool
     tools: bool  # renders the tool schemas passed as ``tools``
     reasoning: bool  # renders the reasoning of the turn being answered
+    header_stops: bool  # ends an answer with no token of its own, and the next turn's header is one (GLM-4.5)
 
 
 TOOLS_HEADER = "You can call these tools (JSON schemas):\n"
@@ -199,6 +200,7 @@ class ChatTemplate:
         # as apply_chat_template: the special tokens, then the template's own arguments (data.chat_template_kwargs)
         self._kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self._kwargs.update(kwargs or {})
+        self.tokens = _token_strings(tokenizer)  # the tokenizer's special and added tokens, longest first
         self.caps = self._probe()
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
@@ -261,6 +263,7 @@ class ChatTemplate:
                 [user, {"role": "user", "content": "PROBE_U2"}, answer], "PROBE_U1", "PROBE_U2"
             ),
             reasoning=self._renders([user, {**answer, "reasoning_content": "PROBE_R"}], "PROBE_R"),
+            header_stops=self._header_stops(user, answer),
             tools=self._renders(
                 [user, answer],
                 "PROBE_SCHEMA",
@@ -274,6 +277,19 @@ class ChatTemplate:
                     }
                 ],
             ),
+        )
+
+    def _header_stops(self, user: dict, answer: dict) -> bool:
+        try:
+            through = self.render([user, answer])
+            after = self.render([user, answer, {"role": "user", "content": "PROBE_U2"}])
+        except TemplateSplitError:
+            return False
+        end = len(through.rstrip())
+        return (
+            not through[:end].endswith(self.tokens)
+            and after.startswith(through[:end])
+            and bool(_leading_token(after[end:], self.tokens))
         )
 
     def serving_problem(self, reasoning: bool) -> str | None:
@@ -353,11 +369,18 @@ def _alias_reasoning(messages: list[dict]) -> list[dict]:
     return _alias_reasoning_fields(messages)
 
 
+def _token_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The text of every special or added token of a tokenizer (one token each however it is surrounded), longest
+    first."""
+    added = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    return tuple(sorted(added | set(tokenizer.all_special_tokens), key=lambda t: (-len(t), t)))
+
+
 def bind_template(tokenizer: Any, template: str, kwargs: dict | None = None) -> ChatTemplate:
     """The (cached) ChatTemplate of a template string with a tokenizer's special tokens and the template's own
     arguments (``data.chat_template_kwargs``)."""
     specials = tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()))
-    key = (template, specials, json.dumps(kwargs or {}, sort_keys=True))
+    key = (template, specials, _token_strings(tokenizer), json.dumps(kwargs or {}, sort_keys=True))
     if key not in _TEMPLATES:
         _TEMPLATES[key] = ChatTemplate(tokenizer, template, kwargs)
     return _TEMPLATES[key]
@@ -433,9 +456,34 @@ def assistant_char_spans(
                 )
             start = len(before)
             end = start + len(through[start:].rstrip())
+            if end > start and ct.caps.header_stops:
+                # (a template without an end-of-turn token: the header that follows an answer is its stop, GLM-4.5's
+                # way, after a tool call too, which ends on its own tag)
+                rest = full[end:] if i + 1 < len(messages) else _after_last_answer(ct, clean, tools, through)[end:]
+                stop = _leading_token(rest, ct.tokens)
+                if i + 1 == len(messages) and stop:
+                    full = full[:end] + stop  # (what the model writes to stop after the last answer)
+                end += len(stop)
             if end > start:
                 spans.append((start, end))
     return full, spans
+
+
+def _after_last_answer(ct: ChatTemplate, clean: list[dict], tools: list[dict] | None, through: str) -> str:
+    """The conversation rendered with a user turn after its last answer (what a server renders next), or ``through``
+    where that render does not continue it."""
+    try:
+        text = ct.render_clean([*clean, {"role": "user", "content": "PROBE_NEXT"}], False, tools)
+    except TemplateSplitError:
+        return through
+    return text if text.startswith(through.rstrip()) else through
+
+
+def _leading_token(text: str, tokens: tuple[str, ...]) -> str:
+    """The white space and the special or added token that ``text`` starts with, or "" where it starts otherwise."""
+    body = text.lstrip()
+    token = next((t for t in tokens if body.startswith(t)), "")
+    return text[: len(text) - len(body) + len(token)] if token else ""
 
 
 def _labels_fast(enc: Any, spans: list[tuple[int, int]], input_ids: list[int]) -> tuple[list[int], list[int]] | None:

@@ -117,5 +117,8 @@ def test_a_plain_end_of_turn_token_never_becomes_a_stop_token(caplog):
     assert plain not in tokenizer.all_special_ids and plain != tokenizer.unk_token_id
     with caplog.at_level("WARNING"):
         assert stop_token_ids(tokenizer, {str(plain): 9}, current=None) is None
-    assert "which is not a special token" in caplog.text
+    assert "assistant turns do not end with special tokens (0% do" in caplog.text
     assert stop_token_ids(tokenizer, {str(special): 9, str(plain): 1}, current=None) == [special]
+    # two special ends (GLM-4.5's answers end on the next header: <|user|>, or <|observation|> after a tool call)
+    other = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert stop_token_ids(tokenizer, {str(special): 6, str(other): 4}, current=[7]) == [7, special, other]

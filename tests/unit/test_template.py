@@ -382,3 +382,51 @@ def test_reasoning_a_template_does_not_render_is_counted_as_dropped(demo_tokeniz
     assert not chatml.caps.reasoning and thinking.caps.reasoning
     assert chatml.adapt(messages)[2] == ["reasoning_dropped"] and thinking.adapt(messages)[2] == []
     assert chatml.adapt(messages[:1] + [{"role": "assistant", "content": "4"}])[2] == []
+
+
+GLM_TOKENS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<think>", "</think>"]
+GLM_TOKENS += ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"]
+GLM_TOKENS += ["<tool_response>", "</tool_response>", "<|endoftext|>"]
+
+
+def test_glm_answers_end_on_the_header_that_follows_them_which_export_makes_a_stop_token():
+    """GLM-4.5 writes no end-of-turn marker: the next header (<|user|>, or <|observation|> after a tool call) is the
+    stop a server uses. It is trained at the end of each answer (after the last one too), and the export's stop
+    tokens name both."""
+    from helpers import SHARED, tiny_tokenizer
+    from sftdist.data.template import bind_template
+    from sftdist.export import stop_token_ids
+
+    if not (SHARED / "chat_templates" / "glm4moe.jinja").is_file():
+        pytest.skip("needs ../shared/chat_templates")
+    template = (SHARED / "chat_templates" / "glm4moe.jinja").read_text()
+    tokenizer = tiny_tokenizer(GLM_TOKENS, eos="<|endoftext|>", template=template)
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}
+    messages = [
+        {"role": "user", "content": "Add 2."},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+    enc = encode_conversation(tokenizer, messages)
+    runs = [tokenizer.decode(r) for r in _supervised_runs(enc)]
+    assert runs[0].endswith("</tool_call><|observation|>") and runs[1] == "\n<think></think>\nIt is 4.<|user|>"
+    assert tokenizer.decode(enc["input_ids"]).endswith("It is 4.<|user|>")  # the stop after the last answer
+    assert bind_template(tokenizer, template).caps.header_stops
+    talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    talk += [{"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure"}]
+    assert [tokenizer.decode(r) for r in _supervised_runs(encode_conversation(tokenizer, talk))] == [
+        "\n<think></think>\nHello<|user|>",
+        "\n<think></think>\nSure<|user|>",
+    ]
+    ends = {str(r[-1]): 1 for r in _supervised_runs(enc)}
+    user, observation = tokenizer.convert_tokens_to_ids(["<|user|>", "<|observation|>"])
+    assert sorted(stop_token_ids(tokenizer, ends, current=None)) == sorted([user, observation])
+
+
+def test_a_template_with_an_end_of_turn_token_trains_no_header(demo_tokenizer):
+    from sftdist.data.template import bind_template
+
+    assert not bind_template(demo_tokenizer, demo_tokenizer.chat_template).caps.header_stops
+    enc = encode_conversation(demo_tokenizer, CONVERSATION)
+    assert all(demo_tokenizer.decode(r).endswith("#### 5<|im_end|>") for r in _supervised_runs(enc)[:1])
