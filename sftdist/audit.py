@@ -26,10 +26,14 @@ _GREEN, _RESET = "\033[1;32m", "\033[0m"
 
 def role_token_counts(ct: Any, tokenizer: Any, conv: dict, labels: list[int]) -> dict[str, list[int]]:
     """{role: [tokens, trained tokens]} of one encoded conversation; the role of a token is that of the
-    message whose rendered region holds it ("template" for text outside every message, e.g. a BOS)."""
+    message whose rendered region holds it ("template" for text outside every message, e.g. a BOS), but a trained
+    token is the assistant's (the header that ends an answer where a template writes no end-of-turn token is in
+    the next message's region, or after the last one)."""
+    from sftdist.data.template import assistant_char_spans
+
     messages, tools, _ = ct.adapt(conv["messages"], conv["tools"])
     bounds = [len(ct.render(messages[:j], False, tools)) if j else 0 for j in range(len(messages) + 1)]
-    text = ct.render(messages, False, tools)
+    text, _ = assistant_char_spans(ct, messages, tools)  # (the sample's text: with a stop appended to the last answer)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     j = 0
@@ -37,6 +41,7 @@ def role_token_counts(ct: Any, tokenizer: Any, conv: dict, labels: list[int]) ->
         while j < len(messages) and start >= bounds[j + 1]:
             j += 1
         role = messages[j]["role"] if j < len(messages) and start >= bounds[j] else "template"
+        role = "assistant" if label != -100 else role
         counts[role][0] += 1
         counts[role][1] += label != -100
     return counts

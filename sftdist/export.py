@@ -73,10 +73,11 @@ def write_hf_meta(
 
 
 def stop_token_ids(tokenizer: Any, end_of_turn_ids: dict[str, int], current: Any) -> list[int] | None:
-    """The generation config's stop tokens (``current``: an id, a list or None) plus the special tokens that end
-    (nearly) every trained assistant turn (``end_of_turn_ids``: the data report's count of each turn's last token):
-    one end-of-turn marker, or the headers that follow an answer where the template writes none (GLM-4.5's
-    ``<|user|>`` and ``<|observation|>``); or None to leave them as they are."""
+    """The generation config's stop tokens (``current``: an id, a list or None) plus the special (or added) tokens
+    that end the trained assistant turns (``end_of_turn_ids``: the data report's count of each turn's last token),
+    when together they end at least 90% of the turns, each one at least 1% of those: one end-of-turn marker, or the
+    headers that follow an answer where the template writes none (GLM-4.5's ``<|user|>`` and ``<|observation|>``);
+    or None to leave them as they are."""
     ends = Counter({int(k): v for k, v in end_of_turn_ids.items()})
     if not ends:
         return None

@@ -156,11 +156,8 @@ def _tool_call_part(part: dict, where: str) -> dict:
     """A tool-call part: its call as JSON text under ``value`` or ``text``, or the call's fields in the part itself
     (``name`` and ``arguments``, or OpenAI's ``function``)."""
     if "value" in part or "text" in part:
-        return _tool_call(_part_text(part, where), where)
-    call = part.get("function", part)
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        raise _Reject("bad_tool_calls", f"{where} is a tool_call part without a 'name'")
-    out = {"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}
+        return _tool_call(_part_text(part, where), where, "tool_call part")
+    out = _call(part.get("function", part), where, "tool_call part")
     return {**({"id": part["id"]} if isinstance(part.get("id"), str) else {}), **out}
 
 
@@ -273,19 +270,24 @@ def _from_sharegpt_turn(turn: dict, field: str, j: int) -> dict:
     value = turn.get("value")
     turn = {k: v for k, v in turn.items() if k not in ("from", "value")}
     if source_role == "function_call":
-        value = _string(value, f"{field}[{j}].value", required=True)
+        value = _content(value, f"{field}[{j}].value", required=True)[0]
         return {**turn, "role": "assistant", "content": "", "tool_calls": [_tool_call(value, f"{field}[{j}]")]}
     return {**turn, "role": _SHAREGPT_ROLES[source_role], "content": value}
 
 
-def _tool_call(value: str, where: str) -> dict:
+def _tool_call(value: str, where: str, what: str = "function_call") -> dict:
     """A sharegpt function_call value ('{"name": ..., "arguments": ...}') as an OpenAI tool call."""
     try:
         call = json.loads(value)
     except json.JSONDecodeError as err:
-        raise _Reject("bad_tool_calls", f"{where} function_call is not JSON ({err.msg})") from err
+        raise _Reject("bad_tool_calls", f"{where} {what} is not JSON ({err.msg})") from err
+    return _call(call, where, what)
+
+
+def _call(call: Any, where: str, what: str) -> dict:
+    """``{"name": ..., "arguments": ...}`` as an OpenAI tool call, arguments given as a JSON string parsed."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        raise _Reject("bad_tool_calls", f"{where} function_call needs a 'name'")
+        raise _Reject("bad_tool_calls", f"{where} {what} needs a 'name'")
     arguments = call.get("arguments", {})
     if isinstance(arguments, str):  # some data sets nest the arguments as a JSON string
         try:

@@ -281,9 +281,9 @@ def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, dire
                 log.info("data: copying the prepared samples from the cache (%s)", cached)
                 copy_prepared(cached, directory)
             else:
-                return write_prepared(cfg, sources, tokenizer, template, digest, directory)
+                return _said(write_prepared(cfg, sources, tokenizer, template, digest, directory))
         _, manifest = load_prepared(directory)
-        return _with_threshold(manifest["report"], cfg)
+        return _said(_with_threshold(manifest["report"], cfg))
 
 
 def _said(report: dict) -> dict:
@@ -541,7 +541,7 @@ def build_datasets(
     if cfg.prepared is not None:  # weights as sftdist-prepare was configured
         table, manifest = load_prepared(cfg.prepared)
         check_compatible(manifest, cfg.prepared, tokenizer, template, cfg)
-        report = manifest["report"]
+        report = _said(manifest["report"])
         weights = {name: s["weight"] for name, s in report["sources"].items()}
     else:  # weights are not part of the fingerprint: this run's
         table, report = prepare(cfg, tokenizer, template, seed)

@@ -182,7 +182,10 @@ class Capabilities:
     consecutive_user: bool
     tools: bool  # renders the tool schemas passed as ``tools``
     reasoning: bool  # renders the reasoning of the turn being answered
-    header_stops: bool  # ends an answer with no token of its own, and the next turn's header is one (GLM-4.5)
+    # A template that ends an answer with no token of its own, where the next turn's header is one (GLM-4.5): what
+    # follows an answer when the user speaks next, and a tool call when its result comes ("" for other templates)
+    answer_stop: str = ""
+    call_stop: str = ""
 
 
 TOOLS_HEADER = "You can call these tools (JSON schemas):\n"
@@ -263,7 +266,7 @@ class ChatTemplate:
                 [user, {"role": "user", "content": "PROBE_U2"}, answer], "PROBE_U1", "PROBE_U2"
             ),
             reasoning=self._renders([user, {**answer, "reasoning_content": "PROBE_R"}], "PROBE_R"),
-            header_stops=self._header_stops(user, answer),
+            **self._header_stops(user, answer, call),
             tools=self._renders(
                 [user, answer],
                 "PROBE_SCHEMA",
@@ -279,18 +282,25 @@ class ChatTemplate:
             ),
         )
 
-    def _header_stops(self, user: dict, answer: dict) -> bool:
-        try:
-            through = self.render([user, answer])
-            after = self.render([user, answer, {"role": "user", "content": "PROBE_U2"}])
-        except TemplateSplitError:
-            return False
-        end = len(through.rstrip())
-        return (
-            not through[:end].endswith(self.tokens)
-            and after.startswith(through[:end])
-            and bool(_leading_token(after[end:], self.tokens))
-        )
+    def _header_stops(self, user: dict, answer: dict, call: dict) -> dict[str, str]:
+        """``answer_stop`` and ``call_stop`` (see Capabilities): the white space and token that follow an answer
+        ending on no token of its own, before a user turn, and that follow a tool call, before its result."""
+        stops = {}
+        for name, turn, after in (
+            ("answer_stop", answer, {"role": "user", "content": "PROBE_U2"}),
+            ("call_stop", call, {"role": "tool", "content": "PROBE_TOOL"}),
+        ):
+            try:
+                through = self.render([user, turn])
+                text = self.render([user, turn, after])
+            except TemplateSplitError:
+                continue
+            end = len(through.rstrip())
+            if text.startswith(through[:end]):
+                stops[name] = _leading_token(text[end:], self.tokens)
+        if stops.get("answer_stop") and self.render([user, answer]).rstrip().endswith(self.tokens):
+            return {}  # (an end-of-turn token of its own: what follows is the next turn's, not a stop)
+        return stops if stops.get("answer_stop") else {}
 
     def serving_problem(self, reasoning: bool) -> str | None:
         """Why a server cannot be served what this template trains on an answer with (or without) reasoning, or
@@ -316,7 +326,9 @@ class ChatTemplate:
     ) -> tuple[list[dict], list[dict] | None, list[str]]:
         """(messages, tools) in a form this template can render, and the names of the adaptations made."""
         caps, notes, out = self.caps, [], []
-        if not caps.reasoning and any(k in m for m in messages for k in _REASONING_FIELDS):
+        if not caps.reasoning and any(
+            m.get(k) and m["role"] == "assistant" and m.get("weight", 1) for m in messages for k in _REASONING_FIELDS
+        ):
             notes.append("reasoning_dropped")  # (the template renders none: said in the report, not trained)
         if tools and not caps.tools:
             schemas = TOOLS_HEADER + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
@@ -394,11 +406,12 @@ def check_serving(tokenizer: Any, template: str, kwargs: dict) -> None:
     problems = {r: p for r in (False, True) if (p := ct.serving_problem(r))}  # reasoning -> what goes wrong
     if not problems:
         return
-    fixes = [
-        f"data.chat_template_kwargs={{{name}: {json.dumps(value)}}}"
+    fixes = [  # (a fix serves both kinds: one that moves the problem to the other kind is none)
+        f"'data.chat_template_kwargs={{{name}: {json.dumps(value)}}}'"
         for name in _template_arguments(ct)
         for value in (True, False)
-        if not any(bind_template(tokenizer, template, {**kwargs, name: value}).serving_problem(r) for r in problems)
+        if kwargs.get(name) is not value
+        and not any(bind_template(tokenizer, template, {**kwargs, name: value}).serving_problem(r) for r in (0, 1))
     ]
     fix = " or ".join(fixes[:3]) + " makes it consistent" if fixes else "no template argument (true or false) fixes it"
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
@@ -418,13 +431,14 @@ def check_serving(tokenizer: Any, template: str, kwargs: dict) -> None:
 
 
 def _template_arguments(ct: ChatTemplate) -> list[str]:
-    """The variables a template reads that apply_chat_template leaves to its caller (enable_thinking, ...)."""
+    """The variables a template reads that apply_chat_template leaves to its caller (enable_thinking, ...), those the
+    run sets included."""
     from jinja2 import meta
 
     env = ct._compiled.environment
     names = meta.find_undeclared_variables(env.parse(ct.template))
-    given = {"messages", "tools", "documents", "add_generation_prompt", *ct._kwargs, *env.globals}
-    return sorted(n for n in names if n not in given)[:8]
+    given = {"messages", "tools", "documents", "add_generation_prompt", *env.globals}
+    return sorted(n for n in names if n not in given and not n.endswith("_token"))[:16]
 
 
 def assistant_char_spans(
@@ -456,27 +470,21 @@ def assistant_char_spans(
                 )
             start = len(before)
             end = start + len(through[start:].rstrip())
-            if end > start and ct.caps.header_stops:
+            if end > start and ct.caps.answer_stop:
                 # (a template without an end-of-turn token: the header that follows an answer is its stop, GLM-4.5's
-                # way, after a tool call too, which ends on its own tag)
-                rest = full[end:] if i + 1 < len(messages) else _after_last_answer(ct, clean, tools, through)[end:]
-                stop = _leading_token(rest, ct.tokens)
-                if i + 1 == len(messages) and stop:
-                    full = full[:end] + stop  # (what the model writes to stop after the last answer)
+                # way, after a tool call too, which ends on its own tag; after the last answer, the header that
+                # would follow it, which the model must write to stop)
+                if i + 1 < len(messages):  # (the next turn's header, where it is one of the two stops)
+                    stop = _leading_token(
+                        full[end:], tuple(s.strip() for s in (ct.caps.answer_stop, ct.caps.call_stop))
+                    )
+                else:
+                    stop = ct.caps.call_stop if message.get("tool_calls") else ct.caps.answer_stop
+                    full = full[:end] + stop
                 end += len(stop)
             if end > start:
                 spans.append((start, end))
     return full, spans
-
-
-def _after_last_answer(ct: ChatTemplate, clean: list[dict], tools: list[dict] | None, through: str) -> str:
-    """The conversation rendered with a user turn after its last answer (what a server renders next), or ``through``
-    where that render does not continue it."""
-    try:
-        text = ct.render_clean([*clean, {"role": "user", "content": "PROBE_NEXT"}], False, tools)
-    except TemplateSplitError:
-        return through
-    return text if text.startswith(through.rstrip()) else through
 
 
 def _leading_token(text: str, tokens: tuple[str, ...]) -> str:

@@ -124,8 +124,8 @@ THINK = ("<think>", "</think>")
 
 
 def opened_think(prompt: str) -> str:
-    """The think tag a generation prompt leaves open (its answer continues inside the block), or ""."""
-    return THINK[0] if prompt.rfind(THINK[0]) > prompt.rfind(THINK[1]) else ""
+    """The think tag a generation prompt ends on (its answer continues inside the block), or ""."""
+    return THINK[0] if prompt.rstrip().endswith(THINK[0]) else ""
 
 
 def think_parts(response: Response) -> tuple[str, str] | None:
@@ -248,7 +248,8 @@ def default_checks(reference: str, length_factor: float) -> dict[str, Any]:
     """Checks for a held-out prompt, from its reference answer: the response stops; it is JSON when the reference
     is, a tool call when the reference is one; its length (words) within ``length_factor`` of the reference's."""
     checks: dict[str, Any] = {"stops": True}
-    if reference.lstrip().startswith(THINK[0]):
+    reasoning = reference.lstrip()[len(THINK[0]) :].partition(THINK[1])[0]
+    if reference.lstrip().startswith(THINK[0]) and reasoning.strip():  # (not an empty block a template inserts)
         checks["think"] = True
     call = find_tool_call(reference)
     if call is not None and call["arguments"] is not None:

@@ -122,3 +122,5 @@ def test_a_plain_end_of_turn_token_never_becomes_a_stop_token(caplog):
     # two special ends (GLM-4.5's answers end on the next header: <|user|>, or <|observation|> after a tool call)
     other = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert stop_token_ids(tokenizer, {str(special): 6, str(other): 4}, current=[7]) == [7, special, other]
+    # a special end of under 1% of the turns is a stray, not a stop; one already a stop is not added twice
+    assert stop_token_ids(tokenizer, {str(special): 990, str(other): 5, str(plain): 5}, current=[special]) == [special]

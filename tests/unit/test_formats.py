@@ -286,7 +286,7 @@ def test_typed_parts_in_sharegpt_spelled_turns_too():
         (
             {"role": "assistant", "content": [{"type": "tool_call", "arguments": {}}]},
             "bad_tool_calls",
-            "messages[1].content[0] is a tool_call part without a 'name'",
+            "messages[1].content[0] tool_call part needs a 'name'",
         ),
         (
             {"role": "assistant", "content": [{"type": "text", "value": 3}]},
@@ -298,3 +298,18 @@ def test_typed_parts_in_sharegpt_spelled_turns_too():
 def test_a_typed_part_that_cannot_be_used_is_rejected_naming_it(turn, reason, detail):
     rejected = normalise({"messages": [{"role": "user", "content": "q"}, turn]}, "messages")
     assert isinstance(rejected, Rejected) and rejected.reason == reason and detail in rejected.detail, rejected
+
+
+def test_part_details_name_the_key_the_record_uses_and_calls_parse_their_arguments():
+    spelled = {"conversations": [{"from": "human", "value": [{"type": "image_url"}]}, {"from": "gpt", "value": "a"}]}
+    assert normalise(spelled, "sharegpt").detail.startswith("conversations[0].value[0] is a 'image_url' part")
+    call = {"from": "function_call", "value": [{"type": "text", "value": '{"name": "f", "arguments": "{\\"x\\": 1}"}'}]}
+    conv = normalise({"conversations": [{"from": "human", "value": "q"}, call]}, "sharegpt")
+    assert conv["messages"][1]["tool_calls"] == [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]
+    part = {"type": "tool_call", "id": "c1", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    conv = normalise(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [part]}]}, "messages"
+    )
+    assert conv["messages"][1]["tool_calls"] == [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    ]

@@ -174,5 +174,7 @@ def test_think_rate_counts_answers_that_think_among_probes_with_the_think_check(
     assert "eval/think_rate" not in probe_metrics(probes[4:], [check(probes[4], Response("x", 1, True))], ngram=3)
     assert default_checks("<think>\nadd\n</think>\n\n#### 12", 3.0)["think"] is True
     assert "think" not in default_checks("#### 12", 3.0)
+    assert "think" not in default_checks("<think>\n\n</think>\n\n#### 12", 3.0)  # an empty block a template inserts
     assert opened_think("<|im_start|>assistant\n<think>\n") == "<think>"
     assert opened_think("<|im_start|>assistant\n<think>\n\n</think>\n\n") == ""
+    assert opened_think("<|im_start|>user\nWhat does <think> do?<|im_end|>\n<|im_start|>assistant\n") == ""

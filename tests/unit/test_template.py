@@ -352,7 +352,7 @@ def test_a_template_that_cannot_serve_its_own_renders_is_refused_naming_the_argu
     message = str(refused.value)
     assert "cannot serve its own renders: its generation prompt ends '[A]' where the assistant turn it" in message
     assert "(an answer without reasoning) renders 'PROBE_A1<|im_end|>" in message
-    assert "data.chat_template_kwargs={no_think: true} makes it consistent" in message
+    assert "'data.chat_template_kwargs={no_think: true}' makes it consistent" in message
     check_serving(demo_tokenizer, never, {"no_think": True})
     check_serving(demo_tokenizer, demo_tokenizer.chat_template, {})
     with pytest.raises(ConfigError, match="no template argument \\(true or false\\) fixes it"):
@@ -371,6 +371,28 @@ def test_a_template_that_serves_answers_with_reasoning_only_rejects_the_others_a
     with pytest.raises(TemplateSplitError, match="the generation prompt ends .<think>.n. where the turn") as err:
         encode_conversation(demo_tokenizer, [question, {"role": "assistant", "content": "4"}], OPENS_THINK_TEMPLATE)
     assert err.value.reason == "not_servable"
+
+
+def test_the_fix_named_serves_both_kinds_and_may_flip_an_argument_the_run_set(demo_tokenizer, caplog):
+    from sftdist.data.template import bind_template, check_serving
+
+    # `quiet` closes an empty block in the prompt and in answers without reasoning: those then serve, and answers
+    # with reasoning no longer do; `no_think` opens no block at all: both serve
+    moves = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.reasoning_content %}<think>\n{{ m.reasoning_content }}</think>\n"
+        "{% elif quiet %}<think></think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if quiet %}<think></think>{% elif not no_think %}"
+        "<think>\n{% endif %}{% endif %}"
+    )
+    assert bind_template(demo_tokenizer, moves, {"quiet": True}).serving_problem(False) is None  # (it fixes one kind)
+    with caplog.at_level("WARNING"):
+        check_serving(demo_tokenizer, moves, {})
+    assert "{no_think: true}" in caplog.text and "quiet" not in caplog.text  # (quiet moves the problem)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_serving(demo_tokenizer, moves, {"no_think": False})  # the run's own argument, flipped
+    assert "'data.chat_template_kwargs={no_think: true}' makes it consistent" in caplog.text
 
 
 def test_reasoning_a_template_does_not_render_is_counted_as_dropped(demo_tokenizer):
@@ -412,13 +434,27 @@ def test_glm_answers_end_on_the_header_that_follows_them_which_export_makes_a_st
     runs = [tokenizer.decode(r) for r in _supervised_runs(enc)]
     assert runs[0].endswith("</tool_call><|observation|>") and runs[1] == "\n<think></think>\nIt is 4.<|user|>"
     assert tokenizer.decode(enc["input_ids"]).endswith("It is 4.<|user|>")  # the stop after the last answer
-    assert bind_template(tokenizer, template).caps.header_stops
+    caps = bind_template(tokenizer, template).caps
+    assert (caps.answer_stop, caps.call_stop) == ("<|user|>", "<|observation|>")
     talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     talk += [{"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure"}]
-    assert [tokenizer.decode(r) for r in _supervised_runs(encode_conversation(tokenizer, talk))] == [
+    talked = encode_conversation(tokenizer, talk)
+    assert [tokenizer.decode(r) for r in _supervised_runs(talked)] == [
         "\n<think></think>\nHello<|user|>",
         "\n<think></think>\nSure<|user|>",
     ]
+    from sftdist.audit import role_token_counts  # (sftdist-inspect: the trained headers are the assistant's)
+
+    counts = role_token_counts(
+        bind_template(tokenizer, template), tokenizer, {"messages": talk, "tools": None}, talked["labels"]
+    )
+    assert counts["user"][1] == 0 and sum(n for n, _ in counts.values()) == len(talked["input_ids"])
+    # the last answer with reasoning (the re-render after a user turn would drop it), and one ending on a tool call
+    thought = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": "r"}]
+    runs = [tokenizer.decode(r) for r in _supervised_runs(encode_conversation(tokenizer, thought))]
+    assert runs == ["\n<think>r</think>\nHello<|user|>"]
+    runs = [tokenizer.decode(r) for r in _supervised_runs(encode_conversation(tokenizer, messages[:2]))]
+    assert len(runs) == 1 and runs[0].endswith("</tool_call><|observation|>")
     ends = {str(r[-1]): 1 for r in _supervised_runs(enc)}
     user, observation = tokenizer.convert_tokens_to_ids(["<|user|>", "<|observation|>"])
     assert sorted(stop_token_ids(tokenizer, ends, current=None)) == sorted([user, observation])
@@ -427,6 +463,11 @@ def test_glm_answers_end_on_the_header_that_follows_them_which_export_makes_a_st
 def test_a_template_with_an_end_of_turn_token_trains_no_header(demo_tokenizer):
     from sftdist.data.template import bind_template
 
-    assert not bind_template(demo_tokenizer, demo_tokenizer.chat_template).caps.header_stops
+    caps = bind_template(demo_tokenizer, demo_tokenizer.chat_template).caps
+    assert caps.answer_stop == caps.call_stop == ""
     enc = encode_conversation(demo_tokenizer, CONVERSATION)
-    assert all(demo_tokenizer.decode(r).endswith("#### 5<|im_end|>") for r in _supervised_runs(enc)[:1])
+    assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == [
+        "2 + 3 = 5\n#### 5<|im_end|>",
+        "5 + 4 = 9\n#### 9<|im_end|>",
+    ]
+    assert demo_tokenizer.decode(enc["input_ids"]).endswith("#### 9<|im_end|>\n")  # nothing appended
