@@ -291,15 +291,14 @@ class ChatTemplate:
             ("call_stop", call, {"role": "tool", "content": "PROBE_TOOL"}),
         ):
             try:
-                through = self.render([user, turn])
+                through = self.render([user, turn]).rstrip()
                 text = self.render([user, turn, after])
             except TemplateSplitError:
                 continue
-            end = len(through.rstrip())
-            if text.startswith(through[:end]):
-                stops[name] = _leading_token(text[end:], self.tokens)
-        if stops.get("answer_stop") and self.render([user, answer]).rstrip().endswith(self.tokens):
-            return {}  # (an end-of-turn token of its own: what follows is the next turn's, not a stop)
+            if name == "answer_stop" and through.endswith(self.tokens):
+                return {}  # (an end-of-turn token of its own: what follows an answer is the next turn's)
+            if text.startswith(through):
+                stops[name] = _leading_token(text[len(through) :], self.tokens)
         return stops if stops.get("answer_stop") else {}
 
     def serving_problem(self, reasoning: bool) -> str | None:
@@ -410,8 +409,7 @@ def check_serving(tokenizer: Any, template: str, kwargs: dict) -> None:
         f"'data.chat_template_kwargs={{{name}: {json.dumps(value)}}}'"
         for name in _template_arguments(ct)
         for value in (True, False)
-        if kwargs.get(name) is not value
-        and not any(bind_template(tokenizer, template, {**kwargs, name: value}).serving_problem(r) for r in (0, 1))
+        if kwargs.get(name) is not value and _serves_both(bind_template(tokenizer, template, {**kwargs, name: value}))
     ]
     fix = " or ".join(fixes[:3]) + " makes it consistent" if fixes else "no template argument (true or false) fixes it"
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
@@ -428,6 +426,10 @@ def check_serving(tokenizer: Any, template: str, kwargs: dict) -> None:
         first,
         fix,
     )
+
+
+def _serves_both(ct: ChatTemplate) -> bool:
+    return not any(ct.serving_problem(reasoning) for reasoning in (False, True))
 
 
 def _template_arguments(ct: ChatTemplate) -> list[str]:
@@ -475,9 +477,8 @@ def assistant_char_spans(
                 # way, after a tool call too, which ends on its own tag; after the last answer, the header that
                 # would follow it, which the model must write to stop)
                 if i + 1 < len(messages):  # (the next turn's header, where it is one of the two stops)
-                    stop = _leading_token(
-                        full[end:], tuple(s.strip() for s in (ct.caps.answer_stop, ct.caps.call_stop))
-                    )
+                    stops = tuple(s.strip() for s in (ct.caps.answer_stop, ct.caps.call_stop) if s)
+                    stop = _leading_token(full[end:], stops)
                 else:
                     stop = ct.caps.call_stop if message.get("tool_calls") else ct.caps.answer_stop
                     full = full[:end] + stop
