@@ -24,20 +24,32 @@ from sftdist.errors import ConfigError, DataError, InputError
 _GREEN, _RESET = "\033[1;32m", "\033[0m"
 
 
-def role_token_counts(ct: Any, tokenizer: Any, conv: dict, labels: list[int]) -> dict[str, list[int]]:
-    """{role: [tokens, trained tokens]} of one encoded conversation; the role of a token is that of the
-    message whose rendered region holds it ("template" for text outside every message, e.g. a BOS), but a trained
-    token is the assistant's (the header that ends an answer where a template writes no end-of-turn token is in
-    the next message's region, or after the last one)."""
-    from sftdist.data.template import assistant_char_spans
+def role_token_counts(
+    ct: Any, tokenizer: Any, conv: dict, input_ids: list[int], labels: list[int], empty_think: str = "mask"
+) -> dict[str, list[int]]:
+    """{role: [tokens, trained tokens]} of one sample; the role of a token is that of the message whose rendered
+    region holds it ("template" for text outside every message, e.g. a BOS), but a trained token is the assistant's
+    (the header that ends an answer where a template writes no end-of-turn token is in the next message's region, or
+    after the last one). A sample that is not the single render of its conversation (one of several serving-exact
+    samples, or a prompt and answer tokenized apart) has its untrained tokens counted as "context"."""
+    from sftdist.data.template import TemplateSplitError, assistant_char_spans
 
-    messages, tools, _ = ct.adapt(conv["messages"], conv["tools"])
-    bounds = [len(ct.render(messages[:j], False, tools)) if j else 0 for j in range(len(messages) + 1)]
-    text, _ = assistant_char_spans(ct, messages, tools)  # (the sample's text: with a stop appended to the last answer)
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    messages, tools, _ = ct.adapt(conv["messages"], conv["tools"])
+    try:
+        text, _ = assistant_char_spans(ct, messages, tools, empty_think)  # (with a stop after the last answer)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except TemplateSplitError:
+        encoded = {"input_ids": None}
+    if encoded["input_ids"] != list(input_ids):
+        for label in labels:
+            role = "assistant" if label != -100 else "context"
+            counts[role][0] += 1
+            counts[role][1] += label != -100
+        return counts
+    bounds = [len(ct.render(messages[:j], False, tools)) if j else 0 for j in range(len(messages) + 1)]
     j = 0
-    for (start, _end), label in zip(offsets, labels):
+    for (start, _end), label in zip(encoded["offset_mapping"], labels):
         while j < len(messages) and start >= bounds[j + 1]:
             j += 1
         role = messages[j]["role"] if j < len(messages) and start >= bounds[j] else "template"
@@ -77,6 +89,12 @@ def format_audit(report: dict, roles: dict[str, dict[str, list[int]]], audit_rec
         f"truncated: {t['records']} records, {t['tokens']} tokens removed "
         f"(data.truncation={report['settings']['truncation']}, data.max_length={report['settings']['max_length']})"
     )
+    if report.get("split_records"):
+        lines.append(
+            f"serving-exact samples: {report['split_records']} records rendered differently at an earlier turn became "
+            f"{report['samples'] - report['records_used'] + report['split_records']} samples, repeating "
+            f"{report['extra_context_tokens']} context tokens ({report['samples']} samples in all)"
+        )
     if report["adaptations"]:
         lines.append(
             "adapted to the template: " + ", ".join(f"{k} in {v} records" for k, v in report["adaptations"].items())
@@ -127,24 +145,30 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
     from sftdist.data.template import bind_template
 
     table, report, tokenizer, template, cfg = _load(target)
-    ct = bind_template(tokenizer, template, cfg.data.chat_template_kwargs)
+    # (as the data was prepared: a prepared directory's own settings)
+    ct = bind_template(tokenizer, template, report.get("chat_template_kwargs", {}))
+    empty_think = report["settings"].get("empty_think", "mask")
+    parts = table.data.column("part").to_numpy()
     roles: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     seen: dict[str, int] = defaultdict(int)
     shown, out = 0, []
-    for row in table:
+    for i, row in enumerate(table):
         name = row["source"]
         if source is not None and name != source:
             continue
         if seen[name] < audit_records:
-            seen[name] += 1
-            for role, (n, k) in role_token_counts(ct, tokenizer, json.loads(row["conv"]), row["labels"]).items():
+            seen[name] += row["part"] == 0
+            conv = json.loads(row["conv"])
+            for role, (n, k) in role_token_counts(
+                ct, tokenizer, conv, row["input_ids"], row["labels"], empty_think
+            ).items():
                 roles[name][role][0] += n
                 roles[name][role][1] += k
         if shown < samples:
             shown += 1
             out.append(
-                f"== sample {shown} ({name}, {row['length']} tokens, {row['num_supervised']} trained) ==\n"
-                + render_sample(tokenizer, row["input_ids"], row["labels"], color)
+                f"== sample {shown} ({name}, {row['length']} tokens, {row['num_supervised']} trained"
+                f"{_split(parts, i)}) ==\n" + render_sample(tokenizer, row["input_ids"], row["labels"], color)
             )
         if shown >= samples and all(v >= audit_records for v in seen.values()) and len(seen) == len(report["sources"]):
             break
@@ -153,6 +177,15 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
     audit = format_audit(report, roles, audit_records) + "\n" + format_buckets(table, cfg.curriculum)
     audit += "\n" + format_probes(cfg, table, report, tokenizer)
     return "== data audit ==\n" + audit + "\n\n" + "\n\n".join(out)
+
+
+def _split(parts: Any, row: int) -> str:
+    """How the record of a row became samples, where it became several."""
+    start = row - int(parts[row])
+    size = next((j for j in range(start + 1, len(parts)) if parts[j] == 0), len(parts)) - start
+    if size == 1:
+        return ""
+    return f"; sample {parts[row] + 1} of {size} of its record: its template renders earlier turns differently later"
 
 
 def format_buckets(table: Any, c: CurriculumConfig) -> str:

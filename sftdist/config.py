@@ -96,6 +96,9 @@ class DataConfig:
     # Arguments of the chat template, passed to every render ({enable_thinking: false}, {reasoning_effort: low}, ...);
     # saved in final/sftdist_training.json: a server must pass the same (its requests' chat_template_kwargs)
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # The empty think block a template writes on answers without reasoning (Qwen3, GLM-4.5): mask keeps it as context
+    # (the model is not taught to skip thinking), train supervises it
+    empty_think: str = "mask"
     packing: bool = True  # true: whole samples packed into rows, varlen attention; false: padded rows
     max_length: int = 1024  # longest sample in tokens; longer conversations follow data.truncation
     truncation: str = "drop"  # drop: reject over-long conversations; truncate: keep what fits (turn-aware)
@@ -290,6 +293,7 @@ def _validate_features(cfg: SFTConfig) -> None:
     _validate_curriculum(cfg.curriculum)
     _choice("data.format", cfg.data.format, FORMATS)
     _choice("data.truncation", cfg.data.truncation, ("drop", "truncate"))
+    _choice("data.empty_think", cfg.data.empty_think, ("mask", "train"))
     for i, source in enumerate(cfg.data.sources):
         _choice(f"data.sources[{i}].format", source.format, FORMATS)
     _choice("wandb.mode", cfg.wandb.mode, ("auto", "offline", "online", "disabled"))

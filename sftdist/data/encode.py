@@ -23,10 +23,12 @@ from sftdist.config import FiltersConfig
 from sftdist.data.filters import response_reason
 from sftdist.data.template import (
     IGNORE_INDEX,
+    Rendered,
     backend_tokenizer,
     bind_template,
     label_many,
     render_many,
+    texts_to_tokenize,
     truncate_at_turns,
 )
 
@@ -34,11 +36,18 @@ _WORKER: dict[str, Any] = {}  # tokenizer, bound template and settings of this p
 
 
 def _init(
-    tokenizer: Any, template: str, template_kwargs: dict, max_length: int, truncation: str, filters: FiltersConfig
+    tokenizer: Any,
+    template: str,
+    template_kwargs: dict,
+    empty_think: str,
+    max_length: int,
+    truncation: str,
+    filters: FiltersConfig,
 ) -> None:
     _WORKER.update(
         tokenizer=tokenizer,
         template=bind_template(tokenizer, template, template_kwargs),
+        empty_think=empty_think,
         max_length=max_length,
         truncation=truncation,
         filters=filters,
@@ -50,64 +59,75 @@ def _num_targets(labels: list[int]) -> int:
     return len(labels) - labels.count(IGNORE_INDEX) - (bool(labels) and labels[0] != IGNORE_INDEX)
 
 
-def _encode_one(r: dict, max_length: int, truncation: str) -> tuple[list[int], list[int], int, str, str]:
-    """(input_ids, labels, tokens cut, status, detail) of one encode_many result under the length policy."""
+def _encode_one(r: dict, max_length: int, truncation: str) -> tuple[list[tuple[list[int], list[int]]], int, str, str]:
+    """(samples as (input_ids, labels), tokens cut, status, detail) of one label_many result under the length
+    policy. A sample cut to no trained token is left out (its tokens counted as cut); a record left with none is
+    rejected, as one with an over-long sample under data.truncation=drop is."""
     if "error" in r:
-        return [], [], 0, r["error"].reason, str(r["error"])
-    ids, labels, cut = r["input_ids"], r["labels"], 0
-    if len(ids) > max_length:
-        if truncation == "drop":
-            return [], [], 0, "too_long", f"{len(ids)} tokens > data.max_length={max_length}"
-        ids, labels, cut = truncate_at_turns(ids, labels, r["span_ends"], max_length)
-    if not _num_targets(labels):
+        return [], 0, r["error"].reason, str(r["error"])
+    samples, cut = [], 0
+    for sample in r["samples"]:
+        ids, labels = sample["input_ids"], sample["labels"]
+        if len(ids) > max_length:
+            if truncation == "drop":
+                return [], 0, "too_long", f"{len(ids)} tokens > data.max_length={max_length}"
+            ids, labels, n = truncate_at_turns(ids, labels, sample["span_ends"], max_length)
+            cut += n
+            if not _num_targets(labels):
+                cut += len(ids)
+                continue
+        samples.append((ids, labels))
+    if not any(_num_targets(labels) for _, labels in samples):
         if cut:
-            return [], [], cut, "truncated_to_nothing", f"no trained token in the first {max_length} tokens"
-        return [], [], 0, "no_supervised_tokens", "the template renders no assistant output"
-    return ids, labels, cut, "", ""
+            return [], cut, "truncated_to_nothing", f"no trained token in the first {max_length} tokens"
+        return [], 0, "no_supervised_tokens", "the template renders no assistant output"
+    return samples, cut, "", ""
 
 
-def _render_chunk(convs: list[dict]) -> tuple[list[str], list[tuple]]:
-    """Phase 1 of a chunk (Python): the per-record filters, then rendering and spans."""
+def _render_chunk(convs: list[dict]) -> tuple[list[str], list[Rendered]]:
+    """Phase 1 of a chunk (Python): the per-record filters, then rendering."""
     filtered = [response_reason(c, _WORKER["filters"]) or "" for c in convs]
     kept = [(c["messages"], c["tools"]) for c, f in zip(convs, filtered) if not f]
-    return filtered, render_many(_WORKER["template"], kept)
+    return filtered, render_many(_WORKER["template"], kept, _WORKER["empty_think"])
 
 
-def _tokenize(rendered: list[tuple]) -> list[Any]:
+def _tokenize(rendered: list[Rendered]) -> list[Any]:
     """Phase 2 (Rust, without the GIL): one batch."""
-    return backend_tokenizer(_WORKER["tokenizer"]).encode_batch([r[0] for r in rendered], add_special_tokens=False)
+    return backend_tokenizer(_WORKER["tokenizer"]).encode_batch(texts_to_tokenize(rendered), add_special_tokens=False)
 
 
-def _finish_chunk(filtered: list[str], rendered: list[tuple], encodings: list[Any]) -> dict[str, Any]:
-    """Phase 3 (Python): labels and the length policy; flat arrays plus per-record fields. ``filtered`` and
-    ``status`` hold the reason a record is not used."""
+def _finish_chunk(filtered: list[str], rendered: list[Rendered], encodings: list[Any]) -> dict[str, Any]:
+    """Phase 3 (Python): samples and the length policy; flat arrays plus per-record and per-sample fields.
+    ``filtered`` and ``status`` hold the reason a record is not used; ``samples`` how many samples it became (its
+    rows, in order, in the per-sample fields ``length``, ``num_supervised``, ``part``, ``turn_ends``)."""
     max_length, truncation = _WORKER["max_length"], _WORKER["truncation"]
-    encoded = iter(label_many(rendered, encodings))
-    out: dict[str, list] = {
-        k: [] for k in ("length", "num_supervised", "status", "detail", "num_truncated", "adaptations", "turn_ends")
-    }
+    encoded = iter(label_many(backend_tokenizer(_WORKER["tokenizer"]), rendered, encodings))
+    records = ("status", "detail", "num_truncated", "adaptations", "samples", "extra_context_tokens")
+    out: dict[str, list] = {k: [] for k in (*records, "length", "num_supervised", "part", "turn_ends")}
     out["filtered"] = filtered
     ids_flat: list[int] = []
     labels_flat: list[int] = []
     for f in filtered:
-        r = {"adaptations": []} if f else next(encoded)
-        ids, labels, cut, status, detail = ([], [], 0, "", "") if f else _encode_one(r, max_length, truncation)
-        ids_flat.extend(ids)
-        labels_flat.extend(labels)
-        ends = [labels[e - 1] for e in r.get("span_ends", ()) if 0 < e <= len(labels) and labels[e - 1] != IGNORE_INDEX]
-        for key, value in (
-            ("length", len(ids)),
-            ("num_supervised", _num_targets(labels)),
-            ("status", status),
-            ("detail", detail),
-            ("num_truncated", cut),
-            ("adaptations", r["adaptations"]),
-            ("turn_ends", ends),
-        ):
+        r = {"adaptations": [], "samples": []} if f else next(encoded)
+        samples, cut, status, detail = ([], 0, "", "") if f else _encode_one(r, max_length, truncation)
+        extra = r.get("extra_context_tokens", 0) if len(samples) > 1 else 0
+        for key, value in zip(records, (status, detail, cut, r["adaptations"], len(samples), extra)):
             out[key].append(value)
+        for part, (ids, labels) in enumerate(samples):
+            ids_flat.extend(ids)
+            labels_flat.extend(labels)
+            out["length"].append(len(ids))
+            out["num_supervised"].append(_num_targets(labels))
+            out["part"].append(part)
+            out["turn_ends"].append(_turn_ends(labels))
     out["ids"] = np.array(ids_flat, dtype=np.int32)
     out["labels"] = np.array(labels_flat, dtype=np.int32)
     return out
+
+
+def _turn_ends(labels: list[int]) -> list[int]:
+    """The token that ends each trained turn of a sample (the last of each run of labels)."""
+    return [y for y, nxt in zip(labels, [*labels[1:], IGNORE_INDEX]) if y != IGNORE_INDEX and nxt == IGNORE_INDEX]
 
 
 def encode_chunk(convs: list[dict]) -> dict[str, Any]:
@@ -156,6 +176,7 @@ def encode_chunks(
     tokenizer: Any,
     template: str,
     template_kwargs: dict,
+    empty_think: str,
     max_length: int,
     truncation: str,
     filters: FiltersConfig,
@@ -165,7 +186,7 @@ def encode_chunks(
     in this one). The chunks are taken from ``chunks`` in the caller's thread, never more than ``2 * num_proc + 1``
     ahead of the result handed out: reading does not run away from encoding (memory stays bounded), and an error
     on either side (or Ctrl-C) stops the pool at once."""
-    args = (tokenizer, template, template_kwargs, max_length, truncation, filters)
+    args = (tokenizer, template, template_kwargs, empty_think, max_length, truncation, filters)
     if num_proc <= 1:
         _init(*args)
         yield from _encode_overlapped(chunks)

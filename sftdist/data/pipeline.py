@@ -287,7 +287,21 @@ def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, dire
 
 
 def _said(report: dict) -> dict:
-    """The report, after saying in the log what it holds that the user did not ask for: reasoning not trained."""
+    """The report, after saying in the log what it holds that the user did not ask for: conversations the template
+    renders differently from a server (several samples each, at a cost in context tokens), reasoning not trained."""
+    for name, source in report["sources"].items():
+        if source.get("split_records"):
+            log.info(
+                "data: %s: the chat template renders %d of %d records differently from what a server renders at an "
+                "earlier turn: they became %d serving-exact samples, repeating %d context tokens (%.1f%% of %d)",
+                name,
+                source["split_records"],
+                source["records_used"],
+                source["samples"] - (source["records_used"] - source["split_records"]),
+                source["extra_context_tokens"],
+                100 * source["extra_context_tokens"] / max(1, source["num_tokens"]),
+                source["num_tokens"],
+            )
     dropped = report["adaptations"].get("reasoning_dropped")
     if dropped:
         log.warning(
@@ -329,6 +343,7 @@ def write_prepared(
         tokenizer,
         template,
         cfg.chat_template_kwargs,
+        cfg.empty_think,
         cfg.max_length,
         cfg.truncation,
         cfg.filters,
@@ -348,7 +363,7 @@ def write_prepared(
             "conv": [json.dumps(c, ensure_ascii=False, default=str) for _, _, c in convs],
         }
         writer.write(shard, record_batch(encoded, keep, texts))
-        meter.tokens += int(sum(encoded["length"][i] for i in keep))
+        meter.tokens += int(sum(encoded["length"]))
     if shard is not None:
         writer.finish(shard, tally.to_json())
     for _, saved in sorted(writer.finished.items()):
@@ -367,7 +382,7 @@ def write_prepared(
 
 def _count(chunk: _Chunk, encoded: dict[str, Any], tally: _Tally) -> list[int]:
     """Count an encoded chunk's records in ``tally``; the indices of the ones used."""
-    keep = []
+    keep, row = [], 0  # (the first sample of the record at hand)
     for i, ((source, where, _), filtered, status) in enumerate(
         zip(chunk.records, encoded["filtered"], encoded["status"])
     ):
@@ -377,11 +392,21 @@ def _count(chunk: _Chunk, encoded: dict[str, Any], tally: _Tally) -> list[int]:
             tally.add("rejected", status, where, encoded["detail"][i], source)
         else:
             keep.append(i)
-            tally.by_source[source].update(used=1, tokens=encoded["length"][i], supervised=encoded["num_supervised"][i])
+            rows = range(row, row + encoded["samples"][i])
+            row = rows.stop
+            tally.by_source[source].update(
+                used=1,
+                samples=len(rows),
+                split=len(rows) > 1,
+                extra_context=encoded["extra_context_tokens"][i],
+                tokens=sum(encoded["length"][j] for j in rows),
+                supervised=sum(encoded["num_supervised"][j] for j in rows),
+            )
             if encoded["num_truncated"][i]:
                 tally.used.update(truncated_records=1, truncated_tokens=encoded["num_truncated"][i])
             tally.adaptations.update(set(encoded["adaptations"][i]))
-            tally.ends.update(encoded["turn_ends"][i])
+            for j in rows:
+                tally.ends.update(encoded["turn_ends"][j])
     return keep
 
 
@@ -449,6 +474,9 @@ def _report(
             "rejected": c["rejected"],
             "filtered": c["filtered"],
             "reasons": dict(tally.reasons_by_source[s.name].most_common()),
+            "samples": c["samples"],
+            "split_records": c["split"],
+            "extra_context_tokens": c["extra_context"],
             "num_tokens": c["tokens"],
             "num_supervised_tokens": c["supervised"],
             "supervised_fraction": round(c["supervised"] / max(1, c["tokens"]), 4),
@@ -457,6 +485,11 @@ def _report(
     report = {
         "records_in": records_in,
         "records_used": sum(c["used"] for c in tally.by_source.values()),
+        # Records whose template rewrites history become several serving-exact samples: how many, and the context
+        # tokens their extra samples repeat (all of them but the longest one's)
+        "samples": sum(c["samples"] for c in tally.by_source.values()),
+        "split_records": sum(c["split"] for c in tally.by_source.values()),
+        "extra_context_tokens": sum(c["extra_context"] for c in tally.by_source.values()),
         "rejected": dict(tally.counts["rejected"].most_common()),
         "filtered": dict(tally.counts["filtered"].most_common()),
         "examples": dict(tally.examples),
@@ -473,6 +506,7 @@ def _report(
         "settings": {
             "max_length": cfg.max_length,
             "truncation": cfg.truncation,
+            "empty_think": cfg.empty_think,
             "max_rejected_fraction": cfg.max_rejected_fraction,
         },
     }
@@ -515,23 +549,36 @@ def _weighted(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.n
 
 
 def split_and_weight(table: Any, weights: dict[str, float], num_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows with source weights applied, eval rows): the eval rows are chosen by seed before weighting,
-    so no weighted copy of an eval record is trained on."""
-    n = len(table)
+    """(train rows with source weights applied, eval rows): the eval records are chosen by seed before weighting,
+    so no weighted copy of an eval record is trained on. Records, not rows: the samples of a record (``part``) go
+    to the same side together, and are weighted together."""
+    part = table.data.column("part").to_numpy()
+    starts = np.flatnonzero(part == 0)  # the first row of each record
+    sizes = np.diff(np.append(starts, len(part)))
+    n = len(starts)
     if num_eval >= n:
         raise DataError(
             f"eval.holdout_records={num_eval} leaves no training data: only {n} usable records; "
             "lower eval.holdout_records or set eval.every_steps=0"
         )
     perm = np.random.default_rng([seed, 1]).permutation(n)
-    eval_rows, train_mask = np.sort(perm[:num_eval]), np.ones(n, dtype=bool)
-    train_mask[eval_rows] = False
-    names, rng = np.asarray(table.data.column("source").to_pylist()), np.random.default_rng([seed, 3])
-    train_rows = [
+    eval_records, train_mask = np.sort(perm[:num_eval]), np.ones(n, dtype=bool)
+    train_mask[eval_records] = False
+    names = np.asarray(table.data.column("source").take(starts).to_pylist())
+    rng = np.random.default_rng([seed, 3])
+    train = [
         _weighted(np.flatnonzero(train_mask & (names == name)), weights.get(name, 1.0), rng)
         for name in dict.fromkeys(names.tolist())
     ]
-    return np.sort(np.concatenate(train_rows)) if train_rows else np.zeros(0, np.int64), eval_rows
+    train_records = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
+    return _rows_of(train_records, starts, sizes), _rows_of(eval_records, starts, sizes)
+
+
+def _rows_of(records: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The table rows of records (each its samples, in order)."""
+    counts = sizes[records]
+    offsets = np.repeat(starts[records] - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+    return (np.arange(int(counts.sum())) + offsets).astype(np.int64)
 
 
 def build_datasets(
@@ -552,10 +599,11 @@ def build_datasets(
         }
     num_eval = eval_cfg.holdout_records if eval_cfg.every_steps > 0 else 0
     train_rows, eval_rows = split_and_weight(table, weights, num_eval, seed)
+    record_of = np.cumsum(table.data.column("part").to_numpy() == 0) - 1  # (a row's record)
     report = {
         **report,
-        "records_train": int(len(np.unique(train_rows))),
-        "records_eval": int(len(eval_rows)),
+        "records_train": int(len(np.unique(record_of[train_rows]))) if len(train_rows) else 0,
+        "records_eval": int(len(np.unique(record_of[eval_rows]))) if len(eval_rows) else 0,
         "train_samples_per_epoch": int(len(train_rows)),
         # What the sample stream draws from: a resumed run must draw from the very same rows (sftdist.resume).
         "train_rows_hash": hashlib.sha256(np.asarray(train_rows, dtype=np.int64).tobytes()).hexdigest()[:16],

@@ -1,8 +1,9 @@
 """Prepared data on disk: the encoded, filtered samples of a data configuration, keyed by a fingerprint.
 
 A prepared directory is a saved Hugging Face dataset (``datasets.load_from_disk`` reads it; columns ``input_ids``,
-``labels``, ``length``, ``num_supervised``, ``source``, ``meta`` (JSON), ``conv`` (the canonical conversation, JSON);
-memory-mapped when loaded), written a shard at a time as records are encoded (``ShardWriter``: memory does not grow
+``labels``, ``length``, ``num_supervised``, ``part``, ``source``, ``meta`` (JSON), ``conv`` (the canonical conversation,
+JSON); one row per sample: a record whose template rewrites history is several samples, rows in a row, ``part`` 0, 1,
+...; memory-mapped when loaded), written a shard at a time as records are encoded (``ShardWriter``: memory does not grow
 with the data, and a stopped preparation continues where it was), plus ``sftdist_prepared.json``: the fingerprint,
 the tokenizer and chat-template hashes, the settings and the data report. The cache (``data.cache_dir``, default
 ``$SFTDIST_CACHE_DIR`` or ``~/.cache/sftdist``) holds one per fingerprint; ``sftdist-prepare`` writes one where it
@@ -34,7 +35,7 @@ from sftdist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 3  # bump when encoding or filtering changes what the same inputs produce
+PIPELINE_VERSION = 4  # bump when encoding or filtering changes what the same inputs produce
 MANIFEST = "sftdist_prepared.json"
 
 
@@ -78,6 +79,7 @@ def fingerprint(sources: list, tokenizer: Any, template: str, cfg: DataConfig) -
     settings = {
         "max_length": cfg.max_length,
         "truncation": cfg.truncation,
+        "empty_think": cfg.empty_think,
         "filters": {k: v for k, v in dataclasses.asdict(cfg.filters).items() if k != "decontaminate"},
     }
     if cfg.chat_template_kwargs:  # (absent when empty: the fingerprints of runs without them stay as they were)
@@ -113,6 +115,7 @@ def _features() -> Any:
             "labels": tokens,
             "length": datasets.Value("int32"),
             "num_supervised": datasets.Value("int32"),
+            "part": datasets.Value("int32"),  # the sample's place among its record's (0: the first or only one)
             **{name: datasets.Value("string") for name in TEXT_COLUMNS},
         }
     )
@@ -122,21 +125,24 @@ TEXT_COLUMNS = ("source", "meta", "conv")
 
 
 def record_batch(encoded: dict[str, Any], keep: list[int], texts: dict[str, list[str]]) -> Any:
-    """The rows ``keep`` of an encoded chunk (``encode.py``: flat ``ids``/``labels`` buffers and per-record
-    ``length``, ``num_supervised``) as an Arrow record batch of the prepared table; ``texts`` holds the text
-    columns of the kept rows. Token columns are list arrays over the flat buffers: no per-row step."""
+    """The samples of the records ``keep`` of an encoded chunk (``encode.py``: flat ``ids``/``labels`` buffers and
+    per-sample ``length``, ``num_supervised``, ``part``; a record not kept has no samples) as an Arrow record batch
+    of the prepared table; ``texts`` holds the text columns of the kept records, repeated for each of their
+    samples. Token columns are list arrays over the flat buffers: no per-row step."""
     import pyarrow as pa
 
+    counts = np.asarray(encoded["samples"], dtype=np.int64)
+    assert counts.sum() == counts[np.asarray(keep, dtype=np.int64)].sum(), "samples of a record not kept"
     lengths = np.asarray(encoded["length"], dtype=np.int64)
-    keep_arr = np.asarray(keep, dtype=np.int64)
-    take = np.repeat(np.isin(np.arange(len(lengths)), keep_arr), lengths)  # the tokens of the kept records
-    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths[keep_arr]))).astype(np.int32))
+    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
+    repeat = counts[np.asarray(keep, dtype=np.int64)]
     columns = [
-        pa.ListArray.from_arrays(offsets, pa.array(encoded["ids"][take])),
-        pa.ListArray.from_arrays(offsets, pa.array(encoded["labels"][take])),
-        pa.array(lengths[keep_arr].astype(np.int32)),
-        pa.array(np.asarray(encoded["num_supervised"], dtype=np.int32)[keep_arr]),
-        *(pa.array(texts[name], type=pa.string()) for name in TEXT_COLUMNS),
+        pa.ListArray.from_arrays(offsets, pa.array(encoded["ids"])),
+        pa.ListArray.from_arrays(offsets, pa.array(encoded["labels"])),
+        pa.array(lengths.astype(np.int32)),
+        pa.array(np.asarray(encoded["num_supervised"], dtype=np.int32)),
+        pa.array(np.asarray(encoded["part"], dtype=np.int32)),
+        *(pa.array(np.repeat(np.array(texts[name], dtype=object), repeat), pa.string()) for name in TEXT_COLUMNS),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=_features().arrow_schema)
 
@@ -312,6 +318,11 @@ def check_compatible(manifest: dict, directory: str | Path, tokenizer: Any, temp
         raise ConfigError(
             f"{where} was rendered with data.chat_template_kwargs={theirs}, this run's are "
             f"{dict(cfg.chat_template_kwargs)}: give the same, or prepare it with this run's"
+        )
+    if manifest["settings"].get("empty_think", "mask") != cfg.empty_think:
+        raise ConfigError(
+            f"{where} was prepared with data.empty_think={manifest['settings'].get('empty_think', 'mask')}, this run "
+            f"asks for {cfg.empty_think}: give the same, or prepare it with this run's"
         )
     if manifest["settings"]["max_length"] > max_length:
         raise ConfigError(

@@ -12,11 +12,13 @@ the marker is not supervised: a served model stops at the marker. (A template th
 prompt makes the model write the assistant header itself, so that header is supervised too: it is what the
 model must produce when served with that template.)
 
-The conversation is rendered once more in full and tokenized once, so the training tokens are exactly the
-tokens of the text a server renders. Character spans become token labels through the tokenizer's offsets;
-each token owns the characters from the end of the previous token to its own end, so a tokenizer that trims
-white space from its offsets cannot hide a token that crosses a boundary. A template whose renders are not
-prefixes of each other, or whose tokens straddle a span boundary, cannot be split reliably: refused, saying where.
+Training tokens are serving tokens: a server tokenizes ``before`` alone and the model writes the turn's tokens
+after it, so each turn is trained in a sample that starts with ``before`` tokenized alone, then the turn tokenized
+alone. The conversation is rendered once more in full and tokenized once: where that render starts, at every turn,
+with those very tokens (checked cheaply: the tokens of a text alone are those of its render up to its last special
+token, then those of the rest), the conversation is one sample. Where it does not (a template that rewrites earlier
+turns when a later one comes, as Qwen3 drops their reasoning; a tokenizer that merges characters across a prompt's
+end), the turns become the fewest samples that are each exact (``label_many``).
 
 Templates differ in what they accept. Each template is probed once (can it render a system turn, a ``tool``
 turn, ``tool_calls``, two user turns in a row?) and conversations are adapted to what it can render: a tool
@@ -35,11 +37,9 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from sftdist.errors import ConfigError, TemplateSplitError
 
@@ -186,6 +186,9 @@ class Capabilities:
     # follows an answer when the user speaks next, and a tool call when its result comes ("" for other templates)
     answer_stop: str = ""
     call_stop: str = ""
+    # The block a template writes where an answer's reasoning goes when it has none (Qwen3's "<think>\n\n</think>\n\n",
+    # on the last answer), or "": trained or kept as context as data.empty_think says
+    empty_think: str = ""
 
 
 TOOLS_HEADER = "You can call these tools (JSON schemas):\n"
@@ -267,6 +270,7 @@ class ChatTemplate:
             ),
             reasoning=self._renders([user, {**answer, "reasoning_content": "PROBE_R"}], "PROBE_R"),
             **self._header_stops(user, answer, call),
+            empty_think=self._empty_think(user, answer),
             tools=self._renders(
                 [user, answer],
                 "PROBE_SCHEMA",
@@ -300,6 +304,20 @@ class ChatTemplate:
             if text.startswith(through):
                 stops[name] = _leading_token(text[len(through) :], self.tokens)
         return stops if stops.get("answer_stop") else {}
+
+    def _empty_think(self, user: dict, answer: dict) -> str:
+        """``empty_think`` (see Capabilities): what an answer without reasoning renders before its text that an
+        answer with reasoning does not render there."""
+        try:
+            prompt = self.render([user], add_generation_prompt=True)
+            plain = self.render([user, answer])
+            thought = self.render([user, {**answer, "reasoning_content": "PROBE_R"}])
+        except TemplateSplitError:
+            return ""
+        if not (plain.startswith(prompt) and thought.startswith(prompt)) or "PROBE_R" not in thought[len(prompt) :]:
+            return ""
+        head = plain[len(prompt) : plain.find("PROBE_A1", len(prompt))]
+        return head if head.strip() and not thought[len(prompt) :].startswith(head) else ""
 
     def serving_problem(self, reasoning: bool) -> str | None:
         """Why a server cannot be served what this template trains on an answer with (or without) reasoning, or
@@ -443,14 +461,25 @@ def _template_arguments(ct: ChatTemplate) -> list[str]:
     return sorted(n for n in names if n not in given and not n.endswith("_token"))[:16]
 
 
-def assistant_char_spans(
-    ct: ChatTemplate, messages: list[dict], tools: list[dict] | None = None
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character spans of its supervised assistant output."""
+@dataclass(frozen=True)
+class Turn:
+    """One supervised assistant turn as a server meets it."""
+
+    prompt: str  # what a server renders before the turn: the turns before it, generation prompt on
+    target: str  # what the model writes after it: the turn through its stop (the end-of-turn marker)
+    skip: int = 0  # characters at the start of ``target`` kept as context, not trained (data.empty_think=mask)
+
+
+def assistant_turns(
+    ct: ChatTemplate, messages: list[dict], tools: list[dict] | None = None, empty_think: str = "mask"
+) -> tuple[str, list[Turn], bool]:
+    """(the single render of the conversation, its supervised turns, whether that render holds every turn as a
+    server renders it). The render is one sample when it starts, for every turn, with ``prompt + target`` (at the
+    text level: the tokens are checked after tokenization); else the turns are samples of their own."""
     with ct.one_conversation():
         clean = ct.clean(messages)
         full = ct.render_clean(clean, False, tools)
-        spans = []
+        turns = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or message.get("weight", 1) == 0:
                 continue
@@ -464,28 +493,42 @@ def assistant_char_spans(
                     "not continue (a template argument such as enable_thinking decides it, or the turn's reasoning)",
                     reason="not_servable",
                 )
-            if not full.startswith(through):
-                raise TemplateSplitError(
-                    f"assistant turn {i}: the template does not render conversations as prefixes of each "
-                    "other (the text up to the generation prompt is not kept when the turn is added, or a "
-                    "later turn rewrites an earlier one), so the assistant spans cannot be derived reliably"
-                )
-            start = len(before)
-            end = start + len(through[start:].rstrip())
-            if end > start and ct.caps.answer_stop:
+            target = through[len(before) :].rstrip()  # (white space after the end-of-turn marker: never written)
+            if target and ct.caps.answer_stop:
                 # (a template without an end-of-turn token: the header that follows an answer is its stop, GLM-4.5's
-                # way, after a tool call too, which ends on its own tag; after the last answer, the header that
-                # would follow it, which the model must write to stop)
-                if i + 1 < len(messages):  # (the next turn's header, where it is one of the two stops)
-                    stops = tuple(s.strip() for s in (ct.caps.answer_stop, ct.caps.call_stop) if s)
-                    stop = _leading_token(full[end:], stops)
-                else:
-                    stop = ct.caps.call_stop if message.get("tool_calls") else ct.caps.answer_stop
-                    full = full[:end] + stop
-                end += len(stop)
-            if end > start:
-                spans.append((start, end))
-    return full, spans
+                # way: the result's after a tool call, which ends on its own tag, else the user's)
+                after = messages[i + 1]["role"] if i + 1 < len(messages) else None
+                call = after == "tool" or (after is None and message.get("tool_calls"))
+                target += (ct.caps.call_stop if call else "") or ct.caps.answer_stop
+            if not target:
+                continue
+            skip = 0
+            if (
+                empty_think == "mask"
+                and ct.caps.empty_think
+                and target.startswith(ct.caps.empty_think)
+                and not any(message.get(k) for k in _REASONING_FIELDS)
+            ):
+                skip = len(ct.caps.empty_think)
+            turns.append(Turn(before, target, skip))
+            if ct.caps.answer_stop and i + 1 == len(messages):
+                full = before + target  # (the last answer, with the stop a server would see the model write)
+    single = all(full.startswith(t.prompt) and full.startswith(t.target, len(t.prompt)) for t in turns)
+    return full, turns, single
+
+
+def assistant_char_spans(
+    ct: ChatTemplate, messages: list[dict], tools: list[dict] | None = None, empty_think: str = "mask"
+) -> tuple[str, list[tuple[int, int]]]:
+    """The single render of the conversation and the [start, end) character spans of its supervised output (where
+    that render holds every turn; refused as ``template_split`` where it does not: see ``encode_samples``)."""
+    full, turns, single = assistant_turns(ct, messages, tools, empty_think)
+    if not single:
+        raise TemplateSplitError(
+            "the template renders this conversation differently from what a server renders at an earlier turn "
+            "(history rewritten): it is several samples (encode_samples)"
+        )
+    return full, [(len(t.prompt) + t.skip, len(t.prompt) + len(t.target)) for t in turns]
 
 
 def _leading_token(text: str, tokens: tuple[str, ...]) -> str:
@@ -493,50 +536,6 @@ def _leading_token(text: str, tokens: tuple[str, ...]) -> str:
     body = text.lstrip()
     token = next((t for t in tokens if body.startswith(t)), "")
     return text[: len(text) - len(body) + len(token)] if token else ""
-
-
-def _labels_fast(enc: Any, spans: list[tuple[int, int]], input_ids: list[int]) -> tuple[list[int], list[int]] | None:
-    """Labels when every span starts and ends exactly on token boundaries (the usual case), found by asking the
-    Rust encoding for the tokens at the span edges; None when any edge needs the full check."""
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_ends = []
-    for a, b in spans:
-        first, last = enc.char_to_token(a), enc.char_to_token(b - 1)
-        if first is None or last is None or enc.token_to_chars(first)[0] != a or enc.token_to_chars(last)[1] != b:
-            return None
-        if (enc.token_to_chars(first - 1)[1] if first else 0) != a:  # not contiguous: a gap or an overlap at the edge
-            return None
-        if last + 1 < len(input_ids) and enc.token_to_chars(last + 1)[0] < b:  # bytes of one character
-            return None
-        labels[first : last + 1] = input_ids[first : last + 1]
-        span_ends.append(last + 1)
-    return labels, span_ends
-
-
-def labels_from_offsets(
-    text: str, spans: list[tuple[int, int]], input_ids: list[int], offsets: list[tuple[int, int]]
-) -> tuple[list[int], list[int]]:
-    """(labels, token index just past each span) from character spans and token offsets."""
-    ids = np.asarray(input_ids, dtype=np.int64)
-    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
-    if not spans or not len(ids):
-        return labels.tolist(), []
-    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    end = np.maximum.accumulate(off[:, 1])  # each token owns the characters since the previous token's end
-    start = np.maximum.accumulate(np.minimum(off[:, 0], np.concatenate(([0], end[:-1]))))  # (and its own)
-    span_ends = []
-    for a, b in spans:
-        i0, i1 = int(np.searchsorted(end, a, side="right")), int(np.searchsorted(start, b, side="left"))
-        if i0 < i1 and (start[i0] < a or end[i1 - 1] > b):  # the first or last overlapping token sticks out
-            idx = i0 if start[i0] < a else i1 - 1
-            raise TemplateSplitError(
-                f"token {idx} ({text[start[idx] : end[idx]]!r}) straddles the boundary of the assistant span "
-                f"{text[a:b][:40]!r}...: the tokenizer merges prompt and answer characters, "
-                "so this template cannot be split at token boundaries"
-            )
-        labels[i0:i1] = ids[i0:i1]
-        span_ends.append(i1)
-    return labels.tolist(), span_ends
 
 
 def backend_tokenizer(tokenizer: Any) -> Any:
@@ -558,42 +557,199 @@ def backend_tokenizer(tokenizer: Any) -> Any:
 _BACKENDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
-def render_many(ct: ChatTemplate, convs: list[tuple[list[dict], list[dict] | None]]) -> list[tuple]:
-    """(text, spans, adaptations, error) of each conversation: everything before tokenization."""
+@dataclass
+class Rendered:
+    """A conversation rendered (``assistant_turns``) and adapted, or the reason it cannot be."""
+
+    full: str = ""
+    turns: list[Turn] = field(default_factory=list)
+    single: bool = True
+    notes: list[str] = field(default_factory=list)
+    error: TemplateSplitError | None = None
+
+
+def render_many(
+    ct: ChatTemplate, convs: list[tuple[list[dict], list[dict] | None]], empty_think: str = "mask"
+) -> list[Rendered]:
+    """Each conversation adapted and rendered: everything before tokenization."""
     rendered = []
     for messages, tools in convs:
+        notes: list[str] = []
         try:
             adapted, tools, notes = ct.adapt(messages, tools)
-            rendered.append((*assistant_char_spans(ct, adapted, tools), notes, None))
+            rendered.append(Rendered(*assistant_turns(ct, adapted, tools, empty_think), notes))
         except TemplateSplitError as err:
-            rendered.append(("", [], [], err))
+            rendered.append(Rendered(notes=notes, error=err))
     return rendered
 
 
-def label_many(rendered: list[tuple], encodings: list[Any]) -> list[dict]:
-    """Labels from rendered conversations and their Rust encodings. Each result holds ``input_ids``,
-    ``labels``, ``span_ends`` and ``adaptations``, or ``error`` (a TemplateSplitError) and ``adaptations``."""
+def texts_to_tokenize(rendered: list[Rendered]) -> list[str]:
+    """What ``label_many`` needs tokenized, in one batch: each conversation's single render, its turns' targets
+    (each alone), and where that render is not one sample, its turns' prompts (each alone)."""
+    texts = []
+    for r in rendered:
+        texts.append(r.full)
+        if r.error is None:
+            texts.extend(t.target for t in r.turns)
+            if not r.single:
+                texts.extend(t.prompt for t in r.turns)
+    return texts
+
+
+def label_many(backend: Any, rendered: list[Rendered], encodings: list[Any]) -> list[dict]:
+    """The samples of rendered conversations, from the encodings of ``texts_to_tokenize`` (``backend`` tokenizes
+    what else a check needs). Each result holds ``samples`` (``input_ids``, ``labels``, ``span_ends`` each),
+    ``adaptations`` and ``extra_context_tokens`` (the context the samples after the longest repeat), or ``error``
+    and ``adaptations``.
+
+    Serving-exact: every turn is trained in a sample that starts with its prompt tokenized alone and its target
+    tokenized alone. One render is one sample when its tokens are those at every turn: the tokens of a prompt alone
+    are the render's up to the prompt's last special token, then those of the text after it, so only that tail is
+    tokenized again to check it. Else the turns become the fewest samples that each start with every turn they train
+    (at worst one per turn)."""
+    staged, pending = [], []  # (result, ...) ; conversations whose prompts must be tokenized
+    pos = 0
+    for r in rendered:
+        full = encodings[pos]
+        pos += 1
+        if r.error is not None:
+            staged.append({"error": r.error, "adaptations": r.notes})
+            continue
+        targets = encodings[pos : pos + len(r.turns)]
+        pos += len(r.turns)
+        prompts = None
+        if not r.single:
+            prompts = [e.ids for e in encodings[pos : pos + len(r.turns)]]
+            pos += len(r.turns)
+        staged.append([r, full, targets, prompts])
+    added = _added_ids(backend)
+    windows = [(k, _windows(s[1], s[0], added)) for k, s in enumerate(staged) if type(s) is list and s[3] is None]
+    window_texts = [text for _, plan in windows if plan for _, _, text in plan]
+    window_encs = iter(backend.encode_batch(window_texts, add_special_tokens=False) if window_texts else [])
+    for k, plan in windows:
+        r, full, targets, _ = staged[k]
+        sample = None
+        if plan is not None:
+            sample = _one_sample(full.ids, plan, [next(window_encs) for _ in plan], targets, r.turns)
+        if sample is not None:
+            staged[k] = {"samples": [sample], "adaptations": r.notes, "extra_context_tokens": 0}
+        else:
+            pending.append(k)
+    prompt_encs = iter(
+        backend.encode_batch([t.prompt for k in pending for t in staged[k][0].turns], add_special_tokens=False)
+        if pending
+        else []
+    )
+    for k in pending:
+        staged[k][3] = [next(prompt_encs).ids for _ in staged[k][0].turns]
     results = []
-    for (text, spans, notes, error), enc in zip(rendered, encodings):
-        if error is None:
-            try:
-                ids = enc.ids
-                fast = _labels_fast(enc, spans, ids)
-                labels, span_ends = fast if fast is not None else labels_from_offsets(text, spans, ids, enc.offsets)
-                results.append({"input_ids": ids, "labels": labels, "span_ends": span_ends, "adaptations": notes})
-                continue
-            except TemplateSplitError as err:
-                error = err
-        results.append({"error": error, "adaptations": notes})
+    for s in staged:
+        if type(s) is list:
+            r, _, targets, prompts = s
+            samples = _fewest_samples(r.turns, prompts, targets)
+            longest = max(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
+            extra = sum(
+                len(x["input_ids"]) - sum(label != IGNORE_INDEX for label in x["labels"])
+                for i, x in enumerate(samples)
+                if i != longest
+            )
+            s = {"samples": samples, "adaptations": r.notes, "extra_context_tokens": extra}
+        results.append(s)
     return results
 
 
-def encode_many(tokenizer: Any, ct: ChatTemplate, convs: list[tuple[list[dict], list[dict] | None]]) -> list[dict]:
+def _added_ids(backend: Any) -> frozenset[int]:
+    ids = _ADDED.get(backend)
+    if ids is None:
+        ids = _ADDED[backend] = frozenset(backend.get_added_tokens_decoder())
+    return ids
+
+
+_ADDED: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def _windows(full: Any, r: Rendered, added: frozenset[int]) -> list[tuple[int, int, str]] | None:
+    """For each turn of a single render: (m, n, text): the render's tokens [m, n) are the prompt's from its last
+    special or added token on (from its start where it has none), and ``text`` is that tail; None where the render
+    has no token boundary at a prompt's end (a token crosses into the answer: not the prompt's tokens)."""
+    plan = []
+    ids = None
+    for t in r.turns:
+        b = len(t.prompt)
+        if b == 0:
+            plan.append((0, 0, ""))
+            continue
+        last = full.char_to_token(b - 1)
+        if last is None or full.token_to_chars(last)[1] != b:
+            return None
+        if ids is None:
+            ids = full.ids
+        m = last
+        while m >= 0 and ids[m] not in added:
+            m -= 1
+        start = full.token_to_chars(m)[0] if m >= 0 else 0
+        plan.append((max(m, 0), last + 1, r.full[start:b]))
+    return plan
+
+
+def _skip_tokens(target: Any, skip: int) -> int:
+    """The tokens of a target (tokenized alone) that lie in its first ``skip`` characters (one that crosses the
+    edge among them: only what is wholly the answer is trained)."""
+    if not skip:
+        return 0
+    first = target.char_to_token(skip)
+    if first is None:
+        return len(target.ids)
+    return first + (target.token_to_chars(first)[0] < skip)
+
+
+def _one_sample(ids: list[int], plan: list, windows: list, targets: list, turns: list[Turn]) -> dict | None:
+    """The single render as the sample of every turn, or None where its tokens differ from a turn's prompt or target
+    tokenized alone."""
+    labels = [IGNORE_INDEX] * len(ids)
+    span_ends = []
+    for (m, n, _), window, target, turn in zip(plan, windows, targets, turns):
+        t = target.ids
+        if ids[m:n] != window.ids or ids[n : n + len(t)] != t:
+            return None
+        first = n + _skip_tokens(target, turn.skip)
+        labels[first : n + len(t)] = ids[first : n + len(t)]
+        span_ends.append(n + len(t))
+    return {"input_ids": ids, "labels": labels, "span_ends": span_ends}
+
+
+def _fewest_samples(turns: list[Turn], prompts: list[list[int]], targets: list) -> list[dict]:
+    """Turns tokenized alone as the fewest samples that each start with ``prompt + target`` of every turn they
+    train: a turn whose tokens start a longer turn's sample is trained there, else it is a sample of its own. (Which
+    sequences start which is a forest, so taking the longest first gives the fewest.)"""
+    pieces = [(p, e.ids, _skip_tokens(e, t.skip)) for t, p, e in zip(turns, prompts, targets)]
+    groups: list[tuple[list[int], list[int]]] = []  # (tokens, the turns it trains)
+    for i in sorted(range(len(pieces)), key=lambda i: -(len(pieces[i][0]) + len(pieces[i][1]))):
+        seq = pieces[i][0] + pieces[i][1]
+        home = next((g for g in groups if g[0][: len(seq)] == seq), None)
+        if home is None:
+            groups.append((seq, [i]))
+        else:
+            home[1].append(i)
+    samples = []
+    for ids, members in sorted(groups, key=lambda g: min(g[1])):
+        labels, span_ends = [IGNORE_INDEX] * len(ids), []
+        for i in sorted(members):
+            prompt, target, skip = pieces[i]
+            a, b = len(prompt) + skip, len(prompt) + len(target)
+            labels[a:b] = ids[a:b]
+            span_ends.append(b)
+        samples.append({"input_ids": ids, "labels": labels, "span_ends": span_ends})
+    return samples
+
+
+def encode_many(
+    tokenizer: Any, ct: ChatTemplate, convs: list[tuple[list[dict], list[dict] | None]], empty_think: str = "mask"
+) -> list[dict]:
     """Render, tokenize (one batch) and label conversations (see ``label_many`` for the results)."""
-    rendered = render_many(ct, convs)
-    return label_many(
-        rendered, backend_tokenizer(tokenizer).encode_batch([r[0] for r in rendered], add_special_tokens=False)
-    )
+    rendered = render_many(ct, convs, empty_think)
+    backend = backend_tokenizer(tokenizer)
+    return label_many(backend, rendered, backend.encode_batch(texts_to_tokenize(rendered), add_special_tokens=False))
 
 
 def truncate_at_turns(
@@ -608,6 +764,41 @@ def truncate_at_turns(
     return input_ids[:cut], labels[:cut], len(input_ids) - cut
 
 
+def encode_samples(
+    tokenizer: Any,
+    messages: list[dict],
+    chat_template: str | None = None,
+    max_length: int | None = None,
+    tools: list[dict] | None = None,
+    chat_template_kwargs: dict | None = None,
+    empty_think: str = "mask",
+) -> list[dict[str, Any]]:
+    """The serving-exact samples of a conversation (one, or several where the template rewrites history), each as
+    ``encode_conversation`` returns it. Every supervised assistant turn is trained in exactly one sample, which
+    starts with the turn's prompt (the turns before it as a server renders them, generation prompt on) tokenized
+    alone, then the turn's target (its text through the template's end of turn) tokenized alone."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("encoding needs a fast (tokenizers-backed) tokenizer for its offsets")
+    ct = bind_template(tokenizer, resolve_chat_template(tokenizer, chat_template), chat_template_kwargs)
+    (result,) = encode_many(tokenizer, ct, [(messages, tools)], empty_think)
+    if "error" in result:
+        raise result["error"]
+    out = []
+    for sample in result["samples"]:
+        input_ids, labels, num_truncated = sample["input_ids"], sample["labels"], 0
+        if max_length is not None:
+            input_ids, labels, num_truncated = truncate_at_turns(input_ids, labels, sample["span_ends"], max_length)
+        out.append(
+            {
+                "input_ids": input_ids,
+                "labels": labels,
+                "num_truncated_tokens": num_truncated,
+                "adaptations": result["adaptations"],
+            }
+        )
+    return out
+
+
 def encode_conversation(
     tokenizer: Any,
     messages: list[dict],
@@ -615,25 +806,25 @@ def encode_conversation(
     max_length: int | None = None,
     tools: list[dict] | None = None,
     chat_template_kwargs: dict | None = None,
+    empty_think: str = "mask",
 ) -> dict[str, Any]:
     """Tokenize ``messages`` with the chat template and label assistant output only.
 
     Returns ``{"input_ids", "labels", "num_truncated_tokens", "adaptations"}``: ``labels[i] == input_ids[i]``
-    where token ``i`` is assistant output (content and end-of-turn marker), ``-100`` elsewhere. ``input_ids``
-    is exactly the tokenization of the template's rendering (of the conversation as adapted to what the
-    template can render, see the module docstring). With ``max_length`` the conversation is cut after the
-    last assistant turn that fits whole (else at ``max_length``) and the removed tokens are counted.
-    ``tools`` (tool schemas) and ``chat_template_kwargs`` (the template's own arguments, such as
-    ``enable_thinking``) are passed to the template.
+    where token ``i`` is assistant output (content and end-of-turn marker), ``-100`` elsewhere. ``input_ids`` are
+    the tokens a server meets: at each assistant turn, the prompt it renders tokenized alone, then the answer
+    tokenized alone (for most conversations exactly the tokens of the template's rendering of the whole
+    conversation, as adapted to what the template can render, see the module docstring). With ``max_length`` the
+    conversation is cut after the last assistant turn that fits whole (else at ``max_length``) and the removed
+    tokens are counted. ``tools`` (tool schemas) and ``chat_template_kwargs`` (the template's own arguments, such as
+    ``enable_thinking``) are passed to the template; ``empty_think`` (``mask`` or ``train``) says whether the empty
+    think block a template writes on an answer without reasoning is trained. A conversation that is several samples
+    (its template rewrites history) raises TemplateSplitError: ``encode_samples`` returns them.
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("encode_conversation needs a fast (tokenizers-backed) tokenizer for its offsets")
-    ct = bind_template(tokenizer, resolve_chat_template(tokenizer, chat_template), chat_template_kwargs)
-    (result,) = encode_many(tokenizer, ct, [(messages, tools)])
-    if "error" in result:
-        raise result["error"]
-    input_ids, labels, notes = result["input_ids"], result["labels"], result["adaptations"]
-    num_truncated = 0
-    if max_length is not None:
-        input_ids, labels, num_truncated = truncate_at_turns(input_ids, labels, result["span_ends"], max_length)
-    return {"input_ids": input_ids, "labels": labels, "num_truncated_tokens": num_truncated, "adaptations": notes}
+    samples = encode_samples(tokenizer, messages, chat_template, max_length, tools, chat_template_kwargs, empty_think)
+    if len(samples) > 1:
+        raise TemplateSplitError(
+            f"the template renders this conversation as {len(samples)} serving-exact samples (it renders earlier "
+            "turns differently when a later one is added): encode_samples returns them"
+        )
+    return samples[0]

@@ -348,22 +348,32 @@ def test_reasoning_and_tool_call_parts_render_where_qwen3_puts_them(tmp_path):
 @pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")
 def test_qwen3_without_thinking_keeps_the_empty_think_block_in_the_prompt(tmp_path):
     """Answers without reasoning on Qwen3: by default the template inserts an empty think block in the answer, which
-    is trained; with `data.chat_template_kwargs={enable_thinking: false}` the generation prompt holds it, as a server
-    passing the same argument renders it, and the answer alone is trained."""
+    data.empty_think says to train or (the default) keep as context; with
+    `data.chat_template_kwargs={enable_thinking: false}` the generation prompt holds it, as a server passing the same
+    argument renders it, and the answer alone is trained whatever empty_think says."""
     tokenizer, template = _qwen3()
     firsts = [m[: next(i for i, t in enumerate(m) if t["role"] == "assistant") + 1] for m in CONVERSATIONS[:8]]
-    path = _jsonl(tmp_path / "a.jsonl", [{"messages": m} for m in firsts])  # (one answer: no history to rewrite)
-    trained = {}
-    for name, kwargs in (("default", {}), ("no_thinking", {"enable_thinking": False})):
-        config = DataConfig(path=path, cache=False, max_length=512, chat_template_kwargs=kwargs)
+    path = _jsonl(tmp_path / "a.jsonl", [{"messages": m} for m in firsts])
+    trained, texts = {}, {}
+    for name, kwargs, empty_think in (
+        ("default", {}, "mask"),
+        ("train", {}, "train"),
+        ("no_thinking", {"enable_thinking": False}, "mask"),
+        ("no_thinking_train", {"enable_thinking": False}, "train"),
+    ):
+        config = DataConfig(
+            path=path, cache=False, max_length=512, chat_template_kwargs=kwargs, empty_think=empty_think
+        )
         table, report = prepare(config, tokenizer, template, 0)
         assert report["rejected"] == {} and report["chat_template_kwargs"] == kwargs
         rows = [(table[i]["input_ids"], table[i]["labels"]) for i in range(len(table))]
         trained[name] = [tokenizer.decode([t for t, y in zip(ids, labels) if y != -100]) for ids, labels in rows]
+        texts[name] = [tokenizer.decode(ids) for ids, _ in rows]
         prompts = [tokenizer.decode(ids[: labels.index(next(y for y in labels if y != -100))]) for ids, labels in rows]
-    assert all(t.startswith("<think>\n\n</think>\n\n") for t in trained["default"])
-    answers = [m[-1]["content"] for m in firsts]
-    assert trained["no_thinking"] == [f"{a}<|im_end|>" for a in answers]
+    answers = [f"{m[-1]['content']}<|im_end|>" for m in firsts]
+    assert trained["default"] == answers and texts["default"] == texts["train"]  # (the same tokens, fewer trained)
+    assert trained["train"] == [f"<think>\n\n</think>\n\n{a}" for a in answers]
+    assert trained["no_thinking"] == trained["no_thinking_train"] == answers
     assert all(p.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for p in prompts)  # (the last loop's)
     # an answer with reasoning cannot be served so: the prompt closes the think block the answer would fill
     question, answer = {"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "#### 2"}

@@ -72,15 +72,29 @@ def test_a_chat_template_argument_overrides_the_tokenizer_template(demo_tokenize
     assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == ["2 + 3 = 5\n#### 5<|im_end|>"]
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused(demo_tokenizer):
-    # Renders only the last assistant turn's content: a prefix of the conversation is not a prefix of its text.
+def test_a_template_that_rewrites_earlier_turns_gives_a_sample_per_turn_as_served(demo_tokenizer):
+    """Renders an earlier answer's content away: the single render is not what a server saw at the second turn, so
+    each turn is a sample of its own that starts with its prompt and trains its answer once; encode_conversation
+    refuses to pretend it is one sample."""
+    from sftdist.data.template import encode_samples
+
     template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>a\n' }}"
         "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
-    with pytest.raises(TemplateSplitError, match="assistant turn 2"):
+    with pytest.raises(TemplateSplitError, match="2 serving-exact samples"):
         encode_conversation(demo_tokenizer, CONVERSATION, chat_template=template)
+    samples = encode_samples(demo_tokenizer, CONVERSATION, chat_template=template)
+    tok = demo_tokenizer
+    for sample, i in zip(samples, (2, 4), strict=True):
+        text = tok.apply_chat_template(
+            CONVERSATION[:i], chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        target = tok(CONVERSATION[i]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert sample["input_ids"] == prompt + target
+        assert _supervised_runs(sample) == [target]
 
 
 def test_a_template_error_is_reported_not_swallowed(demo_tokenizer):
@@ -102,22 +116,26 @@ def test_max_length_truncates_and_counts(demo_tokenizer):
     assert cut["num_truncated_tokens"] == len(full["input_ids"]) - 20
 
 
-def test_a_token_that_straddles_prompt_and_answer_is_refused_even_with_trimmed_offsets(demo_tokenizer):
+def test_a_token_that_straddles_prompt_and_answer_is_split_as_a_server_tokenizes(demo_tokenizer):
     from tokenizers import processors
 
-    # "A: " ends the prompt with a space that byte-level BPE glues to the answer's first word (" books").
+    # "A: " ends the prompt with a space that byte-level BPE glues to the answer's first word (" books") in one pass.
+    # A server tokenizes the prompt alone ("A", ":", " ") and the model writes "books": those are the tokens trained,
+    # whatever the tokenizer's offsets trimming.
     template = (
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\n' }}"
         "{% else %}{{ 'A: ' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
     )
     messages = [{"role": "user", "content": "What do you sell?"}, {"role": "assistant", "content": "books"}]
-    with pytest.raises(TemplateSplitError, match="straddles the boundary"):
-        encode_conversation(demo_tokenizer, messages, chat_template=template)
-    # A tokenizer that trims white space from its offsets must not hide the straddle.
-    demo_tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
-    with pytest.raises(TemplateSplitError, match="straddles the boundary"):
-        encode_conversation(demo_tokenizer, messages, chat_template=template)
+    tok = demo_tokenizer
+    prompt = tok("Q: What do you sell?\nA: ", add_special_tokens=False)["input_ids"]
+    answer = tok("books<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert tok("Q: What do you sell?\nA: books<|im_end|>", add_special_tokens=False)["input_ids"] != prompt + answer
+    for trim in (False, True):
+        tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=trim)
+        enc = encode_conversation(tok, messages, chat_template=template)
+        assert enc["input_ids"] == prompt + answer and _supervised_runs(enc) == [answer]
 
 
 def test_weight_zero_turns_stay_in_context_unsupervised(demo_tokenizer):
@@ -140,9 +158,10 @@ def test_tools_reach_the_template(demo_tokenizer):
     assert [demo_tokenizer.decode(r) for r in _supervised_runs(enc)] == ["2 + 3 = 5\n#### 5<|im_end|>"]
 
 
-def test_a_merged_newline_and_space_is_refused_whatever_the_offsets_trimming():
+def test_a_merged_newline_and_space_is_split_whatever_the_offsets_trimming():
     """GPT-NeoX-style tokenizers trim white space from offsets: the token '\\n ' (the prompt's newline and the
-    answer's first space) then looks as if it ended before the answer. It must still be refused."""
+    answer's first space) then looks as if it ended before the answer. The sample still holds the prompt's tokens and
+    the answer's, each tokenized alone."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -163,10 +182,12 @@ def test_a_merged_newline_and_space_is_refused_whatever_the_offsets_trimming():
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=tok, eos_token="<|im_end|>", chat_template=CONVERSATION_TEMPLATE
         )
-        with pytest.raises(TemplateSplitError, match="straddles the boundary"):
-            encode_conversation(
-                tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  Hello world"}]
-            )
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  Hello world"}]
+        enc = encode_conversation(tokenizer, messages)
+        text = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer = tokenizer("  Hello world<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert enc["input_ids"] == prompt + answer and _supervised_runs(enc) == [answer]
 
 
 CONVERSATION_TEMPLATE = (
@@ -432,7 +453,7 @@ def test_glm_answers_end_on_the_header_that_follows_them_which_export_makes_a_st
     ]
     enc = encode_conversation(tokenizer, messages)
     runs = [tokenizer.decode(r) for r in _supervised_runs(enc)]
-    assert runs[0].endswith("</tool_call><|observation|>") and runs[1] == "\n<think></think>\nIt is 4.<|user|>"
+    assert runs[0].endswith("</tool_call><|observation|>") and runs[1] == "It is 4.<|user|>"  # (empty think masked)
     assert tokenizer.decode(enc["input_ids"]).endswith("It is 4.<|user|>")  # the stop after the last answer
     caps = bind_template(tokenizer, template).caps
     assert (caps.answer_stop, caps.call_stop) == ("<|user|>", "<|observation|>")
@@ -440,13 +461,17 @@ def test_glm_answers_end_on_the_header_that_follows_them_which_export_makes_a_st
     talk += [{"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure"}]
     talked = encode_conversation(tokenizer, talk)
     assert [tokenizer.decode(r) for r in _supervised_runs(talked)] == [
-        "\n<think></think>\nHello<|user|>",
-        "\n<think></think>\nSure<|user|>",
+        "Hello<|user|>",
+        "Sure<|user|>",
     ]
     from sftdist.audit import role_token_counts  # (sftdist-inspect: the trained headers are the assistant's)
 
     counts = role_token_counts(
-        bind_template(tokenizer, template), tokenizer, {"messages": talk, "tools": None}, talked["labels"]
+        bind_template(tokenizer, template),
+        tokenizer,
+        {"messages": talk, "tools": None},
+        talked["input_ids"],
+        talked["labels"],
     )
     assert counts["user"][1] == 0 and sum(n for n, _ in counts.values()) == len(talked["input_ids"])
     # the last answer with reasoning (the re-render after a user turn would drop it), and one ending on a tool call

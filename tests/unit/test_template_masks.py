@@ -254,28 +254,39 @@ def test_a_template_without_a_generation_prompt_trains_the_header_it_makes_the_m
 
 
 @pytest.mark.parametrize("name", _cases())
-def test_rendering_equals_apply_chat_template_and_both_label_paths_agree(name):
-    """Our renderer is apply_chat_template's (tools included); the boundary fast path equals the full check."""
-    from sftdist.data.template import _labels_fast, backend_tokenizer, labels_from_offsets
+def test_rendering_equals_apply_chat_template_and_the_one_sample_check_is_exact(name):
+    """Our renderer is apply_chat_template's (tools included); where the single render passes the cheap check (only
+    each prompt's tail after its last special token tokenized again), it holds the very tokens and labels of the
+    turns each tokenized alone."""
+    from dataclasses import replace
+
+    from sftdist.data.template import backend_tokenizer, label_many, render_many, texts_to_tokenize
 
     tokenizer, _ = _setup(name)
     ct = bind_template(tokenizer, tokenizer.chat_template)
     convs = [(m, None) for m in _multi_turn_conversations()]
     convs += [(c["messages"], c["tools"]) for c in _glaive()[:15]]
-    checked_fast = 0
     for messages, tools in convs:
-        adapted, tools, _ = ct.adapt(messages, tools)
+        adapted, adapted_tools, _ = ct.adapt(messages, tools)
         for upto in range(1, len(adapted) + 1):
             for gen in (False, True):
-                assert ct.render(adapted[:upto], gen, tools) == tokenizer.apply_chat_template(
-                    adapted[:upto], tools=tools, tokenize=False, add_generation_prompt=gen
+                assert ct.render(adapted[:upto], gen, adapted_tools) == tokenizer.apply_chat_template(
+                    adapted[:upto], tools=adapted_tools, tokenize=False, add_generation_prompt=gen
                 )
-        from sftdist.data.template import assistant_char_spans
-
-        text, spans = assistant_char_spans(ct, adapted, tools)
-        enc = backend_tokenizer(tokenizer).encode(text, add_special_tokens=False)
-        fast = _labels_fast(enc, spans, enc.ids)
-        if fast is not None:
-            checked_fast += 1
-            assert fast == labels_from_offsets(text, spans, enc.ids, enc.offsets)
-    assert checked_fast >= len(convs) // 2
+    backend = backend_tokenizer(tokenizer)
+    rendered = render_many(ct, convs)
+    alone = [replace(r, single=False) for r in rendered]  # (every turn tokenized alone)
+    checked = label_many(backend, rendered, backend.encode_batch(texts_to_tokenize(rendered)))
+    exact = label_many(backend, alone, backend.encode_batch(texts_to_tokenize(alone)))
+    ones = 0
+    for r, ours, theirs in zip(rendered, checked, exact):
+        assert r.error is None and len(theirs["samples"]) == 1  # (these templates keep history as it was served)
+        if len(ours["samples"]) == 1:
+            ones += 1
+            (one,), (each,) = ours["samples"], theirs["samples"]
+            n = len(each["input_ids"])
+            assert one["input_ids"][:n] == each["input_ids"] and one["labels"][:n] == each["labels"]
+            assert set(one["labels"][n:]) <= {IGNORE_INDEX} and one["input_ids"] == backend.encode(r.full).ids
+        else:
+            assert ours["samples"] == theirs["samples"]
+    assert ones >= len(convs) // 2
