@@ -113,7 +113,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 200  # optimizer steps
-    global_batch_size: int = 16  # samples (conversations) per optimizer step
+    global_batch_size: int = 16  # samples (conversations, or a conversation's serving-exact samples) per step
     micro_batch_tokens: int = 4096  # token budget of one micro-batch, padding included
     lr: float = 1.0e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio

@@ -59,25 +59,25 @@ def _num_targets(labels: list[int]) -> int:
     return len(labels) - labels.count(IGNORE_INDEX) - (bool(labels) and labels[0] != IGNORE_INDEX)
 
 
-def _encode_one(r: dict, max_length: int, truncation: str) -> tuple[list[tuple[list[int], list[int]]], int, str, str]:
-    """(samples as (input_ids, labels), tokens cut, status, detail) of one label_many result under the length
-    policy. A sample cut to no trained token is left out (its tokens counted as cut); a record left with none is
-    rejected, as one with an over-long sample under data.truncation=drop is."""
+def _encode_one(r: dict, max_length: int, truncation: str) -> tuple[list[tuple], int, str, str]:
+    """(samples as (input_ids, labels, the tokens that end its trained turns), tokens cut, status, detail) of one
+    label_many result under the length policy. A sample cut to no trained token is left out (its tokens counted as
+    cut); a record left with none is rejected, as one with an over-long sample under data.truncation=drop is."""
     if "error" in r:
         return [], 0, r["error"].reason, str(r["error"])
     samples, cut = [], 0
     for sample in r["samples"]:
-        ids, labels = sample["input_ids"], sample["labels"]
+        ids, labels, ends = sample["input_ids"], sample["labels"], sample["span_ends"]
         if len(ids) > max_length:
             if truncation == "drop":
                 return [], 0, "too_long", f"{len(ids)} tokens > data.max_length={max_length}"
-            ids, labels, n = truncate_at_turns(ids, labels, sample["span_ends"], max_length)
+            ids, labels, n = truncate_at_turns(ids, labels, ends, max_length)
             cut += n
             if not _num_targets(labels):
                 cut += len(ids)
                 continue
-        samples.append((ids, labels))
-    if not any(_num_targets(labels) for _, labels in samples):
+        samples.append((ids, labels, [labels[e - 1] for e in ends if 0 < e <= len(labels) and labels[e - 1] >= 0]))
+    if not any(_num_targets(labels) for _, labels, _ in samples):
         if cut:
             return [], cut, "truncated_to_nothing", f"no trained token in the first {max_length} tokens"
         return [], 0, "no_supervised_tokens", "the template renders no assistant output"
@@ -113,21 +113,16 @@ def _finish_chunk(filtered: list[str], rendered: list[Rendered], encodings: list
         extra = r.get("extra_context_tokens", 0) if len(samples) > 1 else 0
         for key, value in zip(records, (status, detail, cut, r["adaptations"], len(samples), extra)):
             out[key].append(value)
-        for part, (ids, labels) in enumerate(samples):
+        for part, (ids, labels, ends) in enumerate(samples):
             ids_flat.extend(ids)
             labels_flat.extend(labels)
             out["length"].append(len(ids))
             out["num_supervised"].append(_num_targets(labels))
             out["part"].append(part)
-            out["turn_ends"].append(_turn_ends(labels))
+            out["turn_ends"].append(ends)
     out["ids"] = np.array(ids_flat, dtype=np.int32)
     out["labels"] = np.array(labels_flat, dtype=np.int32)
     return out
-
-
-def _turn_ends(labels: list[int]) -> list[int]:
-    """The token that ends each trained turn of a sample (the last of each run of labels)."""
-    return [y for y, nxt in zip(labels, [*labels[1:], IGNORE_INDEX]) if y != IGNORE_INDEX and nxt == IGNORE_INDEX]
 
 
 def encode_chunk(convs: list[dict]) -> dict[str, Any]:

@@ -584,15 +584,18 @@ def render_many(
 
 
 def texts_to_tokenize(rendered: list[Rendered]) -> list[str]:
-    """What ``label_many`` needs tokenized, in one batch: each conversation's single render, its turns' targets
-    (each alone), and where that render is not one sample, its turns' prompts (each alone)."""
+    """What ``label_many`` needs tokenized, in one batch, each text alone: for a conversation whose single render may
+    be one sample, the last turn's prompt and every turn's target (the render is those, then what follows the last
+    target); for one that is not, every turn's target and prompt; for one with no turn to train, its render."""
     texts = []
     for r in rendered:
-        texts.append(r.full)
-        if r.error is None:
-            texts.extend(t.target for t in r.turns)
-            if not r.single:
-                texts.extend(t.prompt for t in r.turns)
+        if r.error is not None:
+            continue
+        if not r.turns:
+            texts.append(r.full)
+            continue
+        texts.extend(t.target for t in r.turns)
+        texts.extend([r.turns[-1].prompt] if r.single else [t.prompt for t in r.turns])
     return texts
 
 
@@ -603,49 +606,51 @@ def label_many(backend: Any, rendered: list[Rendered], encodings: list[Any]) -> 
     and ``adaptations``.
 
     Serving-exact: every turn is trained in a sample that starts with its prompt tokenized alone and its target
-    tokenized alone. One render is one sample when its tokens are those at every turn: the tokens of a prompt alone
-    are the render's up to the prompt's last special token, then those of the text after it, so only that tail is
-    tokenized again to check it. Else the turns become the fewest samples that each start with every turn they train
-    (at worst one per turn)."""
-    staged, pending = [], []  # (result, ...) ; conversations whose prompts must be tokenized
+    tokenized alone. A single render is one sample when the last turn's prompt (alone) holds every earlier turn so:
+    the tokens of an earlier prompt alone are the last prompt's up to the earlier prompt's last special token, then
+    those of its text after that token (a short tail, tokenized again and remembered), and the earlier target's
+    tokens follow. Else the turns become the fewest samples that each start with every turn they train (at worst one
+    per turn)."""
+    staged: list = []
+    pending = []  # conversations whose prompts must all be tokenized
     pos = 0
+    added, tails = _added_ids(backend), _tails(backend)
     for r in rendered:
-        full = encodings[pos]
-        pos += 1
         if r.error is not None:
             staged.append({"error": r.error, "adaptations": r.notes})
             continue
+        if not r.turns:  # (nothing to train: its render, which the length policy rejects)
+            ids = encodings[pos].ids
+            pos += 1
+            sample = {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "span_ends": []}
+            staged.append({"samples": [sample], "adaptations": r.notes, "extra_context_tokens": 0})
+            continue
         targets = encodings[pos : pos + len(r.turns)]
         pos += len(r.turns)
-        prompts = None
         if not r.single:
             prompts = [e.ids for e in encodings[pos : pos + len(r.turns)]]
             pos += len(r.turns)
-        staged.append([r, full, targets, prompts])
-    added = _added_ids(backend)
-    windows = [(k, _windows(s[1], s[0], added)) for k, s in enumerate(staged) if type(s) is list and s[3] is None]
-    window_texts = [text for _, plan in windows if plan for _, _, text in plan]
-    window_encs = iter(backend.encode_batch(window_texts, add_special_tokens=False) if window_texts else [])
-    for k, plan in windows:
-        r, full, targets, _ = staged[k]
-        sample = None
-        if plan is not None:
-            sample = _one_sample(full.ids, plan, [next(window_encs) for _ in plan], targets, r.turns)
+            staged.append([r, targets, prompts])
+            continue
+        last = encodings[pos]
+        pos += 1
+        sample = _one_sample(last, r, targets, added, tails)
         if sample is not None:
-            staged[k] = {"samples": [sample], "adaptations": r.notes, "extra_context_tokens": 0}
+            staged.append({"samples": [sample], "adaptations": r.notes, "extra_context_tokens": 0})
         else:
-            pending.append(k)
+            pending.append(len(staged))
+            staged.append([r, targets, None])
     prompt_encs = iter(
         backend.encode_batch([t.prompt for k in pending for t in staged[k][0].turns], add_special_tokens=False)
         if pending
         else []
     )
     for k in pending:
-        staged[k][3] = [next(prompt_encs).ids for _ in staged[k][0].turns]
+        staged[k][2] = [next(prompt_encs).ids for _ in staged[k][0].turns]
     results = []
     for s in staged:
         if type(s) is list:
-            r, _, targets, prompts = s
+            r, targets, prompts = s
             samples = _fewest_samples(r.turns, prompts, targets)
             longest = max(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
             extra = sum(
@@ -658,6 +663,35 @@ def label_many(backend: Any, rendered: list[Rendered], encodings: list[Any]) -> 
     return results
 
 
+class _Tails:
+    """The tokens of prompt tails, each tokenized alone, remembered: most prompts of a data set end on the same few
+    tails (``<|im_start|>assistant\n``). One at a time in the caller's thread: a batch would queue behind the batch
+    the tokenizer thread runs (``encode.py``)."""
+
+    def __init__(self, backend: Any):
+        self.backend, self.memo = backend, {}
+
+    def ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        ids = self.memo.get(text)
+        if ids is None:
+            if len(self.memo) >= 4096:
+                self.memo.clear()
+            ids = self.memo[text] = self.backend.encode(text, add_special_tokens=False).ids
+        return ids
+
+
+def _tails(backend: Any) -> _Tails:
+    tails = _TAILS.get(backend)
+    if tails is None:
+        tails = _TAILS[backend] = _Tails(backend)
+    return tails
+
+
+_TAILS: weakref.WeakKeyDictionary[Any, _Tails] = weakref.WeakKeyDictionary()
+
+
 def _added_ids(backend: Any) -> frozenset[int]:
     ids = _ADDED.get(backend)
     if ids is None:
@@ -668,28 +702,19 @@ def _added_ids(backend: Any) -> frozenset[int]:
 _ADDED: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 
 
-def _windows(full: Any, r: Rendered, added: frozenset[int]) -> list[tuple[int, int, str]] | None:
-    """For each turn of a single render: (m, n, text): the render's tokens [m, n) are the prompt's from its last
-    special or added token on (from its start where it has none), and ``text`` is that tail; None where the render
-    has no token boundary at a prompt's end (a token crosses into the answer: not the prompt's tokens)."""
-    plan = []
-    ids = None
-    for t in r.turns:
-        b = len(t.prompt)
-        if b == 0:
-            plan.append((0, 0, ""))
-            continue
-        last = full.char_to_token(b - 1)
-        if last is None or full.token_to_chars(last)[1] != b:
-            return None
-        if ids is None:
-            ids = full.ids
-        m = last
-        while m >= 0 and ids[m] not in added:
-            m -= 1
-        start = full.token_to_chars(m)[0] if m >= 0 else 0
-        plan.append((max(m, 0), last + 1, r.full[start:b]))
-    return plan
+def _boundary(prompt: Any, ids: list[int], b: int, added: frozenset[int]) -> tuple[int, int, int] | None:
+    """(m, n, c): the last prompt's tokens [0, n) are those of its first ``b`` characters, and [m, n) those of its
+    characters [c, b): from their last special or added token on (from the start where there is none); None where a
+    token crosses character ``b``."""
+    if b == 0:
+        return 0, 0, 0
+    last = prompt.char_to_token(b - 1)
+    if last is None or prompt.token_to_chars(last)[1] != b:
+        return None
+    m = last
+    while m >= 0 and ids[m] not in added:
+        m -= 1
+    return (m, last + 1, prompt.token_to_chars(m)[0]) if m >= 0 else (0, last + 1, 0)
 
 
 def _skip_tokens(target: Any, skip: int) -> int:
@@ -703,18 +728,31 @@ def _skip_tokens(target: Any, skip: int) -> int:
     return first + (target.token_to_chars(first)[0] < skip)
 
 
-def _one_sample(ids: list[int], plan: list, windows: list, targets: list, turns: list[Turn]) -> dict | None:
-    """The single render as the sample of every turn, or None where its tokens differ from a turn's prompt or target
-    tokenized alone."""
-    labels = [IGNORE_INDEX] * len(ids)
+def _one_sample(last: Any, r: Rendered, targets: list, added: frozenset[int], tails: _Tails) -> dict | None:
+    """The single render as the sample of every turn: the last turn's prompt and target, each alone, then what
+    follows (alone); None where an earlier turn's prompt or target, each alone, is not what the last prompt holds."""
+    prompt_ids = last.ids
+    labels = [IGNORE_INDEX] * len(prompt_ids)
     span_ends = []
-    for (m, n, _), window, target, turn in zip(plan, windows, targets, turns):
+    for turn, target in zip(r.turns[:-1], targets):
+        b = len(turn.prompt)
+        edge = _boundary(last, prompt_ids, b, added)
+        if edge is None:
+            return None
+        m, n, c = edge
         t = target.ids
-        if ids[m:n] != window.ids or ids[n : n + len(t)] != t:
+        if prompt_ids[m:n] != tails.ids(r.full[c:b]) or prompt_ids[n : n + len(t)] != t:
             return None
         first = n + _skip_tokens(target, turn.skip)
-        labels[first : n + len(t)] = ids[first : n + len(t)]
+        labels[first : n + len(t)] = prompt_ids[first : n + len(t)]
         span_ends.append(n + len(t))
+    turn, t = r.turns[-1], targets[-1].ids
+    n = len(prompt_ids)
+    after = r.full[len(turn.prompt) + len(turn.target) :]
+    ids = prompt_ids + t + (tails.ids(after) if after else [])
+    first = n + _skip_tokens(targets[-1], turn.skip)
+    labels += [IGNORE_INDEX] * (first - n) + t[first - n :] + [IGNORE_INDEX] * (len(ids) - n - len(t))
+    span_ends.append(n + len(t))
     return {"input_ids": ids, "labels": labels, "span_ends": span_ends}
 
 

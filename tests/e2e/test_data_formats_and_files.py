@@ -310,39 +310,64 @@ def _qwen3():
 
 @pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")
 def test_reasoning_and_tool_call_parts_render_where_qwen3_puts_them(tmp_path):
-    """A reasoning + tool-use file in typed content parts (LLaMA-Factory's `value` spelling) on Qwen3's own template:
-    nothing rejected, the samples of the same conversations written with `reasoning_content` and `tool_calls`, and
-    the trained span holds the think block and the tool call. (One assistant turn each: a conversation of several
-    is refused by this template until serving-exact samples land.)"""
+    """A multi-turn reasoning + tool-use file in typed content parts (LLaMA-Factory's `value` spelling) on Qwen3's own
+    template: nothing rejected, the samples of the same conversations written with `reasoning_content` and
+    `tool_calls`, every turn's think block and tool call trained once, where the template puts them (Qwen3 drops the
+    reasoning of turns before the last user turn, so a record becomes one sample per user turn)."""
     tokenizer, template = _qwen3()
     call = {"name": "add", "arguments": {"a": 2, "b": 3}}
     typed, plain = [], []
     for i in range(12):
         question, thought = f"What is {i} + 3?", f"Add {i} and 3."
-        if i % 2:  # an answer
-            parts = [{"type": "reasoning", "value": thought}, {"type": "text", "value": f"It is {i + 3}."}]
-            fields = {"content": f"It is {i + 3}.", "reasoning_content": thought}
-        else:  # a tool call
-            parts = [{"type": "reasoning", "value": thought}, {"type": "tool_call", "value": json.dumps(call)}]
-            fields = {
+        typed_turns = [
+            {"role": "user", "content": question},
+            {
+                "role": "assistant",
+                "content": [{"type": "reasoning", "value": thought}, {"type": "tool_call", "value": json.dumps(call)}],
+            },
+            {"role": "tool", "content": "5"},
+            {
+                "role": "assistant",
+                "content": [{"type": "reasoning", "text": "Read it."}, {"type": "text", "text": "5."}],
+            },
+            {"role": "user", "content": "Thanks, and times two?"},
+            {
+                "role": "assistant",
+                "content": [{"type": "reasoning", "value": "Double."}, {"type": "text", "value": "10."}],
+            },
+        ]
+        plain_turns = [
+            typed_turns[0],
+            {
+                "role": "assistant",
                 "content": "",
                 "reasoning_content": thought,
                 "tool_calls": [{"type": "function", "function": call}],
-            }
-        typed.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]})
-        plain.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", **fields}]})
+            },
+            typed_turns[2],
+            {"role": "assistant", "content": "5.", "reasoning_content": "Read it."},
+            typed_turns[4],
+            {"role": "assistant", "content": "10.", "reasoning_content": "Double."},
+        ]
+        typed.append({"messages": typed_turns})
+        plain.append({"messages": plain_turns})
 
     def samples(records, name):
         config = DataConfig(path=_jsonl(tmp_path / name, records), cache=False, max_length=512)
+        config.filters.exact_dedup = False
         table, report = prepare(config, tokenizer, template, 0)
         assert report["rejected"] == {} and report["records_used"] == len(records), report["rejected"]
+        assert report["split_records"] == len(records) and report["samples"] == 2 * len(records)
         return [(table[i]["input_ids"], table[i]["labels"]) for i in range(len(table))]
 
     ours = samples(typed, "typed.jsonl")
     assert ours == samples(plain, "plain.jsonl")
-    trained = [tokenizer.decode([t for t, label in zip(ids, labels) if label != -100]) for ids, labels in ours]
-    assert all(t.startswith("<think>\nAdd ") and t.endswith("<|im_end|>") for t in trained), trained[:2]
-    assert sum('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in t for t in trained) == 6
+    trained = "".join(tokenizer.decode([t for t, y in zip(ids, labels) if y != -100]) for ids, labels in ours)
+    assert trained.count("<|im_end|>") == 3 * 12 and trained.count("<think>\nAdd ") == 12
+    assert trained.count("<think>\nRead it.\n</think>\n\n5.<|im_end|>") == 12
+    assert trained.count("<think>\nDouble.\n</think>\n\n10.<|im_end|>") == 12
+    assert trained.count('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>') == 12
+    assert "Thanks" not in trained and "What is" not in trained
 
 
 @pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")

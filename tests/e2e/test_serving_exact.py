@@ -199,3 +199,40 @@ def test_the_checker_fails_a_sample_that_trains_a_user_token_or_misses_a_turn():
         _check([good], [(prompt, target), ([1, 2, 3, 4, 5, 6], [7])])  # a turn with no sample
     with pytest.raises(AssertionError):
         _check([([1, 2, 9, 4, 5], good[1])], [(prompt, target)])  # not the prompt tokenized alone
+
+
+QWEN3 = SHARED / "chat_templates" / "qwen3.jinja"
+
+
+@pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")
+def test_split_records_stay_together_and_inspect_says_how_they_were_split(tmp_path):
+    """Qwen3 on two-turn reasoning conversations: each record is two samples (rows in a row); the eval split and the
+    source weights take a record's samples together; sftdist-inspect marks them and the audit counts what the split
+    repeats."""
+    import numpy as np
+
+    from sftdist.audit import inspect_data
+    from sftdist.data.pipeline import split_and_weight
+
+    records = []
+    for i in range(30):
+        talk = [_conversations()[1][1][j] for j in range(1, 5)]  # (user, assistant, user, assistant; reasoning)
+        talk[0] = {**talk[0], "content": f"What is {i} plus two?"}
+        records.append({"messages": talk})
+    path = tmp_path / "talk.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tokenizer = tiny_tokenizer(_QWEN, eos="<|im_end|>", template=QWEN3.read_text())
+    table, report = prepare(DataConfig(path=str(path), cache=False), tokenizer, QWEN3.read_text(), 0)
+    assert (report["records_used"], report["samples"], report["split_records"]) == (30, 60, 30)
+    assert report["sources"]["talk"]["extra_context_tokens"] == report["extra_context_tokens"] > 0
+    assert table["part"] == [0, 1] * 30
+    for weight in (1.0, 1.5):
+        train, held = split_and_weight(table, {"talk": weight}, 7, seed=3)
+        assert len(held) == 14 and not set(train) & set(held)
+        for rows in (train, held):
+            record = np.asarray(rows) // 2
+            assert all(np.count_nonzero(record == r) % 2 == 0 for r in set(record.tolist()))  # (both samples)
+    shown = inspect_data([f"data.path={path}", f"data.chat_template={QWEN3}", "data.cache=false"], 2, None, False, 500)
+    assert "serving-exact samples: 30 records rendered differently at an earlier turn became 60 samples" in shown
+    assert "sample 1 of 2 of its record" in shown and "sample 2 of 2 of its record" in shown
+    assert "[[<think>\nCompute step 1 carefully.\n</think>\n\nEighteen.<|im_end|>]]" in shown
