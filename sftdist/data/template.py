@@ -503,6 +503,13 @@ def assistant_turns(
                 target += (ct.caps.call_stop if call else "") or ct.caps.answer_stop
             if not target:
                 continue
+            if not target.endswith(ct.tokens):
+                raise TemplateSplitError(
+                    f"assistant turn {i} ends on {target[-30:]!r}: the chat template (sha256:{ct.hash}) writes no "
+                    "special token after an answer, nor a header after it that a server stops on, so a model trained "
+                    "on it would never stop: give data.chat_template=FILE with an end-of-turn token",
+                    reason="no_stop",
+                )
             skip = 0
             if (
                 empty_think == "mask"

@@ -97,6 +97,19 @@ def test_a_template_that_rewrites_earlier_turns_gives_a_sample_per_turn_as_serve
         assert _supervised_runs(sample) == [target]
 
 
+def test_a_template_that_writes_no_stop_after_an_answer_is_rejected_naming_it(demo_tokenizer):
+    from sftdist.data.template import template_hash
+
+    template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    with pytest.raises(TemplateSplitError, match="writes no special token after an answer") as err:
+        encode_conversation(demo_tokenizer, CONVERSATION[1:3], chat_template=template)
+    assert err.value.reason == "no_stop" and f"sha256:{template_hash(template)}" in str(err.value)
+    assert "ends on '2 + 3 = 5\\n#### 5'" in str(err.value)
+
+
 def test_a_template_error_is_reported_not_swallowed(demo_tokenizer):
     template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first please') }}{% endif %}x"
     with pytest.raises(TemplateSplitError, match="system first please"):
@@ -278,7 +291,7 @@ def test_json_is_serialised_once_per_conversation_and_stays_exact(demo_tokenizer
     ct = ChatTemplate(
         demo_tokenizer,
         "{% for m in messages %}{% for i in range(3) %}{{ [i, m.content] | tojson }}{% endfor %}"
-        "{{ m.args | tojson(indent=1) if m.args is defined }}{{ m.args | tojson }}{% endfor %}",
+        "{{ m.args | tojson(indent=1) if m.args is defined }}{{ m.args | tojson }}<|im_end|>{% endfor %}",
     )
     messages = [
         {"role": "user", "content": "a", "args": {"x": [1, 2]}},
@@ -286,7 +299,7 @@ def test_json_is_serialised_once_per_conversation_and_stays_exact(demo_tokenizer
     ]
     text, _ = assistant_char_spans(ct, messages)
     assert text == demo_tokenizer.apply_chat_template(messages, chat_template=ct.template, tokenize=False)
-    assert text.startswith('[0, "a"][1, "a"][2, "a"]{\n "x": [\n  1,\n  2\n ]\n}{"x": [1, 2]}[0, "b"]')
+    assert text.startswith('[0, "a"][1, "a"][2, "a"]{\n "x": [\n  1,\n  2\n ]\n}{"x": [1, 2]}<|im_end|>[0, "b"]')
     calls = []  # (what was serialised, not the values: holding them would keep their ids from being reused)
     tojson = ct._json.tojson
     ct._json.tojson = lambda *a, **k: calls.append(repr(a[0])) or tojson(*a, **k)
