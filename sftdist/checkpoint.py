@@ -289,8 +289,8 @@ def capture_rng() -> dict[str, Any]:
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state().tolist(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # (this rank's device: the one it draws on)
+        out["cuda"] = torch.cuda.get_rng_state().tolist()
     return out
 
 
@@ -301,4 +301,7 @@ def restore_rng(states: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+        state = states["cuda"]
+        if state and isinstance(state[0], list):  # (written before: every visible GPU's, by index; this rank's is its
+            state = state[torch.cuda.current_device() % len(state)]  # device's, where it still has that index)
+        torch.cuda.set_rng_state(torch.tensor(state, dtype=torch.uint8))

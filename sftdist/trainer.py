@@ -146,7 +146,7 @@ class Trainer:
         self.peak_tflops = peak_tflops(self.device, cfg.train.peak_tflops)
         self.attention = "sdpa (padded)"
         if cfg.data.packing:
-            self.attention = resolve_backend(cfg.model.attn_impl, self.device)
+            self.attention = resolve_backend(cfg.model.attn_impl, self.device, cfg.precision)
             apply_packed_attention(model, self.attention)
         self.model, self.optimizer = self.strategy.setup(
             model,
@@ -289,7 +289,7 @@ class Trainer:
                     input_ids=mb.input_ids,
                     position_ids=mb.position_ids,
                     use_cache=False,
-                    **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen),
+                    **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen, mb.input_ids.shape[1]),
                 ).logits
             return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
 

@@ -18,11 +18,13 @@ from sftdist.model import parameter_numel
 # Dense bf16 peak per GPU (TFLOP/s, no sparsity), from the vendors' data sheets; train.peak_tflops overrides.
 _PEAK_BF16_TFLOPS = (
     ("GH200", 989.0),
+    ("H200 NVL", 835.0),  # (before H200: the first name a GPU's contains is its)
     ("H200", 989.0),
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.0),
     ("H800", 989.0),
+    ("GB200", 2500.0),  # (per GPU: half a Grace-Blackwell superchip; before B200, a part of its name)
     ("B200", 2250.0),
     ("A100", 312.0),
     ("A800", 312.0),

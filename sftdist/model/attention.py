@@ -22,6 +22,7 @@ the model and the loss never see it.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")
+BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")  # (auto's order)
+log = logging.getLogger(__name__)
 # Names in transformers' registries. transformers reads meaning into substrings ("sdpa", "flash",
 # "flex_attention": support checks and special paths), so ours contain none of them.
 _REGISTERED = {
@@ -83,9 +85,12 @@ class PackedAttention:
         return self._cache[key]
 
 
-def packed_attention_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict[str, Any]:
-    """The keyword arguments a packed forward passes to the model (they reach the attention backend)."""
-    return {"sftdist_packed": PackedAttention(cu_seqlens.to(torch.int32), int(max_seqlen), int(cu_seqlens[-1]))}
+def packed_attention_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int, total: int | None = None) -> dict[str, Any]:
+    """The keyword arguments a packed forward passes to the model (they reach the attention backend). ``total``, the
+    row's tokens, is known on the host (the row's width): reading it from a device copy of ``cu_seqlens`` would make
+    the host wait for the device at every micro-batch."""
+    total = int(cu_seqlens[-1]) if total is None else int(total)
+    return {"sftdist_packed": PackedAttention(cu_seqlens.to(torch.int32), int(max_seqlen), total)}
 
 
 def _meta(kwargs: dict) -> PackedAttention:
@@ -180,6 +185,31 @@ def flex_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _flash_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the flash kernels take them: (T, H, D), all of one dtype, fp16 or bf16. Under autocast the
+    projections come out in its dtype but RoPE leaves q and k in fp32 (fp32 master weights), and autocast does not
+    cast for these kernels: so the autocast dtype; outside autocast, the value's dtype, which must be a half one."""
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"the flash attention kernels take fp16 or bf16, not {dtype}: use precision=bf16, or model.attn_impl=flex "
+            "(or auto, which picks flex in fp32)"
+        )
+    return tuple(t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
+
+
+_TAKES_GQA_FLAG: dict[Any, bool] = {}
+
+
+def _takes_gqa_flag(function: Callable) -> bool:
+    """Whether varlen_attn has ``enable_gqa`` (torch 2.12 on; 2.11's broadcasts key/value heads without it)."""
+    if function not in _TAKES_GQA_FLAG:
+        import inspect
+
+        _TAKES_GQA_FLAG[function] = "enable_gqa" in inspect.signature(function).parameters
+    return _TAKES_GQA_FLAG[function]
+
+
 def torch_varlen_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
 ):
@@ -190,21 +220,11 @@ def torch_varlen_forward(
         raise ValueError("model.attn_impl=torch_varlen supports neither attention dropout nor soft-capping; use flex")
     meta = _meta(kwargs)
     _check_row(query, meta)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    q, k, v = _flash_inputs(query, key, value)
     cu = meta.cu_seqlens
     window = (sliding_window - 1 if sliding_window is not None else -1, 0)  # (-1, 0): causal
-    out = varlen_attn(
-        q,
-        k,
-        v,
-        cu,
-        cu,
-        meta.max_seqlen,
-        meta.max_seqlen,
-        scale=scaling,
-        window_size=window,
-        enable_gqa=k.shape[1] != q.shape[1],
-    )
+    gqa = {"enable_gqa": k.shape[1] != q.shape[1]} if _takes_gqa_flag(varlen_attn) else {}
+    out = varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, scale=scaling, window_size=window, **gqa)
     return out[None], None
 
 
@@ -216,7 +236,7 @@ def flash_attn_forward(
 
     meta = _meta(kwargs)
     _check_row(query, meta)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    q, k, v = _flash_inputs(query, key, value)
     cu = meta.cu_seqlens
     window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
     out = flash_attn_varlen_func(
@@ -249,26 +269,40 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-def available(backend: str, device: torch.device) -> str | None:
-    """None when ``backend`` can train on ``device``, else the reason it cannot."""
+def available(backend: str, device: torch.device, precision: str = "bf16") -> str | None:
+    """None when ``backend`` can train on ``device`` in ``precision``, else the reason it cannot."""
     if backend == "sdpa":
         return None
     if backend == "flex":
         return None if device.type == "cuda" else "flex_attention has no backward on CPU in this torch (use sdpa)"
     if device.type != "cuda":
         return f"{backend} needs a CUDA device"
-    if backend == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
-        return "flash-attn is not installed (pip install 'sftdist[gpu]')"
+    if precision == "fp32":
+        return f"{backend}'s kernels take fp16 or bf16 only, and precision=fp32"
+    if backend == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "flash-attn is not installed (pip install 'sftdist[gpu]')"
+        try:  # (installed is not importable: a build for another torch or CUDA fails here, not in the first forward)
+            from flash_attn import flash_attn_varlen_func  # noqa: F401
+        except Exception as err:
+            return f"flash-attn does not import: {type(err).__name__}: {str(err)[:200]}"
     if backend == "torch_varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
     return None
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """model.attn_impl -> the backend to use: ``auto`` picks flash_attn, torch_varlen, then flex."""
+def resolve_backend(name: str, device: torch.device, precision: str = "bf16") -> str:
+    """model.attn_impl -> the backend to use: ``auto`` picks flash_attn, torch_varlen, then flex (on CUDA; each one
+    passed over is said in the log, with why), sdpa on CPU."""
     if name == "auto":
-        return next(b for b in ("flash_attn", "torch_varlen", "flex", "sdpa") if available(b, device) is None)
-    reason = available(name, device)
+        for backend in BACKENDS:
+            reason = available(backend, device, precision)
+            if reason is None:
+                return backend
+            if device.type == "cuda":
+                log.info("attention: not %s: %s", backend, reason)
+        raise AssertionError("sdpa is always available")
+    reason = available(name, device, precision)
     if reason is not None:
         from sftdist.errors import ConfigError
 
