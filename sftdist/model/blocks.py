@@ -48,8 +48,20 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+# ... and the packed attention kernels, by name: their operators exist only once their library is loaded
+# (torch.nn.attention.varlen's custom op; ATen's flash and cuDNN kernels under it; flash-attn's own custom ops)
+_SAVE_NAMED = {
+    "torch_attn::_varlen_attn",
+    "aten::_flash_attention_forward",
+    "aten::_cudnn_attention_forward",
+    "flash_attn::_flash_attn_varlen_forward",
+    "flash_attn::_flash_attn_forward",
+}
+
+
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+    saved = op in _SAVE or getattr(op, "name", lambda: "")() in _SAVE_NAMED
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpoint_blocks(model: torch.nn.Module, mode: str) -> None:

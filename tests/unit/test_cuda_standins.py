@@ -193,3 +193,19 @@ def test_the_peak_table_knows_the_machines_of_the_day(monkeypatch, name, peak):
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_tflops(torch.device("cuda"), None) == peak
+
+
+def test_selective_checkpointing_keeps_the_packed_attention_kernels():
+    """Recomputing attention in backward costs as much as computing it: the varlen kernels are saved, by name."""
+    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from sftdist.model.blocks import _policy
+
+    for op in (
+        torch.ops.torch_attn._varlen_attn.default,
+        torch.ops.aten._flash_attention_forward.default,
+        torch.ops.aten.mm.default,
+    ):
+        assert _policy(None, op) == CheckpointPolicy.MUST_SAVE, op
+    assert _policy(None, torch.ops.aten.add.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
