@@ -26,7 +26,6 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,14 +43,18 @@ _REGISTERED = {
 }
 
 
-@dataclass
 class PackedAttention:
-    """What the backends read about one packed row; masks are built on first use and kept for every layer."""
+    """What the backends read about one packed row; masks are built on first use and kept for every layer.
 
-    cu_seqlens: torch.Tensor  # (N + 1,) int32: sample boundaries
-    max_seqlen: int
-    total: int  # tokens in the row
-    _cache: dict = field(default_factory=dict)
+    Not a dataclass on purpose: FSDP2 casts each wrapped block's inputs with ``_apply_to_tensors``, which rebuilds a
+    dataclass (and its cache dict) at every block, so each layer would build the masks again; an object of a plain
+    class is passed through as it is."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
+        self.cu_seqlens = cu_seqlens  # (N + 1,) int32: sample boundaries
+        self.max_seqlen = max_seqlen
+        self.total = total  # tokens in the row
+        self._cache: dict = {}
 
     def document_ids(self) -> torch.Tensor:  # (T,) the sample each token belongs to
         if "doc" not in self._cache:

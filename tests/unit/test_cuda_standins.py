@@ -209,3 +209,15 @@ def test_selective_checkpointing_keeps_the_packed_attention_kernels():
     ):
         assert _policy(None, op) == CheckpointPolicy.MUST_SAVE, op
     assert _policy(None, torch.ops.aten.add.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_the_packed_metadata_reaches_every_block_as_one_object():
+    """FSDP2 casts each wrapped block's inputs with torch.distributed.utils._apply_to_tensors (mixed precision): the
+    metadata must come through as the same object, its masks built once for all the layers."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    kwargs = packed_attention_kwargs(torch.tensor([0, 5, 8], dtype=torch.int32), 5, 8)
+    meta = kwargs["sftdist_packed"]
+    mask = meta.dense_mask(None)
+    cast = _apply_to_tensors(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, kwargs)
+    assert cast["sftdist_packed"] is meta and cast["sftdist_packed"].dense_mask(None) is mask
