@@ -437,7 +437,8 @@ class Trainer:
                 metrics[f"data/frac_{name}"] = counts[b] / self.cfg.train.global_batch_size
                 metrics[f"data/epoch_{name}"] = float(epochs[b])
         if self.peak_tflops:  # model FLOPs with attention from the actual document lengths
-            flops = self.dims.flops([len(s.input_ids) for s in samples])
+            head_tokens = sum(s.num_supervised for s in samples) if self.loss_impl == "chunked" else None
+            flops = self.dims.flops([len(s.input_ids) for s in samples], head_tokens)
             metrics["train/mfu"] = flops / (elapsed * self.strategy.world_size * self.peak_tflops * 1e12)
         if self.device.type == "cuda":
             metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

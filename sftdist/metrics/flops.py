@@ -42,6 +42,8 @@ class ModelDims:
     layers: int
     width: int  # query width (heads x head dim), usually the hidden size
     frozen_params: int = 0  # of N, those without a gradient (forward and input gradient only)
+    head_params: int = 0  # of N, the output head's (the chunked loss runs it on supervised positions only)
+    head_frozen: bool = False
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelDims:
@@ -52,17 +54,24 @@ class ModelDims:
         matmul = [p for p in model.parameters() if p is not embed or tied]
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head = output.weight if output is not None else None
         return cls(
             sum(map(parameter_numel, matmul)),
             config.num_hidden_layers,
             heads * head_dim,
             sum(parameter_numel(p) for p in matmul if not p.requires_grad),
+            parameter_numel(head) if head is not None else 0,
+            head is not None and not head.requires_grad,
         )
 
-    def flops(self, lengths: list[int]) -> float:
-        """Forward and backward FLOPs of training on documents of these lengths."""
-        per_token = 6 * self.matmul_params - 2 * self.frozen_params
-        return float(sum(per_token * n + 6 * self.layers * self.width * n * n for n in lengths))
+    def flops(self, lengths: list[int], head_tokens: int | None = None) -> float:
+        """Forward and backward FLOPs of training on documents of these lengths, the output head on ``head_tokens``
+        positions (default: every token; the chunked loss runs it on the supervised ones only)."""
+        head_frozen = self.head_params if self.head_frozen else 0
+        per_token = 6 * (self.matmul_params - self.head_params) - 2 * (self.frozen_params - head_frozen)
+        head = (4 if self.head_frozen else 6) * self.head_params
+        tokens = sum(lengths) if head_tokens is None else head_tokens
+        return float(sum(per_token * n + 6 * self.layers * self.width * n * n for n in lengths) + head * tokens)
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
