@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,18 +73,33 @@ def run(shape: str, strategy: str, nproc: int, args) -> dict:
             f"train.global_batch_size={samples * nproc}",
             f"output_dir={tmp}/run",
         ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=args.run_timeout)
-        except subprocess.TimeoutExpired:
+        returncode, stderr = run_group(cmd, tmp, args.run_timeout)
+        if returncode is None:
             return {"error": f"timed out after {args.run_timeout} s"}
-        if proc.returncode:
-            return {"error": _root_cause(proc.stderr)}
+        if returncode:
+            return {"error": _root_cause(stderr)}
         metrics = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()][2:]
         result = {"steps_measured": len(metrics)}
         for key in KEYS:
             if metrics and key in metrics[0]:
                 result[key.removeprefix("train/")] = round(statistics.median(m[key] for m in metrics), 4)
         return result
+
+
+def run_group(cmd: list[str], cwd: str, timeout: float | None) -> tuple[int | None, str]:
+    """(return code, stderr) of ``cmd`` in a process group of its own; past ``timeout`` the whole group is killed
+    (torchrun and its workers: killing torchrun alone leaves the workers on the GPU during the next run) and the
+    code is None."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, ""
 
 
 def main() -> None:
