@@ -97,7 +97,7 @@ def test_reading_never_runs_more_than_a_window_ahead_of_encoding(data_file, tmp_
     real_record_batch = pipeline.record_batch
 
     def record_batch(encoded, keep, texts):
-        written[0] += len(encoded["length"])  # records that reached encoding, this chunk's included
+        written[0] += len(encoded["status"])  # records that reached encoding, this chunk's included
         ahead.append(progresses[0].records - written[0])
         return real_record_batch(encoded, keep, texts)
 
