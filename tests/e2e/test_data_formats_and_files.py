@@ -297,7 +297,7 @@ def test_directories_leave_out_hidden_folders_and_metadata_and_refuse_mixed_spli
     assert [source_name(p) for p in ("data/train-*.parquet", "data/**/*.jsonl", "*.jsonl")] == ["train", "data", "data"]
 
 
-QWEN3 = SHARED / "chat_templates" / "qwen3.jinja"
+QWEN3 = TEST_DATA / "chat_templates" / "qwen3.jinja"
 
 
 def _qwen3():
@@ -308,7 +308,6 @@ def _qwen3():
     return tiny_tokenizer(specials, eos="<|im_end|>", template=QWEN3.read_text()), QWEN3.read_text()
 
 
-@pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")
 def test_reasoning_and_tool_call_parts_render_where_qwen3_puts_them(tmp_path):
     """A multi-turn reasoning + tool-use file in typed content parts (LLaMA-Factory's `value` spelling) on Qwen3's own
     template: nothing rejected, the samples of the same conversations written with `reasoning_content` and
@@ -370,7 +369,6 @@ def test_reasoning_and_tool_call_parts_render_where_qwen3_puts_them(tmp_path):
     assert "Thanks" not in trained and "What is" not in trained
 
 
-@pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")
 def test_qwen3_without_thinking_keeps_the_empty_think_block_in_the_prompt(tmp_path):
     """Answers without reasoning on Qwen3: by default the template inserts an empty think block in the answer, which
     data.empty_think says to train or (the default) keep as context; with

@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from helpers import SHARED, TEST_DATA, tiny_tokenizer
+from helpers import TEST_DATA, tiny_tokenizer
 from sftdist.config import DataConfig
 from sftdist.data.pipeline import prepare
 
@@ -69,10 +69,7 @@ BOS = {"mistral-instruct": "<s>", "llama-3-instruct": "<|begin_of_text|>"}
 
 
 def _template(file: str) -> str:
-    for folder in (TEST_DATA / "chat_templates", SHARED / "chat_templates"):
-        if (folder / f"{file}.jinja").is_file():
-            return (folder / f"{file}.jinja").read_text()
-    pytest.skip(f"{file}.jinja needs ../shared/chat_templates")
+    return (TEST_DATA / "chat_templates" / f"{file}.jinja").read_text()
 
 
 def _conversations() -> list[tuple[str, list[dict]]]:
@@ -201,10 +198,9 @@ def test_the_checker_fails_a_sample_that_trains_a_user_token_or_misses_a_turn():
         _check([([1, 2, 9, 4, 5], good[1])], [(prompt, target)])  # not the prompt tokenized alone
 
 
-QWEN3 = SHARED / "chat_templates" / "qwen3.jinja"
+QWEN3 = TEST_DATA / "chat_templates" / "qwen3.jinja"
 
 
-@pytest.mark.skipif(not QWEN3.is_file(), reason="needs ../shared/chat_templates")
 def test_split_records_stay_together_and_inspect_says_how_they_were_split(tmp_path):
     """Qwen3 on two-turn reasoning conversations: each record is two samples (rows in a row); the eval split and the
     source weights take a record's samples together; sftdist-inspect marks them and the audit counts what the split

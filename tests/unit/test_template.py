@@ -449,13 +449,11 @@ def test_glm_answers_end_on_the_header_that_follows_them_which_export_makes_a_st
     """GLM-4.5 writes no end-of-turn marker: the next header (<|user|>, or <|observation|> after a tool call) is the
     stop a server uses. It is trained at the end of each answer (after the last one too), and the export's stop
     tokens name both."""
-    from helpers import SHARED, tiny_tokenizer
+    from helpers import TEST_DATA, tiny_tokenizer
     from sftdist.data.template import bind_template
     from sftdist.export import stop_token_ids
 
-    if not (SHARED / "chat_templates" / "glm4moe.jinja").is_file():
-        pytest.skip("needs ../shared/chat_templates")
-    template = (SHARED / "chat_templates" / "glm4moe.jinja").read_text()
+    template = (TEST_DATA / "chat_templates" / "glm4moe.jinja").read_text()
     tokenizer = tiny_tokenizer(GLM_TOKENS, eos="<|endoftext|>", template=template)
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}
     messages = [
