@@ -85,6 +85,10 @@ def deepspeed_config(cfg: StrategyConfig, precision: str, max_grad_norm: float) 
         "gradient_accumulation_steps": 1,
         "gradient_clipping": max_grad_norm,
         "bf16": {"enabled": precision == "bf16"},
+        # The engine's forward runs under its own autocast setting: without this section it turns off the autocast
+        # sftdist's step opens around it (on CUDA; on CPU it does not see it), and the model computes in pure bf16
+        # where the other strategies compute under bf16 autocast (fp32 softmax, norms and loss)
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
         # Reduce and accumulate gradients in fp32 whatever the compute dtype (as fsdp2 does): DeepSpeed's
         # defaults would do both in bf16, losing precision with every micro-batch of a step.
         "communication_data_type": "fp32",

@@ -221,3 +221,83 @@ def test_the_packed_metadata_reaches_every_block_as_one_object():
     mask = meta.dense_mask(None)
     cast = _apply_to_tensors(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, kwargs)
     assert cast["sftdist_packed"] is meta and cast["sftdist_packed"].dense_mask(None) is mask
+
+
+def test_deepspeed_keeps_bf16_autocast_inside_its_engine_on_cuda(monkeypatch):
+    """DeepSpeed's own autocast_if_enabled, with the config sftdist generates, under an outer CUDA autocast (what
+    the step opens on a GPU): the engine's forward keeps autocast on, in bf16, instead of turning it off."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime import torch_autocast
+    from deepspeed.runtime.config import get_torch_autocast_dtype, get_torch_autocast_enabled
+
+    from sftdist.config import StrategyConfig
+    from sftdist.parallel.deepspeed import deepspeed_config
+
+    config = deepspeed_config(StrategyConfig(name="zero3"), "bf16", 1.0)
+
+    class Engine:
+        def torch_autocast_enabled(self):
+            return get_torch_autocast_enabled(config)
+
+        def torch_autocast_dtype(self):
+            return get_torch_autocast_dtype(config)
+
+    entered = []
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: True)  # (the step's, on CUDA)
+    monkeypatch.setattr(torch_autocast.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(
+        torch,
+        "autocast",
+        lambda device_type, dtype=None, enabled=True: (
+            entered.append((dtype, enabled)) or __import__("contextlib").nullcontext()
+        ),
+    )
+    with torch_autocast.autocast_if_enabled(Engine()):
+        pass
+    assert entered == [(torch.bfloat16, True)]
+    assert not get_torch_autocast_enabled(deepspeed_config(StrategyConfig(name="zero3"), "fp32", 1.0))
+
+
+def test_mfu_counts_the_output_head_where_the_chunked_loss_runs_it():
+    """train/mfu counts model FLOPs: under the chunked loss the head multiplies the supervised positions only."""
+    from sftdist.metrics.flops import ModelDims
+
+    dims = ModelDims(matmul_params=1000, layers=2, width=8, head_params=300)
+    attention = 6 * 2 * 8 * (100 * 100 + 50 * 50)
+    assert dims.flops([100, 50]) == 6 * 1000 * 150 + attention
+    assert dims.flops([100, 50], head_tokens=30) == 6 * 700 * 150 + 6 * 300 * 30 + attention
+
+
+def test_a_timed_out_benchmark_run_leaves_no_worker_behind(tmp_path):
+    """bench_distributed_gpu.py: past its timeout a run's whole process group goes (torchrun and its workers)."""
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_distributed_gpu import run_group
+
+    child = tmp_path / "child"
+    code, _ = run_group(["bash", "-c", f"sleep 60 & echo $! > {child}; wait"], str(tmp_path), 1.0)
+    assert code is None
+    status = Path(f"/proc/{int(child.read_text())}/status")
+    for _ in range(50):  # (killed, then reaped by init)
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    assert not status.exists() or "State:\tZ" in status.read_text()
+
+
+def test_the_trl_bench_measures_whether_documents_are_isolated():
+    """bench_vs_trl.py labels each TRL setting by measuring, not by the attention implementation's name: with
+    restarting position_ids and no mask, sdpa lets a packed document attend to the one before it."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_vs_trl import documents_isolated
+
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    assert documents_isolated(LlamaForCausalLM(config), torch.device("cpu")) is False
