@@ -29,6 +29,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -73,33 +75,55 @@ def run(shape: str, strategy: str, nproc: int, args) -> dict:
             f"train.global_batch_size={samples * nproc}",
             f"output_dir={tmp}/run",
         ]
-        returncode, stderr = run_group(cmd, tmp, args.run_timeout)
+        logged = Path(f"{tmp}/run/metrics.jsonl")
+
+        def measured() -> bool:  # (the last step logged: a line per step, train.log_every_steps=1)
+            return logged.is_file() and logged.read_text().count("\n") >= args.steps
+
+        returncode, stderr = run_group(cmd, tmp, args.run_timeout, measured)
         if returncode is None:
             return {"error": f"timed out after {args.run_timeout} s"}
         if returncode:
             return {"error": _root_cause(stderr)}
-        metrics = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()][2:]
-        result = {"steps_measured": len(metrics)}
+        metrics = [json.loads(line) for line in logged.read_text().splitlines()][2 : args.steps]
+        result = {"steps_measured": len(metrics), **_chosen(stderr)}
         for key in KEYS:
             if metrics and key in metrics[0]:
                 result[key.removeprefix("train/")] = round(statistics.median(m[key] for m in metrics), 4)
         return result
 
 
-def run_group(cmd: list[str], cwd: str, timeout: float | None) -> tuple[int | None, str]:
-    """(return code, stderr) of ``cmd`` in a process group of its own; past ``timeout`` the whole group is killed
-    (torchrun and its workers: killing torchrun alone leaves the workers on the GPU during the next run) and the
-    code is None."""
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-        return proc.returncode, stderr
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return None, ""
+def run_group(
+    cmd: list[str], cwd: str, timeout: float | None, done: Callable[[], bool] | None = None
+) -> tuple[int | None, str]:
+    """(return code, output: the log, then any traceback) of ``cmd`` in a process group of its own. Past
+    ``timeout`` the whole group is killed (torchrun and its workers: killing torchrun alone leaves the workers on
+    the GPU during the next run) and the code is None; once ``done()`` (the steps measured), it is killed too, with
+    code 0: what the run would do after them (export a 1B model's final/, gigabytes) is not measured, so not paid
+    for."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=err, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout if timeout else None
+        code: int | None = None
+        while True:
+            if proc.poll() is not None:
+                code = proc.returncode
+                break
+            finished = done is not None and done()
+            if finished or (deadline is not None and time.monotonic() > deadline):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = 0 if finished else None
+                break
+            time.sleep(0.5)
+        err.seek(0)
+        return code, err.read() if code is not None else ""
+
+
+def _chosen(stderr: str) -> dict[str, str]:
+    """The attention backend and loss implementation the run said it used (its start-up line)."""
+    found = re.search(r"attention (.+?), loss (.+)", stderr)
+    return {"attention": found.group(1), "loss_impl": found.group(2).strip()} if found else {}
 
 
 def main() -> None:

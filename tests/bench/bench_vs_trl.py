@@ -84,16 +84,17 @@ def build_records(path: Path, num: int, out: Path) -> Path:
     return out
 
 
-def random_llama_directory(shape: str, tokenizer_dir: str, out: Path, device: str) -> Path:
+def random_llama_directory(shape: str, tokenizer_dir: str, out: Path, device: str, vocab: int = 0) -> Path:
     """A randomly initialised Llama of ``SHAPES[shape]`` with the tokenizer (and chat template) of ``tokenizer_dir``,
-    saved in bf16; both trainers load it as fp32 master weights."""
+    saved in bf16; both trainers load it as fp32 master weights. ``vocab``: at least so many rows of embedding and
+    output head (a real model's 128k-token head, whose cost an SFT step pays, with a smaller tokenizer's ids)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     s = SHAPES[shape]
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), vocab),
         hidden_size=s["hidden_size"],
         num_hidden_layers=s["num_layers"],
         num_attention_heads=s["num_heads"],
@@ -151,12 +152,14 @@ def run_sftdist(args, model_dir: Path, data: Path, work: Path) -> dict:
             *args.sftdist_override,
         )
     )
-    train_samples = len(trainer.train_set)
+    train_samples, attention, loss_impl = len(trainer.train_set), trainer.attention, trainer.loss_impl
     fit_and_close(trainer)
     rows = read_metrics(out)
     tokens = [round(r["train/tokens_per_s"] * r["train/step_s"]) for r in rows]
     summary = {
         "setting": "packed",
+        "attention": attention,  # (the backend that ran, and the loss implementation)
+        "loss_impl": loss_impl,
         "micro_batch_tokens": args.micro_batch_tokens,
         "train_samples": train_samples,
         "samples_per_step": args.batch_size,
@@ -237,6 +240,7 @@ def run_trl(args, setting: str, model_dir: Path, data: Path, work: Path) -> dict
     summary = {
         "setting": setting,
         "attn_implementation": attn,
+        "loss_impl": "naive (TRL: the model's logits)",
         "documents_isolated": isolated,  # (measured, not assumed: see documents_isolated)
         "train_samples": len(pairs),
         "train_rows": len(trainer.train_dataset),  # packed rows, or the samples themselves
@@ -277,8 +281,8 @@ def model_directory(args, work: Path) -> tuple[Path, str]:
         tokenizer = str(work / "demo_tokenizer")
         load_demo_tokenizer().save_pretrained(tokenizer)
     shape = "1b" if args.model == "llama1b" else "tiny"
-    directory = random_llama_directory(shape, tokenizer, work / f"llama-{shape}", args.device)
-    return directory, f"random Llama, shape {shape}"
+    directory = random_llama_directory(shape, tokenizer, work / f"llama-{shape}", args.device, args.vocab)
+    return directory, f"random Llama, shape {shape}" + (f", vocabulary {args.vocab}" if args.vocab else "")
 
 
 def documents_isolated(model: Any, device: Any) -> bool:
@@ -317,6 +321,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="smollm2", help="llama1b/tiny: smollm2, demo or a tokenizer directory")
     parser.add_argument("--data", type=Path, default=GSM8K, help="alpaca-format records (default: GSM8K)")
     parser.add_argument("--records", type=int, default=512)
+    parser.add_argument(
+        "--vocab", type=int, default=0, help="llama1b/tiny: at least this vocabulary (128256: Llama-3's)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="measured steps, after the warm-up ones")
     parser.add_argument("--warmup", type=int, help="steps left out of the measure (default: 1 on cpu, 2 on cuda)")
     parser.add_argument("--batch-size", type=int, help="samples per optimizer step (default: 8 on cpu, 64 on cuda)")

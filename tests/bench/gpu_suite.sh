@@ -17,15 +17,19 @@
 # /tmp/site (on PYTHONPATH) as the device notes say, and sftdist itself there too (pip install --no-deps --target:
 # its kernels/ and conf/ install inside the package, which PYTHONPATH=. would not do).
 #
-# Steps, each with its own timeout (a failure or a timeout is logged, and the next step runs):
-#   install    the wheels and sftdist into /tmp/site                                 <= 60 s
-#   tests      pytest tests/gpu -q                                                   <= 90 s
-#   loss       tests/bench/bench_loss_layer.py --device cuda                          <= 100 s
-#   vs_trl     bench_vs_trl.py --device cuda --model llama1b, 2 + 4 steps            <= 120 s
-#   dist_1b    bench_distributed_gpu.py --shapes 1b, none/fsdp2/zero3 on 1 GPU       <= 75 s
-#   dist_8b    the same with --shapes 8b-4layers                                     <= 75 s
-# and no step starts past BUDGET (480 s) from the start. zero3 is reported as skipped where deepspeed does not
-# import; a run of bench_distributed_gpu.py that outlasts its --run-timeout is reported as such.
+# Steps, in the order of what matters, each with its own timeout (a failure or a timeout is logged, and the next step
+# runs; every JSON line a step printed is kept whatever comes after), limits adding up to BUDGET (480 s):
+#   install    the wheels and sftdist into /tmp/site; one line of versions (torch, CUDA, transformers, triton,
+#              deepspeed, flash-attn, trl)                                            <= 60 s
+#   vs_trl     sftdist's tokens/s and MFU on a ~1B Llama with a 128k-token head (Llama-3's vocabulary), bf16,
+#              packed 4096, on GSM8K rows, against TRL padded and packed (documents isolated or not, measured) in
+#              the same run; each line says the attention backend and loss that ran       <= 150 s
+#   loss       bench_loss_layer.py --device cuda: the 16k x 128k case first             <= 70 s
+#   tests      pytest tests/gpu -v: each test by name                                  <= 90 s
+#   dist       bench_distributed_gpu.py --shapes 1b, fsdp2 and zero3 on 1 GPU, each run stopped once its steps
+#              are measured (no export of the 1B model)                                 <= 110 s
+# and no step starts past BUDGET from the start. zero3 is reported as skipped where deepspeed does not import; a run
+# of bench_distributed_gpu.py that outlasts its --run-timeout is reported as such, its processes killed.
 #
 # Checking the plumbing without a GPU: every step in a tiny CPU configuration with the .venv (the wheels are not
 # installed, sftdist is, into a temporary --target; the GPU tests skip; bench_loss_layer.py only parses --help, its
@@ -37,6 +41,8 @@ cd "$(dirname "$0")/../.."
 DRY=${SFTDIST_GPU_SUITE_DRY:-0}
 OUT=${OUT:-./gpu_suite_out}
 BUDGET=${BUDGET:-480}
+# Each step's limit in seconds, in the order the steps run: they add up to BUDGET at most (a test checks it)
+STEPS=(install:60 vs_trl:150 loss:70 tests:90 dist:110)
 mkdir -p "$OUT"
 JSONL=$OUT/gpu_suite.jsonl
 LOG=$OUT/gpu_suite.log
@@ -52,11 +58,12 @@ export DRY PY SITE
 [[ -e build ]] && KEEP_BUILD=1 || KEEP_BUILD=0 # pip builds sftdist in-tree, into build/: removed after a dry run
 START=$SECONDS
 
-# step NAME MAX_SECONDS CMD...: CMD under timeout (at most what is left of the budget), its output into the log and
-# its JSON lines into the JSONL, then the step's own line: exit status, seconds, last line of output.
+# step NAME CMD...: CMD under timeout (its limit in STEPS, at most what is left of the budget), its output into the
+# log and its JSON lines into the JSONL, then the step's own line: exit status, seconds, last line of output.
 step() {
-  local name=$1 limit=$2 begin=$SECONDS rc=-1
-  shift 2
+  local name=$1 limit=0 begin=$SECONDS rc=-1 entry
+  shift
+  for entry in "${STEPS[@]}"; do [[ ${entry%%:*} == "$name" ]] && limit=${entry#*:}; done
   local left=$((BUDGET - (SECONDS - START)))
   ((limit > left)) && limit=$left
   : >"$OUT/step.log"
@@ -91,41 +98,63 @@ install_packages() {
   # PYTHONPATH: the carried setuptools builds sftdist (the image's may be older than 77, which refuses its license)
   PYTHONPATH=$SITE "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
     --upgrade --target "$SITE" . || return 1
-  PYTHONPATH=$SITE PYTHONSAFEPATH=1 "$PY" -c "import sftdist.conf, sftdist.kernels, sftdist.trainer, torch, transformers, datasets, trl
-print('sftdist from', sftdist.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available(),
-      '| transformers', transformers.__version__, '| trl', trl.__version__)"
+  PYTHONPATH=$SITE PYTHONSAFEPATH=1 "$PY" - <<'PYEOF'
+import importlib.metadata, json, sftdist.conf, sftdist.kernels, sftdist.trainer, torch
+
+def version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+row = {"bench": "gpu_suite", "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
+       "cuda_available": torch.cuda.is_available(), "sftdist_from": sftdist.__file__,
+       **{name: version(name) for name in ("transformers", "triton", "deepspeed", "flash-attn", "trl", "datasets")}}}
+print(json.dumps(row))
+PYEOF
 }
 export -f install_packages
 
-step install 60 bash -c install_packages
+step install bash -c install_packages
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 [[ $DRY == 1 ]] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 
-# PYTHONSAFEPATH: the repository root not on sys.path, so that the tests import the installed sftdist (with its
-# kernels/ and conf/), not the source folder.
-step tests 90 env PYTHONSAFEPATH=1 "$PY" -m pytest tests/gpu -q -p no:cacheprovider
+# PYTHONSAFEPATH: the repository root not on sys.path, so that the tests and benchmarks import the installed sftdist
+# (with its kernels/ and conf/), not the source folder.
+if [[ $DRY == 1 ]]; then # (the demo tokenizer and 16 demo conversations as alpaca records: no ../shared, no hub)
+  "$PY" - "$OUT/dry_data.json" <<'PYEOF'
+import json, sys
+from sftdist.data.demo import generate_demo_conversations
 
-if [[ -f tests/bench/bench_loss_layer.py && $DRY == 1 ]]; then # (its CPU case alone takes minutes on 2 cores)
-  step loss 60 "$PY" tests/bench/bench_loss_layer.py --help
-elif [[ -f tests/bench/bench_loss_layer.py ]]; then
-  step loss 100 "$PY" tests/bench/bench_loss_layer.py --device cuda
+records = []
+for r in generate_demo_conversations(16, seed=0):
+    user = next(m["content"] for m in r["messages"] if m["role"] == "user")
+    answer = next(m["content"] for m in r["messages"] if m["role"] == "assistant")
+    records.append({"instruction": user, "input": "", "output": answer})
+json.dump(records, open(sys.argv[1], "w"))
+PYEOF
+  step vs_trl "$PY" tests/bench/bench_vs_trl.py --device cpu --model tiny --tokenizer demo --steps 1 --warmup 1 \
+    --records 16 --data "$OUT/dry_data.json" --runs sftdist,trl_packed
 else
-  echo '{"bench": "gpu_suite", "step": "loss", "skipped": "tests/bench/bench_loss_layer.py is absent"}' |
-    tee -a "$LOG" >>"$JSONL"
+  step vs_trl "$PY" tests/bench/bench_vs_trl.py --device cuda --model llama1b --vocab 128256 --steps 4 \
+    --warmup 2 --records 512 --tokenizer .bench_data/smollm2-tokenizer --data .bench_data/gsm8k_train_alpaca.json \
+    --runs sftdist,trl_padded,trl_packed
 fi
 
-if [[ $DRY == 1 ]]; then
-  step vs_trl 300 "$PY" tests/bench/bench_vs_trl.py --device cpu --model tiny --steps 1 --records 32 \
-    --runs sftdist,trl_packed
-  step dist_tiny 300 "$PY" tests/bench/bench_distributed_gpu.py --device cpu --shapes tiny \
-    --strategies none,fsdp2,zero3 --nproc 1 --steps 3 --demo-size 200 --run-timeout 120
+if [[ $DRY == 1 ]]; then # (its CPU case alone takes minutes on 2 cores)
+  step loss "$PY" tests/bench/bench_loss_layer.py --help
 else
-  step vs_trl 120 "$PY" tests/bench/bench_vs_trl.py --device cuda --model llama1b --steps 4 --warmup 2 \
-    --records 512 --tokenizer .bench_data/smollm2-tokenizer --data .bench_data/gsm8k_train_alpaca.json
-  for shape in 1b 8b-4layers; do
-    step "dist_$shape" 75 "$PY" tests/bench/bench_distributed_gpu.py --shapes "$shape" \
-      --strategies none,fsdp2,zero3 --nproc 1 --steps 5 --demo-size 4000 --run-timeout 35
-  done
+  step loss "$PY" tests/bench/bench_loss_layer.py --device cuda
+fi
+
+step tests env PYTHONSAFEPATH=1 "$PY" -m pytest tests/gpu -v -p no:cacheprovider
+
+if [[ $DRY == 1 ]]; then
+  step dist "$PY" tests/bench/bench_distributed_gpu.py --device cpu --shapes tiny --strategies fsdp2 \
+    --nproc 1 --steps 3 --demo-size 200 --run-timeout 100
+else
+  step dist "$PY" tests/bench/bench_distributed_gpu.py --shapes 1b --strategies fsdp2,zero3 --nproc 1 \
+    --steps 5 --demo-size 4000 --run-timeout 50
 fi
 echo "=== done in $((SECONDS - START)) s; JSON lines in $JSONL" | tee -a "$LOG"
 if [[ $DRY == 1 ]]; then
