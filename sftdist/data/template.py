@@ -647,14 +647,14 @@ def label_many(backend: Any, rendered: list[Rendered], encodings: list[Any]) -> 
             staged.append({"samples": [sample], "adaptations": r.notes, "extra_context_tokens": 0})
         else:
             pending.append(len(staged))
-            staged.append([r, targets, None])
+            staged.append([r, targets, [last.ids]])  # (the earlier prompts to come, alone)
     prompt_encs = iter(
-        backend.encode_batch([t.prompt for k in pending for t in staged[k][0].turns], add_special_tokens=False)
+        backend.encode_batch([t.prompt for k in pending for t in staged[k][0].turns[:-1]], add_special_tokens=False)
         if pending
         else []
     )
     for k in pending:
-        staged[k][2] = [next(prompt_encs).ids for _ in staged[k][0].turns]
+        staged[k][2] = [next(prompt_encs).ids for _ in staged[k][0].turns[:-1]] + staged[k][2]
     results = []
     for s in staged:
         if type(s) is list:
