@@ -9,13 +9,21 @@ saved logits. Peak extra memory: one chunk's logits (C x V, fp32) plus the gradi
 V x H, the size of the inputs themselves).
 
 The chunk is ``N / ceil(V / H)`` tokens rounded up to a power of two (so a chunk's logits are about the size of
-the hidden states; Liger-Kernel's rule), but no fewer than a chunk whose logits hold 2**25 values (128 MiB in fp32):
-each chunk reads and writes the whole weight gradient, so many small chunks are slow (on a CPU, tiny chunks made the
-layer twice as slow as the plain path). At most ``N``.
+the hidden states; Liger-Kernel's rule), but no smaller than a floor, because each chunk reads and writes the whole
+fp32 weight gradient (V x H): the chunk's matrix products do ``6 C V H`` FLOPs for those ``8 V H`` bytes.
+- On a CPU the floor is a chunk whose logits hold 2**25 values (128 MiB in fp32): smaller chunks made the layer twice
+  as slow as the plain path.
+- On a GPU (about 300 FLOPs per byte of memory traffic on an H100) the floor is 4096 tokens (then the gradient's
+  traffic costs about a tenth of the products), unless the logits would then exceed 2**30 values (4 GiB in fp32).
+  At 16k x 128k that is 4 chunks, not 32.
+At most ``N``.
 
 Dtypes follow what autocast does to a plain ``linear`` then ``cross_entropy(logits.float())``: the matrix
 products run in ``compute_dtype`` (bf16 under autocast), the softmax and the loss in fp32, and the weight's
-gradient is summed over chunks in fp32.
+gradient is summed over chunks in fp32. Where torch can add a bf16 product into an fp32 tensor in one matrix
+multiply (``torch.addmm(..., out_dtype=torch.float32)``: CUDA, and only from the torch version that accepts an fp32
+``input`` there, found by trying it once per device type), the sum is done so. Otherwise each chunk's product is
+made in bf16, then cast and added: three more passes over a weight-sized tensor.
 
 :func:`linear_cross_entropy_reference` is the plain path, the one the chunked one is tested against.
 """
@@ -28,7 +36,10 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-MIN_CHUNK_LOGITS = 2**25  # a chunk's logits hold at least this many values (see the module's docstring)
+MIN_CHUNK_LOGITS = 2**25  # on a CPU, a chunk's logits hold at least this many values (see the module's docstring)
+MIN_CHUNK_TOKENS_GPU = 4096  # on a GPU, a chunk has at least this many tokens,
+MAX_FLOOR_LOGITS_GPU = 2**30  # unless its logits would then hold more than this many values
+_FUSED_ACCUMULATE: dict[str, bool] = {}  # device type -> whether addmm adds a bf16 product into fp32 in place
 
 
 def linear_cross_entropy_reference(
@@ -41,11 +52,34 @@ def linear_cross_entropy_reference(
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunk_size(num_tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk: a chunk's logits about the size of the hidden states, a power of two, at most all."""
+def chunk_size(num_tokens: int, vocab: int, hidden: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk: a chunk's logits about the size of the hidden states, a power of two, no smaller than the
+    device's floor, at most all."""
     size = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(num_tokens / math.ceil(vocab / hidden))))))
-    floor = 1 << max(0, int(math.log2(max(1, MIN_CHUNK_LOGITS // vocab))))
+    if device_type == "cpu":
+        floor = _power_of_two_below(MIN_CHUNK_LOGITS // vocab)
+    else:
+        floor = min(MIN_CHUNK_TOKENS_GPU, _power_of_two_below(MAX_FLOOR_LOGITS_GPU // vocab))
     return max(1, min(max(size, floor), num_tokens))
+
+
+def _power_of_two_below(n: int) -> int:
+    return 1 << max(0, int(math.log2(max(1, n))))
+
+
+def fused_accumulate(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` works here for an fp32 ``acc`` and bf16
+    ``a``, ``b``: tried once per device type (CUDA only, and only in the torch versions whose check lets ``input`` be
+    of ``out_dtype``)."""
+    if device.type not in _FUSED_ACCUMULATE:
+        acc = torch.ones(2, 2, device=device)
+        ones = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        try:
+            torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
+            _FUSED_ACCUMULATE[device.type] = bool((acc == 3).all())
+        except (RuntimeError, TypeError):  # NotImplementedError (no kernel) is a RuntimeError
+            _FUSED_ACCUMULATE[device.type] = False
+    return _FUSED_ACCUMULATE[device.type]
 
 
 def linear_cross_entropy(
@@ -68,7 +102,7 @@ def linear_cross_entropy(
             f"{tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(targets.shape)}"
         )
     dtype = compute_dtype or hidden.dtype
-    size = chunk or chunk_size(hidden.shape[0], weight.shape[0], weight.shape[1])
+    size = chunk or chunk_size(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.device.type)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, size)
     return _chunked(hidden, weight, targets, dtype, size, want_hidden=False, want_weight=False)[0]
@@ -81,6 +115,7 @@ def _chunked(hidden, weight, targets, dtype, size, want_hidden: bool, want_weigh
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if want_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+    fused = want_weight and dtype != torch.float32 and fused_accumulate(weight.device)
     for start in range(0, hidden.shape[0], size):
         h = hidden[start : start + size].to(dtype)
         t = targets[start : start + size]
@@ -99,8 +134,11 @@ def _chunked(hidden, weight, targets, dtype, size, want_hidden: bool, want_weigh
         grad_logits = grad_logits.mul_(keep[:, None]).to(dtype)
         if grad_hidden is not None:
             grad_hidden[start : start + size] = grad_logits @ w
+        # The sum over chunks in place where torch can (no weight-sized temporary per chunk)
         if grad_weight is not None and dtype == torch.float32:
-            grad_weight.addmm_(grad_logits.t(), h)  # in place: no weight-sized temporary per chunk
+            grad_weight.addmm_(grad_logits.t(), h)
+        elif grad_weight is not None and fused:
+            torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
         elif grad_weight is not None:
             grad_weight += (grad_logits.t() @ h).float()
     return total, grad_hidden, grad_weight

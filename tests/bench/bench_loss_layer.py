@@ -15,6 +15,11 @@ On CUDA, the third-party fused kernels are measured too where they are installed
 cut-cross-entropy``; tests/bench/gpu_wheels.sh fetches their wheels for the GPU machine), on the same supervised
 positions as ours: Liger-Kernel's ``liger_fused_linear_cross_entropy`` and Apple's cut-cross-entropy
 ``linear_cross_entropy`` (bf16 only). A variant that is not installed is reported as skipped.
+
+On CUDA two more variants of ours measure the choices the chunked loss makes there: ``chunked_cast_add`` sums the
+weight gradient over chunks through a bf16 product and a cast (what it does where torch's ``addmm`` cannot add into
+fp32), ``chunked_cpu_chunks`` takes the CPU's smaller chunks. Each chunked line says its ``chunks`` and whether the
+sum was ``fused``.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def _third_party() -> dict:
 def run_one(variant: str, device: str, tokens: int, vocab: int, hidden: int, dtype: str, supervised: float) -> dict:
     import torch
 
-    from sftdist.kernels.linear_cross_entropy import linear_cross_entropy
+    from sftdist.kernels import linear_cross_entropy as lce
     from sftdist.loss import cross_entropy_sum
 
     torch.manual_seed(0)
@@ -88,9 +93,18 @@ def run_one(variant: str, device: str, tokens: int, vocab: int, hidden: int, dty
         hidden_states.grad = weight.grad = None
         return float(loss.detach())
 
-    third_party = {"chunked": linear_cross_entropy, **_third_party()}
+    supervised_tokens = index.numel()
+    chunk = lce.chunk_size(supervised_tokens, vocab, hidden, "cpu" if variant == "chunked_cpu_chunks" else device)
+    if variant == "chunked_cast_add":
+        lce._FUSED_ACCUMULATE[device] = False
+    ours = lambda h, w, t, dtype: lce.linear_cross_entropy(h, w, t, dtype, chunk=chunk)  # noqa: E731
+    third_party = {v: ours for v in ("chunked", "chunked_cast_add", "chunked_cpu_chunks")} | _third_party()
     if variant != "naive" and variant not in third_party:
         return {"skipped": f"{variant} is not installed"}
+    what = {}
+    if variant.startswith("chunked"):
+        fused = compute != torch.float32 and lce.fused_accumulate(torch.device(device))
+        what = {"chunks": -(-supervised_tokens // chunk), "fused": fused}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     loss = layer()  # warm-up (and the allocator's first growth)
     times = []
@@ -110,7 +124,7 @@ def run_one(variant: str, device: str, tokens: int, vocab: int, hidden: int, dty
         before = _status("VmRSS")
         layer()
         peak = _status("VmHWM") - before
-    return {"loss": loss, "seconds": statistics.median(times), "peak_bytes": peak}
+    return {"loss": loss, "seconds": statistics.median(times), "peak_bytes": peak, **what}
 
 
 def main() -> None:
@@ -126,7 +140,9 @@ def main() -> None:
     cases = ["cpu"] if args.device == "cpu" else ["cuda", "cpu"]  # (on a GPU, the case that matters first)
     for case in cases:
         results = {}
-        variants = ("naive", "chunked", "liger", "cce") if args.device == "cuda" else ("naive", "chunked")
+        variants = ["naive", "chunked"]
+        if args.device == "cuda":
+            variants += (["chunked_cast_add", "chunked_cpu_chunks"] if case == "cuda" else []) + ["liger", "cce"]
         for variant in variants:
             # Each variant in its own process: one that fails (a peer library's error of any kind, out of memory)
             # is a line that says so, and the others still run

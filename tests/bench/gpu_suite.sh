@@ -24,7 +24,8 @@
 #   vs_trl     sftdist's tokens/s and MFU on a ~1B Llama with a 128k-token head (Llama-3's vocabulary), bf16,
 #              packed 4096, on GSM8K rows, against TRL padded and packed (documents isolated or not, measured) in
 #              the same run; each line says the attention backend and loss that ran       <= 150 s
-#   loss       bench_loss_layer.py --device cuda: the 16k x 128k case first             <= 70 s
+#   loss       bench_loss_layer.py --device cuda: the 16k x 128k case first, ours as it runs, then with
+#              the CPU's chunks and the bf16 cast-and-add sum, then Liger-Kernel and CCE  <= 70 s
 #   tests      pytest tests/gpu -v: each test by name                                  <= 90 s
 #   dist       bench_distributed_gpu.py --shapes 1b, fsdp2 and zero3 on 1 GPU, each run stopped once its steps
 #              are measured (no export of the 1B model)                                 <= 110 s

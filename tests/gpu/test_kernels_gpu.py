@@ -11,8 +11,9 @@ from sftdist.kernels.linear_cross_entropy import linear_cross_entropy, linear_cr
 from sftdist.trainer import Trainer
 
 
+@pytest.mark.parametrize("chunk", [None, 256])  # (None: one chunk of 2048 tokens on a GPU; 256: eight, summed)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_equals_the_plain_path_on_cuda(dtype):
+def test_chunked_equals_the_plain_path_on_cuda(dtype, chunk):
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(2048, 512, device="cuda", generator=g).requires_grad_()
     w = (torch.randn(128256, 512, device="cuda", generator=g) / 512**0.5).requires_grad_()
@@ -22,7 +23,7 @@ def test_chunked_equals_the_plain_path_on_cuda(dtype):
     grads_exact = torch.autograd.grad(exact, (h, w))
     plain = linear_cross_entropy_reference(h, w, t, dtype)
     grads_plain = torch.autograd.grad(plain, (h, w))
-    chunked = linear_cross_entropy(h, w, t, dtype)
+    chunked = linear_cross_entropy(h, w, t, dtype, chunk=chunk)
     grads_chunked = torch.autograd.grad(chunked, (h, w))
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
     assert rel(chunked, exact) <= max(2 * rel(plain, exact), 1e-6)

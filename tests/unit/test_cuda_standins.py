@@ -1,8 +1,9 @@
 """The CUDA-only calls, checked on CPU against stand-ins with the exact signatures and input checks of the real
 functions on the GPU machine (torch 2.11's ``torch.nn.attention.varlen.varlen_attn``; flash-attn 2.8's
-``flash_attn_varlen_func``): q, k, v of one dtype, fp16 or bf16, (T, H, D), int32 boundaries, key/value heads
-dividing the query heads. Each stand-in computes per-document causal attention, so the packed backends' results are
-compared with the sdpa reference too. The next API drift fails here, not in the GPU minutes."""
+``flash_attn_varlen_func``; CUDA's ``torch.addmm(..., out_dtype=...)``): q, k, v of one dtype, fp16 or bf16,
+(T, H, D), int32 boundaries, key/value heads dividing the query heads. Each stand-in computes per-document causal
+attention, so the packed backends' results are compared with the sdpa reference too. The next API drift fails here,
+not in the GPU minutes."""
 
 from __future__ import annotations
 
@@ -301,3 +302,56 @@ def test_the_trl_bench_measures_whether_documents_are_isolated():
                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
     torch.manual_seed(0)
     assert documents_isolated(LlamaForCausalLM(config), torch.device("cpu")) is False
+
+
+def _addmm_stand_in(real, input_may_be_out_dtype: bool):
+    """CUDA's ``addmm`` with ``out_dtype``: fp16/bf16 products summed in fp32. torch's check on ``input``: one of
+    out_dtype or the products' dtype in newer versions, the products' dtype only in older ones."""
+
+    def addmm(input, mat1, mat2, out_dtype=None, *, beta=1, alpha=1, out=None):
+        if out_dtype is None:
+            return real(input, mat1, mat2, beta=beta, alpha=alpha, out=out)
+        if mat1.dtype != mat2.dtype:
+            raise RuntimeError("mat1 and mat2 must have the same dtype")
+        low = (torch.float16, torch.bfloat16)
+        if not (out_dtype == mat1.dtype or (out_dtype == torch.float32 and mat1.dtype in low)):
+            raise RuntimeError("out_dtype must be the same as input dtype or fp32 for fp16/bf16 inputs")
+        if out is not None and out.dtype != out_dtype:
+            raise RuntimeError("out_dtype must be the same as the dtype of the provided out tensor")
+        if input.dtype != mat1.dtype and not (input_may_be_out_dtype and input.dtype == out_dtype):
+            raise RuntimeError("self and mat2 must have the same dtype")
+        result = beta * input.to(out_dtype) + alpha * (mat1.double() @ mat2.double()).to(out_dtype)
+        return result if out is None else out.copy_(result)
+
+    return addmm
+
+
+@pytest.mark.parametrize("newer_torch", [True, False])
+def test_the_chunked_loss_sums_its_weight_gradient_in_one_fp32_matmul_where_torch_can(monkeypatch, newer_torch):
+    """kernels/linear_cross_entropy.py under bf16: with an addmm that takes an fp32 input and out_dtype (CUDA, newer
+    torch) each chunk's product goes straight into the fp32 gradient; where it refuses (older torch, CPU), the product
+    is made in bf16 and added. Either way the gradient is that of the plain bf16 path, or closer to the exact one."""
+    from sftdist.kernels import linear_cross_entropy as lce
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(96, 32, generator=g).requires_grad_()
+    w = (torch.randn(300, 32, generator=g) / 32**0.5).requires_grad_()
+    targets = torch.randint(0, 300, (96,), generator=g)
+    targets[:20] = -100
+    monkeypatch.setattr(lce, "_FUSED_ACCUMULATE", {})
+    assert not lce.fused_accumulate(torch.device("cpu"))  # CPU has no such kernel
+    unfused = torch.autograd.grad(lce.linear_cross_entropy(h, w, targets, torch.bfloat16, chunk=16), (h, w))
+
+    monkeypatch.setattr(lce, "_FUSED_ACCUMULATE", {})
+    monkeypatch.setattr(torch, "addmm", _addmm_stand_in(torch.addmm, newer_torch))
+    assert lce.fused_accumulate(torch.device("cpu")) is newer_torch
+    grads = torch.autograd.grad(lce.linear_cross_entropy(h, w, targets, torch.bfloat16, chunk=16), (h, w))
+    exact = torch.autograd.grad(lce.linear_cross_entropy_reference(h.double(), w.double(), targets), (h, w))
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+    assert grads[0].dtype == grads[1].dtype == torch.float32
+    torch.testing.assert_close(grads[0], unfused[0])  # the hidden states' gradient takes no sum over chunks
+    if newer_torch:
+        assert rel(grads[1], exact[1]) <= rel(unfused[1], exact[1])
+        assert not torch.equal(grads[1], unfused[1])  # (the fused sum did run)
+    else:
+        assert torch.equal(grads[1], unfused[1])

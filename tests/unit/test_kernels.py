@@ -72,6 +72,11 @@ def test_chunk_sizes():
     assert chunk_size(16384, 128256, 4096) == 512  # 16k tokens, Llama 3's vocabulary: logits about the hidden size
     assert chunk_size(4096, 49152, 576) == 512  # no smaller than 2**25 logits: each chunk rewrites the weight gradient
     assert chunk_size(3, 100000, 8) == 3 and chunk_size(5, 10, 100) == 5 and chunk_size(0, 10, 10) == 1
+    # On a GPU each chunk's products must outweigh its pass over the fp32 weight gradient: 4096 tokens at least
+    assert chunk_size(16384, 128256, 4096, "cuda") == 4096  # 4 chunks, not 32
+    assert chunk_size(8192, 262144, 4096, "cuda") == 4096  # (Gemma's vocabulary: 2**30 logits)
+    assert chunk_size(8192, 2**20, 4096, "cuda") == 1024  # no more than 2**30 logits for the floor's sake
+    assert chunk_size(2**20, 128256, 4096, "cuda") == 2**15 and chunk_size(100, 128256, 4096, "cuda") == 100
     with pytest.raises(ValueError, match=r"hidden \(N, H\), weight \(V, H\) and targets \(N,\)"):
         linear_cross_entropy(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(4, dtype=torch.long))
 
