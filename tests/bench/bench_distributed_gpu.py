@@ -1,11 +1,14 @@
 """GPU throughput of Llama-shaped models per strategy (none, fsdp2, zero3): tokens/s, MFU and peak memory.
 
     python tests/bench/bench_distributed_gpu.py [--shapes 1b,8b-4layers] [--strategies none,fsdp2,zero3]
-        [--nproc N] [--steps 12]
+        [--nproc N] [--steps 12] [--model-dir DIR] [--data FILE]
 
 One torchrun per shape and strategy, ``--nproc`` processes (default: one per visible GPU; ``none`` always runs
 one), bf16, packed 4096-token micro-batches, the attention sftdist picks (flash-attn when installed, else torch
-varlen), the demo conversations (``--demo-size`` of them) as data, 256 samples per step per process. Shapes:
+varlen), 256 samples per step per process. Data: the records of ``--data`` (alpaca format, e.g. GSM8K) or else the
+demo conversations (``--demo-size`` of them). Model: ``--model-dir``, a Hugging Face model directory (gpu_suite.sh
+passes the ~1B Llama with a 128k-token head that bench_vs_trl.py built and kept: a real SFT head and real rows,
+where the shapes below have the demo tokenizer's 503 tokens), or else one of the shapes:
 
 - ``1b``: the demo's Llama shape scaled up to TinyLlama-1.1B's: hidden 2048, 22 layers, 32 heads (4 KV heads),
   MLP 5632, about 0.97B parameters without embeddings (the vocabulary is the demo tokenizer's);
@@ -56,7 +59,12 @@ def _root_cause(stderr: str) -> str:
 
 def run(shape: str, strategy: str, nproc: int, args) -> dict:
     settings, samples = RUN[args.device]
-    model = [f"model.{key}={value}" for key, value in SHAPES[shape].items()]
+    if args.model_dir:
+        model = [f"model.name_or_path={args.model_dir.resolve()}"]
+    else:
+        model = [f"model.{key}={value}" for key, value in SHAPES[shape].items()]
+        model.append("model.max_position_embeddings=4096")
+    data = [f"data.path={args.data.resolve()}"] if args.data else [f"data.demo_size={args.demo_size}"]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             str(BIN / "torchrun"),
@@ -65,11 +73,10 @@ def run(shape: str, strategy: str, nproc: int, args) -> dict:
             "-m",
             "sftdist.train",
             *model,
-            "model.max_position_embeddings=4096",
             *settings,
             *COMMON,
             f"device={args.device}",
-            f"data.demo_size={args.demo_size}",
+            *data,
             f"strategy={strategy}",
             f"train.max_steps={args.steps}",
             f"train.global_batch_size={samples * nproc}",
@@ -126,6 +133,14 @@ def _chosen(stderr: str) -> dict[str, str]:
     return {"attention": found.group(1), "loss_impl": found.group(2).strip()} if found else {}
 
 
+def _described(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text())
+    return (
+        f"{model_dir.name}: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+        f"vocabulary {config['vocab_size']}"
+    )
+
+
 def main() -> None:
     import torch
 
@@ -135,6 +150,8 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, help="processes per run (default: one per visible GPU)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run, the first two not measured")
     parser.add_argument("--demo-size", type=int, default=20000, help="demo conversations generated as data")
+    parser.add_argument("--data", type=Path, help="alpaca-format records as data instead of demo conversations")
+    parser.add_argument("--model-dir", type=Path, help="a Hugging Face model directory instead of --shapes")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a plumbing check only")
     parser.add_argument("--run-timeout", type=float, help="seconds one run may take before it is reported as such")
     args = parser.parse_args()
@@ -142,7 +159,7 @@ def main() -> None:
     if args.device == "cuda" and not gpus:
         raise SystemExit("needs a CUDA device")
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    for shape in args.shapes.split(","):
+    for shape in [_described(args.model_dir)] if args.model_dir else args.shapes.split(","):
         for strategy in args.strategies.split(","):
             nproc = 1 if strategy == "none" else args.nproc or gpus or 1
             row = {"bench": "distributed_gpu", "device": device_name, "shape": shape, "strategy": strategy}

@@ -281,7 +281,8 @@ def model_directory(args, work: Path) -> tuple[Path, str]:
         tokenizer = str(work / "demo_tokenizer")
         load_demo_tokenizer().save_pretrained(tokenizer)
     shape = "1b" if args.model == "llama1b" else "tiny"
-    directory = random_llama_directory(shape, tokenizer, work / f"llama-{shape}", args.device, args.vocab)
+    out = args.keep_model or work / f"llama-{shape}"
+    directory = random_llama_directory(shape, tokenizer, out, args.device, args.vocab)
     return directory, f"random Llama, shape {shape}" + (f", vocabulary {args.vocab}" if args.vocab else "")
 
 
@@ -323,6 +324,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=512)
     parser.add_argument(
         "--vocab", type=int, default=0, help="llama1b/tiny: at least this vocabulary (128256: Llama-3's)"
+    )
+    parser.add_argument(
+        "--keep-model", type=Path, help="llama1b/tiny: write the random model here and keep it (for another bench)"
     )
     parser.add_argument("--steps", type=int, default=20, help="measured steps, after the warm-up ones")
     parser.add_argument("--warmup", type=int, help="steps left out of the measure (default: 1 on cpu, 2 on cuda)")

@@ -27,8 +27,9 @@
 #   loss       bench_loss_layer.py --device cuda: the 16k x 128k case first, ours as it runs, then with
 #              the CPU's chunks and the bf16 cast-and-add sum, then Liger-Kernel and CCE  <= 70 s
 #   tests      pytest tests/gpu -v: each test by name                                  <= 90 s
-#   dist       bench_distributed_gpu.py --shapes 1b, fsdp2 and zero3 on 1 GPU, each run stopped once its steps
-#              are measured (no export of the 1B model)                                 <= 110 s
+#   dist       bench_distributed_gpu.py, fsdp2 and zero3 on 1 GPU, on the model vs_trl built and kept (its
+#              128k head) and the same GSM8K rows (the demo's 1b shape and data if vs_trl did not get that far),
+#              each run stopped once its steps are measured (no export of the 1B model)  <= 110 s
 # and no step starts past BUDGET from the start. zero3 is reported as skipped where deepspeed does not import; a run
 # of bench_distributed_gpu.py that outlasts its --run-timeout is reported as such, its processes killed.
 #
@@ -135,12 +136,14 @@ for r in generate_demo_conversations(16, seed=0):
     records.append({"instruction": user, "input": "", "output": answer})
 json.dump(records, open(sys.argv[1], "w"))
 PYEOF
+  DATA=$OUT/dry_data.json
   step vs_trl "$PY" tests/bench/bench_vs_trl.py --device cpu --model tiny --tokenizer demo --steps 1 --warmup 1 \
-    --records 16 --data "$OUT/dry_data.json" --runs sftdist,trl_packed
+    --records 16 --data "$DATA" --runs sftdist,trl_packed --keep-model "$OUT/model"
 else
+  DATA=.bench_data/gsm8k_train_alpaca.json
   step vs_trl "$PY" tests/bench/bench_vs_trl.py --device cuda --model llama1b --vocab 128256 --steps 4 \
-    --warmup 2 --records 512 --tokenizer .bench_data/smollm2-tokenizer --data .bench_data/gsm8k_train_alpaca.json \
-    --runs sftdist,trl_padded,trl_packed
+    --warmup 2 --records 512 --tokenizer .bench_data/smollm2-tokenizer --data "$DATA" \
+    --runs sftdist,trl_padded,trl_packed --keep-model "$OUT/model"
 fi
 
 if [[ $DRY == 1 ]]; then # (its CPU case alone takes minutes on 2 cores)
@@ -151,13 +154,16 @@ fi
 
 step tests env PYTHONSAFEPATH=1 "$PY" -m pytest tests/gpu -v -p no:cacheprovider
 
+# The model vs_trl built and kept, on the same records; the demo shape and data where it did not get that far
+[[ -f $OUT/model/config.json ]] && MODEL=(--model-dir "$OUT/model" --data "$DATA") || MODEL=()
 if [[ $DRY == 1 ]]; then
   step dist "$PY" tests/bench/bench_distributed_gpu.py --device cpu --shapes tiny --strategies fsdp2 \
-    --nproc 1 --steps 3 --demo-size 200 --run-timeout 100
+    --nproc 1 --steps 3 --demo-size 200 --run-timeout 100 "${MODEL[@]}"
 else
   step dist "$PY" tests/bench/bench_distributed_gpu.py --shapes 1b --strategies fsdp2,zero3 --nproc 1 \
-    --steps 5 --demo-size 4000 --run-timeout 50
+    --steps 5 --demo-size 4000 --run-timeout 50 "${MODEL[@]}"
 fi
+rm -rf "$OUT/model" # (gigabytes: not to come back with $OUT)
 echo "=== done in $((SECONDS - START)) s; JSON lines in $JSONL" | tee -a "$LOG"
 if [[ $DRY == 1 ]]; then
   rm -rf "$SITE"

@@ -54,3 +54,5 @@ def test_the_dry_run_takes_every_step_in_order_and_passes(tmp_path):
         assert "No module named 'trl'" in theirs["error"]
     dist = next(r for r in rows if r.get("bench") == "distributed_gpu")
     assert "error" not in dist and dist["attention"] == "sdpa", dist
+    assert dist["shape"] == "model: 2 layers, hidden 64, vocabulary 503"  # (the model vs_trl built, then removed)
+    assert not (out / "model").exists()
