@@ -4,8 +4,8 @@
         state/              model and optimizer, sharded: every rank writes its own part, in its strategy's format
                             (torch.distributed.checkpoint for none/ddp/fsdp2, DeepSpeed's own for zero3)
         rng/rank_R.json     each rank's RNG states: python, numpy, torch CPU and CUDA
-        trainer_state.json  the step, the sampler position, the LR, the curriculum state, the W&B run id, the strategy
-                            and world size, the resolved config, and the run's identity (see sftdist.resume)
+        trainer_state.json  TrainerState: the step, the strategy and world size, the run's identity (see
+                            sftdist.resume), the resolved config, the W&B run id, the curriculum's report
         hf/                 what an export needs besides the weights: config, generation config with the stop tokens,
                             tokenizer with its chat template, sftdist_training.json
         curriculum_buckets.npy  with a curriculum: the difficulty bucket of every sample (a resume never recomputes)
@@ -19,6 +19,7 @@ newer one is complete, so the one a run resumed from survives until there is a b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from sftdist.errors import InputError
+from sftdist.layout import CHECKPOINTS_DIR
 from sftdist.parallel import Strategy
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,28 @@ class CheckpointError(InputError):
     """A checkpoint that cannot be used: the message names it and says why."""
 
 
+@dataclass
+class TrainerState:
+    """trainer_state.json: what a resume and ``sftdist-export`` read of a checkpoint (rank 0 writes it)."""
+
+    step: int
+    world_size: int
+    strategy: dict[str, str]  # {"name", "format"}: which strategies can load the state/ folder
+    identity: dict[str, Any]  # what makes it this run (sftdist.resume.run_identity)
+    config: dict[str, Any]  # the resolved config, flattened (sftdist.resume.flat_config)
+    wandb_run_id: str | None = None  # the W&B run that a resume in the same output_dir continues
+    curriculum: dict[str, Any] | None = None  # {"name", "report"}; the buckets themselves are CURRICULUM_FILE
+    sftdist_version: str = ""
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> TrainerState:
+        """The state of ``checkpoint`` (files of earlier versions also hold ``lr`` and ``sampler``, never read)."""
+        raw = json.loads((checkpoint / STATE_FILE).read_text())
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS_DIR
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -62,16 +85,16 @@ def step_dir(root: Path, step: int) -> Path:
 
 def save_checkpoint(
     root: Path,
-    step: int,
     strategy: Strategy,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
+    trainer_state: TrainerState,
     write_main_files: Callable[[Path], list[Path]],
     keep: int,
 ) -> Path:
     """Write ``root/step_<step>`` atomically (a collective: every rank calls it), then prune (:func:`prune`).
     Returns the checkpoint's path. A failure on any rank stops every rank with an error, none left waiting."""
+    step = trainer_state.step
     tmp, final = root / f".tmp-step_{step}", step_dir(root, step)
 
     def prepare() -> None:
@@ -82,7 +105,7 @@ def save_checkpoint(
         written = strategy.save_state(model, optimizer, tmp / STATE_DIR)  # what DCP writes, it has fsynced
         _write_json(tmp / "rng" / f"rank_{strategy.rank}.json", capture_rng())
         if strategy.is_main:
-            _write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "world_size": strategy.world_size})
+            _write_json(tmp / STATE_FILE, dataclasses.asdict(trainer_state))
             written += write_main_files(tmp)
         for path in written:
             _fsync(path)
@@ -248,11 +271,14 @@ def resolve_resume(resume: str, output_dir: str | Path, key: str = "resume") -> 
     )
 
 
-def read_trainer_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / STATE_FILE).read_text())
-
-
 # ---- loading -------------------------------------------------------------------------------------------------------
+
+
+def read_curriculum(checkpoint: Path | None, state: TrainerState | None) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The curriculum buckets of every sample and their report, as ``checkpoint`` keeps them (None: no checkpoint)."""
+    if checkpoint is None or state is None:
+        return None
+    return np.load(checkpoint / CURRICULUM_FILE, allow_pickle=False), state.curriculum["report"]
 
 
 def load_checkpoint(path: Path, strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -271,7 +297,7 @@ def load_checkpoint(path: Path, strategy: Strategy, model: torch.nn.Module, opti
     for group, saved in zip(optimizer.param_groups, hyperparameters):
         group.update(saved)
     rng = path / "rng" / f"rank_{strategy.rank}.json"
-    if read_trainer_state(path)["world_size"] == strategy.world_size and rng.is_file():
+    if TrainerState.read(path).world_size == strategy.world_size and rng.is_file():
         restore_rng(json.loads(rng.read_text()))
     else:  # the sample stream does not depend on them; only dropout would draw differently
         log.info("checkpoint: written on another number of processes; RNG states start from the seed")

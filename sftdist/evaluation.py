@@ -123,6 +123,15 @@ class Evaluator:
         self.prompts = [_prompt_ids(probe, ct, tokenizer) for probe in probes]
         self.opened = [opened_think(tokenizer.decode(prompt)) for prompt in self.prompts]
 
+    def due(self, done_steps: int) -> bool:
+        """Whether to evaluate after ``done_steps`` steps: every ``eval.every_steps``, and after the last."""
+        every = self.cfg.eval.every_steps
+        return bool(every) and (done_steps % every == 0 or done_steps == self.cfg.train.max_steps)
+
+    def due_before_training(self, start_step: int) -> bool:
+        """Whether to evaluate the model as it starts (``eval.before_training``, a run not resumed)."""
+        return bool(self.cfg.eval.every_steps) and self.cfg.eval.before_training and start_step == 0
+
     def losses(self, loss_sums: LossSums, all_sum: Callable[[list[float]], list[float]]) -> dict[str, float]:
         """``eval/loss`` and its breakdowns: each held-out sample is scored once, in the part of its (source,
         bucket), and the parts are added up per metric (one all-reduce for all of them)."""

@@ -252,17 +252,17 @@ def export_checkpoint(
     """``sftdist-export``: a checkpoint (or a run directory's newest complete one) -> a Hugging Face directory; a
     LoRA run's: the adapter, and the merged model in ``<out_dir>_merged`` (unless ``merged`` is false, or the run
     set ``model.lora.merged_export=false``)."""
-    from sftdist.checkpoint import HF_DIR, STATE_DIR, read_trainer_state, resolve_resume
+    from sftdist.checkpoint import HF_DIR, STATE_DIR, TrainerState, resolve_resume
     from sftdist.parallel import full_model_state_dict
 
     path = resolve_resume(str(checkpoint), checkpoint, key="checkpoint")
-    state = read_trainer_state(path)
+    state = TrainerState.read(path)
     try:
-        weights = full_model_state_dict(path / STATE_DIR, state["strategy"]["format"])
+        weights = full_model_state_dict(path / STATE_DIR, state.strategy["format"])
     except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as err:
         raise ExportError(f"{path}: cannot read its weights ({type(err).__name__}: {str(err)[:300]})") from err
-    log.info("%s: step %d, %d tensors (%s)", path, state["step"], len(weights), state["strategy"]["format"])
-    cfg, seed = _model_config(state["config"])
+    log.info("%s: step %d, %d tensors (%s)", path, state.step, len(weights), state.strategy["format"])
+    cfg, seed = _model_config(state.config)
     if not cfg.lora.enabled:
         return export_hf(path / HF_DIR, weights, out_dir, max_shard_size, trust_remote_code)
     from transformers import AutoTokenizer
@@ -289,7 +289,7 @@ def _check_base(path: Path, state: dict[str, Any], cfg: ModelConfig, seed: int) 
         current = model_identity(cfg, seed)
     except FileNotFoundError as err:
         raise ExportError(f"{path}: its base model is not where it was trained ({err})") from err
-    if state["identity"].get(BASE_MODEL) != current:
+    if state.identity.get(BASE_MODEL) != current:
         raise ExportError(
             f"{path}: the base model's files (model.name_or_path={cfg.name_or_path!r}) changed since this adapter was "
             "trained, so the merge would not be the trained model; export the adapter alone (--no-merged)"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sftdist.cli import hydra_main
 from sftdist.config import SFTConfig
+from sftdist.layout import DATA_REPORT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def prepare_to_dir(cfg: SFTConfig) -> Path:
         log.warning("stopped: %d finished shards kept in %s; the same command continues from them", done, partial)
         raise SystemExit(130) from None
     tokenizer.save_pretrained(str(out / "tokenizer"))
-    (out / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / DATA_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     log.info(
         "prepared %d of %d records (%d tokens, %d trained) into %s; rejected %s; filtered %s",
         report["records_used"],

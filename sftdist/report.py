@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.errors import InputError
+from sftdist.layout import DATA_REPORT_FILE, METRICS_FILE, PROBES_FILE
 
 # (file, title, y label, [(metric key, label, style)]); "eval/*/loss" stands for every extra eval set.
 LOSS = [("train/loss", "train", "-"), ("eval/loss", "eval (held out)", "o-"), ("eval/*/loss", "eval: {name}", "s--")]
@@ -66,7 +67,7 @@ class Run:
 
 def load_run(directory: str | Path) -> Run:
     directory = Path(directory)
-    metrics = directory / "metrics.jsonl"
+    metrics = directory / METRICS_FILE
     if not metrics.is_file():
         raise InputError(f"{directory}: no metrics.jsonl (not an sftdist run directory)")
     by_step: dict[int, dict[str, Any]] = {}
@@ -74,7 +75,7 @@ def load_run(directory: str | Path) -> Run:
         by_step[row["step"]] = {**by_step.get(row["step"], {}), **row}
     if not by_step:
         raise InputError(f"{metrics}: no logged step yet")
-    probes_file, report_file = directory / "probes.jsonl", directory / "data_report.json"
+    probes_file, report_file = directory / PROBES_FILE, directory / DATA_REPORT_FILE
     probes = list(_rows(probes_file)) if probes_file.is_file() else []
     try:
         data_report = json.loads(report_file.read_text()) if report_file.is_file() else {}

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sftdist.checkpoint import CheckpointError, read_trainer_state, resolve_resume
+from sftdist.checkpoint import CheckpointError, TrainerState, checkpoints_dir, resolve_resume
 from sftdist.config import MODEL_EXECUTION_KEYS, SFTConfig
 from sftdist.model import model_identity
 
@@ -117,62 +117,68 @@ def _describe(keys: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k} {old.get(k, unset)!r} -> {new.get(k, unset)!r}" for k in keys)
 
 
-def check_resumable(state: dict[str, Any], path: Path, identity: dict[str, Any], cfg: SFTConfig, strategy: Any) -> None:
+def check_resumable(state: TrainerState, path: Path, identity: dict[str, Any], cfg: SFTConfig, strategy: Any) -> None:
     """Refuse (CheckpointError naming why and what to do) a resume from ``path`` that would not continue the run
     that wrote it; log the changes that are allowed."""
     fresh = "start a new run instead (another output_dir, or resume=never, which removes these checkpoints)"
     export = f"or export it (sftdist-export {path} OUT) and start a new run from it (model.name_or_path=OUT)"
-    differences = identity_differences(state["identity"], identity)
+    differences = identity_differences(state.identity, identity)
     if differences:
         raise CheckpointError(
             f"{path} belongs to a different run; resuming it with these changes would train "
             f"something else: {'; '.join(differences)}. Resume with the checkpoint's values, or {fresh}"
         )
-    saved = state["strategy"]
+    saved = state.strategy
     if saved["format"] != strategy.checkpoint_format:
         raise CheckpointError(
             f"{path} was written by strategy={saved['name']} ({saved['format']} format), which "
             f"strategy={strategy.name} cannot load ({strategy.checkpoint_format} format): resume with "
             f"strategy={saved['name']}, {export}"
         )
-    if not strategy.reshards and state["world_size"] != strategy.world_size:
+    if not strategy.reshards and state.world_size != strategy.world_size:
         raise CheckpointError(
-            f"{path} was written by strategy={saved['name']} on {state['world_size']} processes, and its format "
-            f"({saved['format']}) loads on {state['world_size']} only (this run has {strategy.world_size}): resume "
-            f"on {state['world_size']} processes, {export}"
+            f"{path} was written by strategy={saved['name']} on {state.world_size} processes, and its format "
+            f"({saved['format']}) loads on {state.world_size} only (this run has {strategy.world_size}): resume "
+            f"on {state.world_size} processes, {export}"
         )
-    if state["step"] > cfg.train.max_steps:
+    if state.step > cfg.train.max_steps:
         raise CheckpointError(
-            f"{path} is at step {state['step']}, past train.max_steps={cfg.train.max_steps}: "
+            f"{path} is at step {state.step}, past train.max_steps={cfg.train.max_steps}: "
             f"raise train.max_steps, or {fresh}"
         )
-    changed = allowed_changes(state["config"], flat_config(cfg))
+    changed = allowed_changes(state.config, flat_config(cfg))
     if changed and strategy.is_main:
         log.info("resuming %s with changed settings: %s", path, changed)
-    if state["world_size"] != strategy.world_size and strategy.is_main:
-        log.info(
-            "resuming %s, written on %d processes, on %d (resharded)", path, state["world_size"], strategy.world_size
-        )
+    if state.world_size != strategy.world_size and strategy.is_main:
+        log.info("resuming %s, written on %d processes, on %d (resharded)", path, state.world_size, strategy.world_size)
 
 
 def find_checkpoint(
     cfg: SFTConfig, output_dir: Path, identity: dict[str, Any], strategy: Any
-) -> tuple[Path | None, dict[str, Any]]:
-    """The checkpoint a run continues from (``cfg.resume``) and its trainer state, or (None, {}): rank 0 finds and
+) -> tuple[Path | None, TrainerState | None]:
+    """The checkpoint a run continues from (``cfg.resume``) and its trainer state, or (None, None): rank 0 finds and
     reads it, every rank follows, or stops with rank 0's reason. One of another run, or that this topology cannot
     load, is refused naming why (:func:`check_resumable`)."""
     found: Any = None
     if strategy.is_main:
         try:
             path = resolve_resume(cfg.resume, output_dir)
-            found = (str(path), read_trainer_state(path)) if path is not None else None
+            found = (str(path), TrainerState.read(path)) if path is not None else None
         except CheckpointError as err:
             found = err
     found = strategy.broadcast_object(found)
     if isinstance(found, CheckpointError):
         raise found
     if found is None:
-        return None, {}
+        return None, None
     path, state = Path(found[0]), found[1]
     check_resumable(state, path, identity, cfg, strategy)
     return path, state
+
+
+def continued_wandb_run(resume_from: Path | None, state: TrainerState | None, output_dir: Path) -> str | None:
+    """The W&B run id a resumed run continues: the checkpoint's, where it is this output_dir's own; None for a fresh
+    run, or one branched off another run's checkpoint (resume=PATH elsewhere: a W&B run of its own)."""
+    if resume_from is None or state is None or resume_from.parent.resolve() != checkpoints_dir(output_dir).resolve():
+        return None
+    return state.wandb_run_id

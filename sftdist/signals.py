@@ -12,19 +12,25 @@ a job reaches a worker both directly and through torchrun, which forwards what i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
+
+from sftdist.layout import STOPPED_FILE
 
 # Stopped by a signal after writing a checkpoint: resume by starting the same command again (sysexits' EX_TEMPFAIL,
 # "a temporary failure; the user is invited to retry").
 EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 SAME_EVENT_S = 5.0
+_log = logging.getLogger(__name__)
 
 _active: list[StopSignals] = []  # the instances catching signals in this process now (entered, not yet exited)
 _fork_hook_registered = False
@@ -133,7 +139,6 @@ def _exit_now(signum: int, why: str) -> None:
 
 # In output_dir, written when a stop signal ended a run (after its checkpoint), removed when a run starts: tells a
 # launcher that torchrun's own exit status (1 whenever a worker exits non-zero) means "stopped, resumable".
-STOPPED_FILE = "stopped.json"
 
 
 def stopped_earlier_in_this_launch(output_dir: str | Path) -> str | None:
@@ -179,3 +184,41 @@ def record_stop(output_dir: Path, signal_name: str, step: int, checkpoint: Path 
         f"stopped by {signal_name} after step {step}, {where}: start the same command again to resume "
         f"(exit status {EXIT_STOPPED})"
     )
+
+
+class StopPolicy:
+    """Whether a run ends at a step boundary before ``train.max_steps``: a stop signal to any rank (one all-reduce of
+    the flag, so that every rank stops at the same step), or this job's share of a longer run done
+    (``train.stop_after_step``: a planned stop, the job's work done rather than cut short)."""
+
+    def __init__(
+        self, signals: StopSignals, all_sum: Callable[[list[float]], list[float]], stop_after: int | None, steps: int
+    ):
+        self.signals, self.all_sum, self.stop_after, self.steps = signals, all_sum, stop_after, steps
+
+    def signalled(self) -> bool:
+        """Whether any rank got a stop signal (a collective: every rank asks at the same step boundary)."""
+        (count,) = self.all_sum([float(self.signals.requested is not None)])
+        return count > 0
+
+    def share_done(self, done_steps: int) -> bool:
+        """Whether this job's share of the run is done after ``done_steps`` steps."""
+        return self.stop_after is not None and self.stop_after < self.steps and done_steps >= self.stop_after
+
+    def end_share(self, step: int, is_main: bool) -> dict[str, Any]:
+        """What ``fit()`` returns after this job's share, checkpointed at ``step``."""
+        if is_main:
+            _log.info(
+                "train.stop_after_step=%d: stopping with a checkpoint at step %d; the same command with another "
+                "train.stop_after_step (or none) continues the run",
+                self.stop_after,
+                step,
+            )
+        return {"stopped_at": step}
+
+    def end_signalled(self, step: int, checkpoint: Path | None, output_dir: Path, is_main: bool) -> dict[str, Any]:
+        """What ``fit()`` returns after a stop signal's ``checkpoint`` at ``step`` (rank 0 records the stop)."""
+        name = self.signals.requested or "a signal to another rank"
+        if is_main:
+            record_stop(output_dir, name, step, checkpoint)
+        return {"stopped_by": name, "step": step}

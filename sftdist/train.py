@@ -24,13 +24,10 @@ def train(cfg: SFTConfig) -> None:
         print(f"sftdist-train: stopped earlier in this launch by {earlier}; not training on", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
     check_launcher_grace(cfg.checkpoint.stop_timeout_s)
-    from sftdist.trainer import Trainer  # heavy imports only once the config is known to be good
+    from sftdist.training import Trainer  # heavy imports only once the config is known to be good
 
-    trainer = Trainer(cfg)
-    try:
+    with Trainer(cfg) as trainer:  # closed also after a failure: the metrics file, W&B, the process group
         result = trainer.fit()
-    finally:  # also after a failure: the metrics file, W&B and the process group are released
-        trainer.close()
     if "stopped_by" in result:
         sys.exit(EXIT_STOPPED)
 

@@ -140,7 +140,7 @@ def signal_during_step(trainer, step: int, signum: int | None = None, rank: int 
     import os
     import signal
 
-    original = trainer.train_step
+    original = trainer.runner.train_step
     counter = iter(range(trainer.start_step + 1, 10**9))
 
     def train_step(micro_batches):
@@ -148,7 +148,7 @@ def signal_during_step(trainer, step: int, signum: int | None = None, rank: int 
             os.kill(os.getpid(), signum or signal.SIGUSR1)
         return original(micro_batches)
 
-    trainer.train_step = train_step
+    trainer.runner.train_step = train_step
 
 
 def record_sample_steps(trainer) -> list:
@@ -156,18 +156,18 @@ def record_sample_steps(trainer) -> list:
     samples ahead, while the step before trains: a step read but never trained, after a stop, is not in the list)."""
     seen: list = []
     read: dict = {}
-    indices, steps = trainer.sampler.indices, trainer._steps
+    indices, steps = trainer.sampler.indices, trainer.feed.steps
 
     def recorded_indices(step):
         read[step] = list(indices(step))
         return read[step]
 
-    def trained_steps():
-        for step, samples, micro_batches in steps():
+    def trained_steps(start, stop):
+        for step, samples, micro_batches in steps(start, stop):
             seen.append((step, read[step]))
             yield step, samples, micro_batches
 
-    trainer.sampler.indices, trainer._steps = recorded_indices, trained_steps
+    trainer.sampler.indices, trainer.feed.steps = recorded_indices, trained_steps
     return seen
 
 

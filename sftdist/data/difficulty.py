@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from sftdist.config import CurriculumConfig, SFTConfig
+from sftdist.data.batching import StepSampler
 from sftdist.data.curriculum import BUCKETS, CurriculumSampler, check_schedule, config_phases
 from sftdist.data.pipeline import EncodedSet
 from sftdist.errors import DataError
@@ -98,14 +100,39 @@ def bucket_report(
     return {"train": sizes(train_rows), "eval": sizes(eval_rows), "by_source": by_source}
 
 
+@dataclass
+class SamplerPlan:
+    """What a run's step sampler draws from, and the curriculum's buckets (all None without a curriculum)."""
+
+    sampler: StepSampler | CurriculumSampler
+    train_set: EncodedSet  # the training set the sampler draws from (a curriculum may leave unlabelled rows out)
+    eval_buckets: np.ndarray | None = None  # the bucket of each eval row
+    row_buckets: np.ndarray | None = None  # the bucket of every row of the table (a checkpoint keeps them)
+    report: dict[str, Any] | None = None  # the data report's "curriculum" part
+
+
+def build_sampler(
+    cfg: SFTConfig,
+    train_set: EncodedSet,
+    eval_set: EncodedSet,
+    model_losses: Callable[[], np.ndarray],
+    saved: tuple[np.ndarray, dict[str, Any]] | None = None,
+) -> SamplerPlan:
+    """The step sampler: uniform (curriculum=none), or the curriculum's (:func:`build_curriculum`; ``saved``: the
+    buckets and report a resumed run reads from its checkpoint)."""
+    if cfg.curriculum.name == "none":
+        return SamplerPlan(StepSampler(len(train_set), cfg.train.global_batch_size, cfg.seed), train_set)
+    return build_curriculum(cfg, train_set, eval_set, model_losses, saved)
+
+
 def build_curriculum(
     cfg: SFTConfig,
     train_set: EncodedSet,
     eval_set: EncodedSet,
     model_losses: Callable[[], np.ndarray],
     saved: tuple[np.ndarray, dict[str, Any]] | None = None,
-) -> tuple[CurriculumSampler, EncodedSet, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(the sampler, the training set it draws from, the eval rows' buckets, every table row's bucket, the report).
+) -> SamplerPlan:
+    """The curriculum's sampler, the training set it draws from, the buckets and their report.
 
     ``saved``: the buckets and report of the checkpoint being resumed (never recomputed: a model_loss recomputed
     elsewhere could move a sample across an edge by a rounding). ConfigError/DataError name what is wrong.
@@ -142,4 +169,4 @@ def build_curriculum(
         ]
     report["warnings"] = warnings
     sampler = CurriculumSampler(row_buckets[train_set.rows], phases, t.global_batch_size, t.max_steps, cfg.seed)
-    return sampler, train_set, row_buckets[eval_set.rows], row_buckets, report
+    return SamplerPlan(sampler, train_set, row_buckets[eval_set.rows], row_buckets, report)

@@ -11,6 +11,7 @@ from typing import Any
 
 from sftdist.config import WandbConfig
 from sftdist.errors import ConfigError
+from sftdist.layout import METRICS_FILE, PROBES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,8 @@ def build_metrics_logger(
     if not is_main:
         return MetricsLogger([])
     trackers: list[Any] = [
-        JsonlTracker(output_dir / "metrics.jsonl", resume_step),
-        ProbeFile(output_dir / "probes.jsonl", resume_step),
+        JsonlTracker(output_dir / METRICS_FILE, resume_step),
+        ProbeFile(output_dir / PROBES_FILE, resume_step),
     ]
     mode = resolve_wandb_mode(cfg.mode)
     if mode != "disabled":

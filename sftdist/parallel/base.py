@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from sftdist.errors import DataError
 from sftdist.parallel import dcp
 
 
@@ -89,6 +90,23 @@ class Strategy(ABC):
 
     def barrier(self) -> None:
         """Wait for every rank."""
+
+    @contextlib.contextmanager
+    def main_first(self, what: str) -> Iterator[None]:
+        """Rank 0 runs the block first (preparing ``what``, say the data into its cache); the others run it after,
+        or stop at once if rank 0 failed, rather than wait in a barrier that rank 0 never reaches."""
+        if not self.is_main:
+            (failed,) = self.all_sum([0])
+            if failed:
+                raise DataError(f"rank 0 stopped while preparing {what} (its error says why); stopping too")
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            self.all_sum([1])
+            raise
+        self.all_sum([0])
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (a picklable object: a decision only rank 0 can take)."""

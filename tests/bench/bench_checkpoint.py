@@ -3,7 +3,7 @@
 
     .venv/bin/python tests/bench/bench_checkpoint.py [--models demo,100m] [--repeats 3]
 
-Each case trains one step (so that the optimizer has its state), then times ``Trainer.save_checkpoint`` (the whole
+Each case trains one step (so that the optimizer has its state), then times ``Checkpointer.save`` (the whole
 atomic protocol: every rank's shards, fsync, rename, marker) and ``load_checkpoint`` into the live model and
 optimizer, and, on one process, ``sftdist-export`` of the checkpoint into a Hugging Face directory. One JSON line
 per case: median seconds over the repeats and the checkpoint's size on disk.
@@ -49,14 +49,14 @@ def worker(model: str, strategy: str, out: Path, repeats: int) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import compose
     from sftdist.checkpoint import load_checkpoint
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
     trainer = Trainer(compose(*COMMON, *MODELS[model], f"strategy={strategy}", f"output_dir={out}"))
     trainer.fit()  # one step: the optimizer has state to save
     saves, loads = [], []
     for i in range(repeats):
         start = time.perf_counter()
-        path = trainer.save_checkpoint(10 + i)
+        path = trainer.checkpointer.save(10 + i, trainer.model, trainer.optimizer)
         saves.append(time.perf_counter() - start)
         start = time.perf_counter()
         load_checkpoint(path, trainer.strategy, trainer.model, trainer.optimizer)

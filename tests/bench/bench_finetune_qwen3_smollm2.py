@@ -52,7 +52,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from helpers import compose, fit_and_close, read_metrics
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
     gsm8k = json.loads(GSM8K.read_text())
     out = Path(args.out)

@@ -74,7 +74,7 @@ def measure(model_dir: str, strategy: str, path: str, work: str) -> None:
     baseline = _status("VmRSS")
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import compose
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
     if path == "whole":  # what every rank did before: the whole model built (and loaded) here, then sharded
         import sftdist.parallel.deepspeed as ds_module
@@ -83,16 +83,16 @@ def measure(model_dir: str, strategy: str, path: str, work: str) -> None:
         whole = {"loads_weights": False, "constructing": lambda self: contextlib.nullcontext()}
         for module, name in ((fsdp2_module, "FSDP2Strategy"), (ds_module, "ZeRO3Strategy")):
             setattr(module, name, type(name, (getattr(module, name),), whole))
-    import sftdist.trainer
+    import sftdist.training.runner
 
     model_ready = {}
-    choose = sftdist.trainer.Trainer._choose_loss_impl
+    choose = sftdist.training.runner.ModelRunner.choose_loss_impl
 
-    def peak_then_choose(self):  # the first thing after the strategy's set-up: the model is built, loaded, sharded
-        model_ready["peak"] = _status("VmHWM")
-        return choose(self)
+    def peak_then_choose(self, first_sample):  # the first thing after the strategy's set-up: the model is built,
+        model_ready["peak"] = _status("VmHWM")  # loaded, sharded
+        return choose(self, first_sample)
 
-    sftdist.trainer.Trainer._choose_loss_impl = peak_then_choose
+    sftdist.training.runner.ModelRunner.choose_loss_impl = peak_then_choose
     if strategy == "zero3":  # also before DeepSpeed's engine adds its own copies (fp32 masters, gradient partitions)
         import deepspeed
 

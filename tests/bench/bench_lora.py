@@ -53,20 +53,20 @@ def run_one(model: str, mode: str, steps: int) -> dict:
     """Train in this process and measure; called in a child process per (model, mode)."""
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import compose, fit_and_close, read_metrics
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "run"
         lora = ["model.lora.enabled=true"] if mode == "lora" else []
         trainer = Trainer(compose(*settings(model, steps), *lora, f"output_dir={out}"))
-        step, training_rss = trainer.train_step, []
+        step, training_rss = trainer.runner.train_step, []
 
         def train_step(micro_batches):  # the resident memory after each step: training's own, not the export's
             stats = step(micro_batches)
             training_rss.append(_rss_bytes())
             return stats
 
-        trainer.train_step = train_step
+        trainer.runner.train_step = train_step
         fit_and_close(trainer)
         optimizer_bytes = sum(
             t.numel() * t.element_size()

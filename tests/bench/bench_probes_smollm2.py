@@ -57,7 +57,7 @@ def main() -> None:
         sys.exit(f"{GSM8K} is absent")
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import compose, fit_and_close, read_metrics
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
     model = smollm2_directory()
     begin = time.perf_counter()

@@ -129,7 +129,7 @@ def summarise(step_s: list[float], tokens: list[int], warmup: int) -> dict:
 def run_sftdist(args, model_dir: Path, data: Path, work: Path) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import compose, fit_and_close, read_metrics
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
     out = work / "sftdist"
     trainer = Trainer(

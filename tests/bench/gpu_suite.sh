@@ -102,7 +102,7 @@ install_packages() {
   PYTHONPATH=$SITE "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
     --upgrade --target "$SITE" . || return 1
   PYTHONPATH=$SITE PYTHONSAFEPATH=1 "$PY" - <<'PYEOF'
-import importlib.metadata, json, sftdist.conf, sftdist.kernels, sftdist.trainer, torch
+import importlib.metadata, json, sftdist.conf, sftdist.kernels, sftdist.training, torch
 
 def version(name):
     try:

@@ -11,7 +11,7 @@ import torch
 from helpers import compose, fit_and_close, record_sample_steps, save_tiny_model, signal_during_step
 from launching import launch_scenarios, load_scenarios, write_uneven_data
 from sftdist.data.demo import generate_demo_conversations
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 scenarios = load_scenarios()
 

@@ -3,7 +3,7 @@ grouped in one launch because process groups are slow to start. Results go to OU
 
     PYTHONPATH=tests torchrun --standalone --nproc_per_node=2 tests/distributed/scenarios.py OUT DATA
 
-- grads/<strategy>/<packing>: one step's reduced gradients (Trainer.accumulate_gradients, the training
+- grads/<strategy>/<packing>: one step's reduced gradients (ModelRunner.accumulate_gradients, the training
   path) against the single-process full-batch gradient computed here, sample by sample, on rank 0.
 - fit/<strategy>/<packing>: 3 optimizer steps through Trainer.fit into OUT/fit-<strategy>-<packing>;
   the test compares final/ with a single-process run.
@@ -47,7 +47,7 @@ import torch.distributed as dist
 from helpers import compose, fit_and_close, full_grads, record_sample_steps, signal_during_step
 from sftdist.checkpoint import CheckpointError
 from sftdist.errors import ConfigError
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 STRATEGIES = ("ddp", "fsdp2", "zero3")
 
@@ -115,8 +115,8 @@ def grads(out: Path, data: str, strategy: str, packing: bool) -> dict:
         )
     )
     samples = [trainer.train_set[i] for i in trainer.sampler.indices(0)]
-    mbs = trainer._step_batches(samples)
-    stats = trainer.accumulate_gradients(mbs)
+    mbs = trainer.feed.batches(samples)
+    stats = trainer.runner.accumulate_gradients(mbs)
     got = full_grads(trainer)
     mine = {
         "micro_batches": len(mbs),
@@ -211,7 +211,7 @@ def curriculum(out: Path, data: str, difficulty: str) -> dict:
     )
     samples = record_sample_steps(trainer)
     fit_and_close(trainer)
-    return {"output_dir": str(run), "samples": samples, "buckets": trainer.row_buckets.tolist()}
+    return {"output_dir": str(run), "samples": samples, "buckets": trainer.checkpointer.row_buckets.tolist()}
 
 
 def load(out: Path, data: str, strategy: str) -> dict:
@@ -264,7 +264,7 @@ def crash(out: Path, data: str) -> dict:
     run = out / f"crash-{strategy}"
     trainer = Trainer(compose(*common(out, data), f"strategy={strategy}", *RESUME, f"output_dir={run}"))
     if attempt == 0:
-        kill_step, original = int(os.environ["SFTDIST_TEST_KILL_STEP"]), trainer.train_step
+        kill_step, original = int(os.environ["SFTDIST_TEST_KILL_STEP"]), trainer.runner.train_step
 
         def train_step(micro_batches):
             stats = original(micro_batches)
@@ -274,7 +274,7 @@ def crash(out: Path, data: str) -> dict:
             return stats
 
         done: list = []
-        trainer.train_step = train_step
+        trainer.runner.train_step = train_step
     fit_and_close(trainer)
     return {
         "output_dir": str(run),

@@ -33,7 +33,7 @@ from launching import launch_scenarios, load_scenarios, scenario_ok, torchrun_en
 from sftdist.checkpoint import MARKER
 from sftdist.export import export_checkpoint
 from sftdist.signals import STOPPED_FILE
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 scenarios = load_scenarios()
 
@@ -239,6 +239,6 @@ def test_the_curriculum_draws_the_same_stream_on_two_processes_as_on_one(launche
     trainer = Trainer(compose(*overrides))
     samples = record_sample_steps(trainer)
     fit_and_close(trainer)
-    assert trainer.row_buckets.tolist() == result["buckets"] and len(set(result["buckets"])) == 3
+    assert trainer.checkpointer.row_buckets.tolist() == result["buckets"] and len(set(result["buckets"])) == 3
     assert [tuple(x) for x in result["samples"]] == [tuple(x) for x in samples]
     assert max_relative_difference(final_weights(result["output_dir"]), final_weights(tmp_path / "one")) < 1e-4

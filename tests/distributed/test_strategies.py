@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from helpers import REPO, adapter_weights, compose, final_weights, fit_and_close, max_relative_difference, read_metrics
 from launching import free_port, load_scenarios, scenario_ok, torchrun_env
 from sftdist.errors import ConfigError
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 scenarios = load_scenarios()
 

@@ -15,7 +15,7 @@ from sftdist.config import DataConfig
 from sftdist.data.demo import generate_demo_conversations, load_demo_tokenizer
 from sftdist.data.pipeline import prepare
 from sftdist.errors import DataError
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 TOKENIZER = load_demo_tokenizer()
 TEMPLATE = TOKENIZER.chat_template

@@ -18,7 +18,7 @@ from sftdist.config import DataConfig, EvalConfig, FiltersConfig, SourceConfig
 from sftdist.data.demo import generate_demo_conversations, load_demo_tokenizer
 from sftdist.data.pipeline import build_datasets, prepare
 from sftdist.errors import ConfigError, DataError
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 TOKENIZER = load_demo_tokenizer()
 TEMPLATE = TOKENIZER.chat_template
@@ -72,7 +72,7 @@ def test_a_few_bad_records_train_and_are_reported(tmp_path):
     lines = GOOD[:100] + [BAD["invalid_json"], BAD["unknown_role"]]
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    Trainer(
+    with Trainer(
         compose(
             f"output_dir={out}",
             f"data.path={tmp_path / 'chat.jsonl'}",
@@ -80,7 +80,8 @@ def test_a_few_bad_records_train_and_are_reported(tmp_path):
             "eval.every_steps=0",
             "wandb.mode=disabled",
         )
-    ).fit()
+    ) as trainer:
+        trainer.fit()
     report = json.loads((out / "data_report.json").read_text())
     assert report["rejected"] == {"invalid_json": 1, "unknown_role": 1}
     assert report["examples"]["invalid_json"][0].startswith(f"{tmp_path / 'chat.jsonl'} line 101: invalid JSON")
@@ -209,7 +210,7 @@ def test_prepare_once_then_train_and_inspect_the_prepared_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (prepared / "data_report.json").is_file() and (prepared / "tokenizer" / "tokenizer.json").is_file()
 
-    Trainer(
+    with Trainer(
         compose(
             f"output_dir={tmp_path / 'run'}",
             f"data.prepared={prepared}",
@@ -217,7 +218,8 @@ def test_prepare_once_then_train_and_inspect_the_prepared_directory(tmp_path):
             "eval.every_steps=0",
             "wandb.mode=disabled",
         )
-    ).fit()
+    ) as trainer:
+        trainer.fit()
     assert len(read_metrics(tmp_path / "run")) == 2
 
     with pytest.raises(ConfigError, match="rendered with another chat template"):

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import TEST_DATA, compose, fit_and_close, read_metrics, save_tiny_model, wandb_history
 from sftdist.data.demo import generate_demo_conversations
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 GLAIVE = TEST_DATA / "glaive_toolcall_40.json"
 BIN = Path(sys.executable).parent

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from helpers import compose, read_metrics, save_tiny_model
+from helpers import compose, fit_and_close, read_metrics, save_tiny_model
 from sftdist.data.demo import generate_demo_conversations
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 # A template that is not the tokenizer's: Zephyr-like, EOS-terminated answers.
 ZEPHYR_LIKE = (
@@ -41,7 +41,8 @@ def test_a_local_hf_model_fine_tunes_on_a_jsonl_file(tmp_path, arch, dtype):
         "train.lr=3e-3",
         "eval.every_steps=0",
     )
-    Trainer(cfg).fit()
+    with Trainer(cfg) as trainer:
+        fit_and_close(trainer)
     metrics = read_metrics(tmp_path / "run")
     assert metrics[-1]["train/loss"] < 0.7 * metrics[0]["train/loss"]
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
@@ -76,7 +77,7 @@ def test_a_tokenizer_without_a_template_needs_data_chat_template(tmp_path):
     assert text.startswith("<|user|>\n") and "<|im_start|>" not in text
     supervised = trainer.tokenizer.decode([t for t, lab in zip(first.input_ids, first.labels) if lab != -100])
     assert supervised.endswith("<|im_end|>") and "<|user|>" not in supervised
-    trainer.fit()
+    fit_and_close(trainer)
     # The export serves with the template it was trained with.
     assert AutoTokenizer.from_pretrained(str(tmp_path / "b" / "final")).chat_template == ZEPHYR_LIKE
 
@@ -100,7 +101,7 @@ def test_generation_stops_where_the_trained_turns_end(tmp_path):
             "wandb.mode=disabled",
         )
     )
-    trainer.fit()
+    fit_and_close(trainer)
     stop = GenerationConfig.from_pretrained(str(tmp_path / "run" / "final")).eos_token_id
     ids = trainer.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert sorted(stop) == sorted(ids)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import compose, read_metrics
+from helpers import compose, fit_and_close, read_metrics
 from sftdist.config import DataConfig
 from sftdist.data import pipeline
 from sftdist.data.demo import generate_demo_conversations, load_demo_tokenizer
@@ -232,7 +232,7 @@ def test_parquet_is_read_a_batch_at_a_time_with_every_row_named(tmp_path):
 
 
 def test_a_run_trains_from_a_sharded_cache(data_file, tmp_path, monkeypatch):
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
     _small_shards(monkeypatch)
     trainer = Trainer(
@@ -247,5 +247,5 @@ def test_a_run_trains_from_a_sharded_cache(data_file, tmp_path, monkeypatch):
             "wandb.mode=disabled",
         )
     )
-    trainer.fit()
+    fit_and_close(trainer)
     assert len(read_metrics(tmp_path / "run")) == 2

@@ -50,7 +50,7 @@ def _of_the_checkout(path: str) -> bool:
 def test_transformers_model_code_and_sftdist_import_in_the_repository_root():
     proc = python_in_root(
         "import importlib.util, json, sys\n"
-        "import transformers.models.llama.modeling_llama, sftdist.kernels.linear_cross_entropy, sftdist.trainer\n"
+        "import transformers.models.llama.modeling_llama, sftdist.kernels.linear_cross_entropy, sftdist.training\n"
         "spec = importlib.util.find_spec('kernels')\n"
         "print(json.dumps([sys.path[0], sftdist.kernels.__file__, spec and spec.origin]))"
     )

@@ -25,7 +25,7 @@ from sftdist.config import ConfigError
 from sftdist.data.demo import generate_demo_conversations
 from sftdist.errors import DataError
 from sftdist.signals import STOPPED_FILE
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 COMMON = (
     "curriculum=three_phase",

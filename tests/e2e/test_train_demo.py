@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import REPO, compose, max_relative_difference, python_in_root, read_metrics
+from helpers import REPO, compose, fit_and_close, max_relative_difference, python_in_root, read_metrics
 from sftdist.data.batching import collate_packed
 from sftdist.data.pipeline import Sample
 from sftdist.errors import ConfigError
-from sftdist.trainer import Trainer, lr_at
+from sftdist.training import Trainer, lr_at
 
 REQUIRED_METRICS = {
     "train/loss",
@@ -32,8 +32,8 @@ GOLDEN_FIRST_LOSS = 6.1755
 
 def _train(tmp_path, *overrides):
     cfg = compose(f"output_dir={tmp_path}", "wandb.mode=disabled", *overrides)
-    trainer = Trainer(cfg)
-    return trainer, trainer.fit()
+    with Trainer(cfg) as trainer:
+        return trainer, trainer.fit()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_final_is_a_hugging_face_directory_with_the_trained_weights(demo_run):
     trainer.model.eval()
     with torch.no_grad():  # the trainer's model runs packed attention; one sample is a packed row of one
         packed = collate_packed([Sample(ids[0].tolist(), [-100] * ids.shape[1], {})], 64)
-        assert torch.allclose(model(ids).logits, trainer._logits(packed), atol=1e-5)
+        assert torch.allclose(model(ids).logits, trainer.runner.logits(packed), atol=1e-5)
     assert (
         model.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     )
@@ -200,14 +200,13 @@ def test_speed_options_do_not_change_the_update(tmp_path):
     }
     weights, calls = {}, {}
     for name, extra in runs.items():
-        trainer = Trainer(compose(f"output_dir={tmp_path / name}", "wandb.mode=disabled", *common, *extra))
-        mlp, count = trainer.model.model.layers[0].mlp, []
-        mlp.register_forward_pre_hook(lambda *_, count=count: count.append(1))
-        torch._dynamo.utils.counters.clear()
-        trainer.fit()
-        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
-        weights[name], calls[name] = trainer.strategy.full_state_dict(trainer.model), (len(count), compiled)
-        trainer.close()
+        with Trainer(compose(f"output_dir={tmp_path / name}", "wandb.mode=disabled", *common, *extra)) as trainer:
+            mlp, count = trainer.model.model.layers[0].mlp, []
+            mlp.register_forward_pre_hook(lambda *_, count=count: count.append(1))
+            torch._dynamo.utils.counters.clear()
+            trainer.fit()
+            compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+            weights[name], calls[name] = trainer.strategy.full_state_dict(trainer.model), (len(count), compiled)
     # 2 steps of one micro-batch each; compiled code runs no Python hooks
     assert calls == {
         "default": (2, False),
@@ -232,7 +231,7 @@ def test_a_diverged_loss_stops_the_run_before_export(tmp_path):
     with torch.no_grad():
         trainer.model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="step 1: the loss is nan"):
-        trainer.fit()
+        fit_and_close(trainer)
     assert not (tmp_path / "final").exists()
 
 

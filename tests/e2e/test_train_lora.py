@@ -18,7 +18,7 @@ from sftdist.errors import ConfigError
 from sftdist.export import export_checkpoint
 from sftdist.model import build_model
 from sftdist.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_name, is_adapter
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 LORA = (
     "model.lora.enabled=true",
@@ -82,7 +82,8 @@ def test_the_adapter_export_loads_with_peft_and_the_merged_export_gives_its_logi
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         assert tokenizer.chat_template == trainer.tokenizer.chat_template
         stops = json.loads((directory / "generation_config.json").read_text())["eos_token_id"]
-        assert trainer._stop_tokens and set(trainer._stop_tokens) <= set([stops] if isinstance(stops, int) else stops)
+        stop_tokens = trainer.hf.stop_tokens
+        assert stop_tokens and set(stop_tokens) <= set([stops] if isinstance(stops, int) else stops)
     assert not (final / "config.json").exists() and not (final / "model.safetensors").exists()
 
     base = _base(trainer)

@@ -32,7 +32,7 @@ from sftdist.checkpoint import MARKER, CheckpointError
 from sftdist.data.batching import collate_packed
 from sftdist.report import build_report, load_run
 from sftdist.signals import EXIT_STOPPED, STOPPED_FILE
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 # 6 steps, checkpoints at 2, 4 and 6 (the last), eval at 3 and 6: small enough for a few seconds per run.
 COMMON = (
@@ -163,19 +163,19 @@ def test_a_stop_signal_during_the_set_up_stops_before_the_first_step(straight, t
     """A preemption while the data is prepared (minutes on a large set) is caught, not fatal: the run stops before
     its first step, points at what to resume from (nothing, or the checkpoint it resumed), and a restart trains on
     to the uninterrupted weights."""
-    import sftdist.trainer
+    import sftdist.training.trainer
 
     out, _ = straight
     run = tmp_path / "run"
     if resumed:
         shutil.copytree(out / "checkpoints" / "step_2", run / "checkpoints" / "step_2")
-    prepare = sftdist.trainer.build_datasets
+    prepare = sftdist.training.trainer.build_datasets
 
     def prepare_and_get_preempted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGUSR1)  # without the trainer's handler by now, this would end pytest
         return prepare(*args, **kwargs)
 
-    monkeypatch.setattr(sftdist.trainer, "build_datasets", prepare_and_get_preempted)
+    monkeypatch.setattr(sftdist.training.trainer, "build_datasets", prepare_and_get_preempted)
     result = fit_and_close(_trainer(run))
     monkeypatch.undo()
     assert (result["stopped_by"], result["step"]) == ("SIGUSR1", 2 if resumed else 0)
@@ -292,7 +292,7 @@ def test_resume_path_continues_another_runs_checkpoint_in_a_new_directory(finish
     trainer = _trainer(tmp_path / "new", f"resume={finished}", "train.max_steps=7")
     assert trainer.resume_from == finished / "checkpoints" / "step_6" and trainer.start_step == 6
     original = json.loads((finished / "checkpoints" / "step_6" / "trainer_state.json").read_text())["wandb_run_id"]
-    assert trainer.wandb_run_id != original  # a branch is a W&B run of its own, not a takeover of the original
+    assert trainer.checkpointer.wandb_run_id != original  # a branch is a W&B run of its own, not a takeover
     fit_and_close(trainer)
     assert [m["step"] for m in read_metrics(tmp_path / "new")] == [7]
     with pytest.raises(CheckpointError, match="is neither a checkpoint"):
@@ -334,7 +334,7 @@ def test_sftdist_export_of_the_last_checkpoint_equals_final_and_shards_above_a_s
     sample = trainer.train_set[0]
     trainer.model.eval()
     with torch.no_grad():  # the trainer's model runs packed attention: one sample is a packed row of one
-        expected = trainer._logits(collate_packed([sample], len(sample.input_ids)))
+        expected = trainer.runner.logits(collate_packed([sample], len(sample.input_ids)))
         assert torch.allclose(reloaded(input_ids=torch.tensor([sample.input_ids])).logits, expected, atol=1e-5)
     trainer.close()
     bad = subprocess.run(
@@ -372,10 +372,10 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
     signal_during_step(first, 2)
     fit_and_close(first)
     second = _trainer(tmp_path, "wandb.mode=offline")
-    assert second.wandb_run_id == first.wandb_run_id
+    assert second.checkpointer.wandb_run_id == first.checkpointer.wandb_run_id
     fit_and_close(second)
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and {p.name.rsplit("-", 1)[-1] for p in runs} == {first.wandb_run_id}
+    assert len(runs) == 2 and {p.name.rsplit("-", 1)[-1] for p in runs} == {first.checkpointer.wandb_run_id}
 
 
 def test_the_rng_states_are_restored_so_dropout_draws_as_in_the_uninterrupted_run(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import compose, read_metrics
-from sftdist.trainer import Trainer
+from helpers import compose, fit_and_close, read_metrics
+from sftdist.training import Trainer
 
 GOLDEN_FIRST_LOSS = 6.1755  # the CPU value (tests/e2e/test_train_demo.py)
 
@@ -21,18 +21,20 @@ def test_demo_on_cuda_matches_cpu_in_fp32_and_learns_in_bf16(tmp_path):
         )
     )
     assert fp32.device.type == "cuda"
-    fp32.fit()
+    fit_and_close(fp32)
     assert read_metrics(tmp_path / "fp32")[0]["train/loss"] == pytest.approx(GOLDEN_FIRST_LOSS, rel=1e-4)
 
-    Trainer(
-        compose(
-            f"output_dir={tmp_path / 'bf16'}",
-            "device=cuda",
-            "precision=bf16",
-            "train.max_steps=30",
-            "eval.every_steps=0",
-            "wandb.mode=disabled",
+    fit_and_close(
+        Trainer(
+            compose(
+                f"output_dir={tmp_path / 'bf16'}",
+                "device=cuda",
+                "precision=bf16",
+                "train.max_steps=30",
+                "eval.every_steps=0",
+                "wandb.mode=disabled",
+            )
         )
-    ).fit()
+    )
     metrics = read_metrics(tmp_path / "bf16")
     assert metrics[-1]["train/loss"] < 0.4 * metrics[0]["train/loss"]

@@ -8,7 +8,7 @@ import torch
 
 from helpers import compose, read_metrics
 from sftdist.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 
 @pytest.mark.parametrize("chunk", [None, 256])  # (None: one chunk of 2048 tokens on a GPU; 256: eight, summed)
@@ -34,7 +34,7 @@ def test_chunked_equals_the_plain_path_on_cuda(dtype, chunk):
 def test_a_cuda_step_has_the_same_loss_chunked_or_naive(tmp_path):
     losses = {}
     for impl in ("chunked", "naive"):
-        trainer = Trainer(
+        with Trainer(
             compose(
                 f"output_dir={tmp_path / impl}",
                 "device=cuda",
@@ -44,9 +44,8 @@ def test_a_cuda_step_has_the_same_loss_chunked_or_naive(tmp_path):
                 "eval.every_steps=0",
                 "wandb.mode=disabled",
             )
-        )
-        assert trainer.loss_impl == impl
-        trainer.fit()
-        trainer.close()
+        ) as trainer:
+            assert trainer.loss_impl == impl
+            trainer.fit()
         losses[impl] = [m["train/loss"] for m in read_metrics(tmp_path / impl)]
     assert losses["chunked"] == pytest.approx(losses["naive"], rel=1e-2)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import compose, fit_and_close, read_metrics, save_tiny_model
-from sftdist.trainer import Trainer
+from sftdist.training import Trainer
 
 RUN = ("device=cuda", "precision=bf16", "eval.every_steps=0", "wandb.mode=disabled", "model.lora.enabled=true")
 

@@ -106,9 +106,9 @@ def test_flex_gradients_match_the_reference_on_cuda(arch, extra):
 
 def test_packed_demo_training_on_cuda_uses_a_varlen_backend(tmp_path):
     from helpers import compose, read_metrics
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
-    trainer = Trainer(
+    with Trainer(
         compose(
             f"output_dir={tmp_path}",
             "device=cuda",
@@ -117,8 +117,8 @@ def test_packed_demo_training_on_cuda_uses_a_varlen_backend(tmp_path):
             "eval.every_steps=0",
             "wandb.mode=disabled",
         )
-    )
-    assert trainer.attention in ("flash_attn", "torch_varlen", "flex")
-    trainer.fit()
+    ) as trainer:
+        assert trainer.attention in ("flash_attn", "torch_varlen", "flex")
+        trainer.fit()
     metrics = read_metrics(tmp_path)
     assert metrics[-1]["train/loss"] < 0.5 * metrics[0]["train/loss"]

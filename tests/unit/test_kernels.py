@@ -153,11 +153,11 @@ def test_a_forward_that_changes_the_logits_unannounced_is_caught_by_the_check():
 
 
 def test_the_trainer_picks_chunked_for_llama_and_says_so(tmp_path):
-    from sftdist.trainer import Trainer
+    from sftdist.training import Trainer
 
     trainer = Trainer(compose(f"output_dir={tmp_path}", "wandb.mode=disabled", "data.demo_size=100"))
     try:
-        assert (trainer.loss_impl, trainer.loss_why) == (
+        assert (trainer.loss_impl, trainer.runner.loss_why) == (
             "chunked",
             "the output head on supervised tokens only, in chunks",
         )

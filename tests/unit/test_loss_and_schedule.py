@@ -9,7 +9,7 @@ import torch
 
 from sftdist.config import TrainConfig
 from sftdist.loss import cross_entropy_sum, step_normalised_loss
-from sftdist.trainer import lr_at
+from sftdist.training import lr_at
 
 
 def _batch(rows, width, vocab, supervised_frac, seed):

@@ -60,7 +60,7 @@ def test_clipping_scales_gradients_to_the_max_norm_and_reports_the_norm_before()
 
 def test_weight_decay_applies_to_matrices_only():
     from sftdist.config import TrainConfig
-    from sftdist.trainer import build_optimizer
+    from sftdist.training import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups

@@ -1,0 +1,118 @@
+"""The model's numerics: the forward under autocast, the loss implementation and its choice, a step's gradients
+over its micro-batches, and eval's loss sums.
+
+A step on every rank (``train_step``)::
+
+    N = all_sum(supervised tokens of this rank's micro-batches)       # before any backward, counts from the host
+    for mb in micro-batches:  backward(CE sum(mb) / N * grad_divisor)  # the grad sum is the token mean's gradient
+    clip, step                                                         # strategy.optimizer_step
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+
+from sftdist.config import SFTConfig
+from sftdist.data.batching import MicroBatch, build_micro_batches
+from sftdist.data.pipeline import Sample
+from sftdist.loss import cross_entropy_sum, install_loss_head, loss_impl, step_normalised_loss, supervised_targets
+from sftdist.model.attention import packed_attention_kwargs
+from sftdist.parallel import Strategy
+
+
+class ModelRunner:
+    """Runs the strategy's model on micro-batches. ``loss_impl`` and ``loss_why`` are set by ``choose_loss_impl``."""
+
+    def __init__(self, model, optimizer, strategy: Strategy, cfg: SFTConfig, pad_id: int):
+        self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.device = strategy.device
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.loss_impl, self.loss_why = "naive", ""
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def logits(self, mb: MicroBatch) -> torch.Tensor:
+        with self.autocast():
+            if mb.packed:
+                return self.model(
+                    input_ids=mb.input_ids,
+                    position_ids=mb.position_ids,
+                    use_cache=False,
+                    **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen, mb.input_ids.shape[1]),
+                ).logits
+            return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+
+    def ce_sum(self, mb: MicroBatch, impl: str | None = None) -> torch.Tensor:
+        """The micro-batch's summed cross-entropy over its supervised targets (sftdist.loss), as ``impl`` (default:
+        the run's) computes it: chunked, the model's head returns it in place of the logits."""
+        if (impl or self.loss_impl) == "chunked":
+            with supervised_targets(self.strategy.unwrap(self.model), mb.targets, mb.supervised_index):
+                return self.logits(mb)
+        return cross_entropy_sum(self.logits(mb), mb.targets)
+
+    def choose_loss_impl(self, first_sample: Sample) -> None:
+        """train.loss_impl resolved (sftdist.loss.loss_impl), checked on the first training sample both ways through
+        the strategy's model; rank 0's answer for all (every rank runs the same forwards)."""
+        if self.cfg.train.loss_impl != "naive":
+            install_loss_head(self.strategy.unwrap(self.model))
+
+        @torch.no_grad()
+        def naive_and_chunked() -> tuple[float, float]:
+            self.model.eval()
+            (mb,) = build_micro_batches(
+                [first_sample], self.cfg.train.micro_batch_tokens, self.pad_id, self.cfg.data.packing
+            )
+            mb = mb.to(self.device)
+            return float(self.ce_sum(mb, "naive")), float(self.ce_sum(mb, "chunked"))
+
+        self.loss_impl, self.loss_why = self.strategy.broadcast_object(
+            loss_impl(self.cfg.train.loss_impl, self.strategy.unwrap(self.model), naive_and_chunked)
+        )
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches (the same count on every rank): gradients of
+        the step's token-mean loss over all ranks, then clip and step."""
+        stats = self.accumulate_gradients(micro_batches)
+        stats["grad_norm"] = self.strategy.optimizer_step(self.optimizer, self.cfg.train.max_grad_norm)
+        return stats
+
+    def accumulate_gradients(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """Forward and backward of every micro-batch; the loss is normalised once, by the supervised tokens
+        of the whole step on all ranks (one all-reduce, before any backward, of counts known on the host). The host
+        waits for the device once per step (the summed loss), never per micro-batch: the copies are asynchronous
+        (pinned on a GPU) and every count comes from the host."""
+        self.model.train()
+        (num_step_tokens,) = self.strategy.all_sum([sum(mb.num_supervised for mb in micro_batches)])
+        ce_total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, mb in enumerate([mb.to(self.device) for mb in micro_batches]):
+            with self.strategy.micro_step(last=i == len(micro_batches) - 1):
+                ce = self.ce_sum(mb)
+                self.strategy.backward(step_normalised_loss(ce, int(num_step_tokens), self.strategy.grad_divisor))
+            ce_total += ce.detach()
+        ce_sum, tokens, slots = self.strategy.all_sum(
+            [float(ce_total), sum(mb.num_tokens for mb in micro_batches), sum(mb.num_slots for mb in micro_batches)]
+        )
+        return {
+            "loss": ce_sum / num_step_tokens,  # the true token mean of the step
+            "supervised_tokens": num_step_tokens,
+            "tokens": tokens,
+            "slots": slots,
+        }
+
+    @torch.no_grad()
+    def loss_sums(self, micro_batches: Iterable[MicroBatch]) -> tuple[float, int]:
+        """(summed cross-entropy, supervised tokens) of these micro-batches, without gradients."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for mb in micro_batches:
+            mb = mb.to(self.device)
+            total += float(self.ce_sum(mb))
+            count += mb.num_supervised
+        return total, count

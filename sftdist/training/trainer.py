@@ -1,0 +1,273 @@
+"""The one training loop. ``with Trainer(cfg) as trainer: trainer.fit()``: set up (resuming where a checkpoint is),
+then per step: set the LR, the step's grad sum, clip and step, maybe eval, log, maybe checkpoint or stop; then export.
+
+Whatever the strategy, a step is: the step's samples (chosen by seed and step alone) -> this rank's micro-batches
+(StepFeeder) -> for each, forward and backward of (CE sum / supervised tokens of the whole step) -> clip -> step
+(ModelRunner). The loop asks each component whether it is due (Evaluator, Checkpointer, StopPolicy).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from sftdist.checkpoint import checkpoints_dir, load_checkpoint, read_curriculum, step_dir
+from sftdist.config import SFTConfig
+from sftdist.data.difficulty import build_sampler
+from sftdist.data.pipeline import build_datasets
+from sftdist.errors import ConfigError
+from sftdist.evaluation import Evaluator, build_eval_sources, build_probes
+from sftdist.layout import FINAL_DIR
+from sftdist.metrics import build_metrics_logger, check_wandb
+from sftdist.metrics.flops import ModelDims, peak_tflops
+from sftdist.model import build_model, build_tokenizer, max_positions, model_weights, num_parameters, pad_token_id
+from sftdist.model.attention import apply_packed_attention, resolve_backend
+from sftdist.model.lora import check_qlora
+from sftdist.parallel import build_strategy, check_world_size
+from sftdist.resume import continued_wandb_run, find_checkpoint, run_identity
+from sftdist.scoring import cached_model_loss, score_model_loss
+from sftdist.signals import StopPolicy, StopSignals
+from sftdist.training.checkpointer import Checkpointer
+from sftdist.training.feed import StepFeeder
+from sftdist.training.hf import HFWriter
+from sftdist.training.optim import build_optimizer, lr_at, set_lr
+from sftdist.training.outputs import prepare_output_dir
+from sftdist.training.runner import ModelRunner
+from sftdist.training.steplog import StepLog, log_plan
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """One run: ``Trainer(cfg)`` sets it up (resuming from a checkpoint where there is one), ``fit()`` trains it,
+    ``close()`` releases what it holds, also after a failure: use it as a context manager.
+
+    What tests and benchmarks may replace on an instance: ``runner.train_step`` (one step's micro-batches -> its
+    stats) and ``feed.steps`` (start, stop -> (step, samples, micro-batches)) and ``sampler.indices``."""
+
+    def __init__(self, cfg: SFTConfig):
+        self.cfg = cfg
+        self.metrics = None
+        self._closed = self._fitted = False
+        check_wandb(cfg.wandb)
+        # Stop signals are caught from here to close(): one during the set-up (a preemption while the data is
+        # prepared, say) stops the run before its first step, rather than killing it
+        self.stop_signals = StopSignals(cfg.checkpoint.stop_timeout_s).__enter__()
+        try:
+            self.strategy = build_strategy(cfg)
+            self._set_up()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _set_up(self) -> None:
+        cfg, strategy = self.cfg, self.strategy
+        self.device = strategy.device
+        self.output_dir = Path(cfg.output_dir)
+        check_world_size(cfg, strategy.world_size)
+        check_qlora(cfg.model.lora, cfg.model.name_or_path, cfg.strategy.name, self.device)
+        torch.manual_seed(cfg.seed)
+
+        # Data: rank 0 prepares (and caches) it; the others then read the cache
+        self.tokenizer, self.chat_template = build_tokenizer(cfg.model, cfg.data)
+        self.pad_id = pad_token_id(self.tokenizer)
+        with strategy.main_first("the data"):
+            self.train_set, self.eval_set, self.data_report = build_datasets(
+                cfg.data, cfg.eval, self.tokenizer, self.chat_template, cfg.seed
+            )
+            eval_sources, reports = (
+                build_eval_sources(cfg, self.tokenizer, self.chat_template) if cfg.eval.every_steps else ({}, {})
+            )
+        if reports:
+            self.data_report["eval_sources"] = reports
+        if cfg.train.global_batch_size > len(self.train_set):
+            raise ConfigError(
+                f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
+                f"{len(self.train_set)} training records: every step would repeat samples"
+            )
+        self.identity = run_identity(cfg, self.data_report)
+        self.resume_from, resumed = find_checkpoint(cfg, self.output_dir, self.identity, strategy)
+
+        # The model: fsdp2 and zero3 never build it whole on a rank (their setup loads the weights)
+        with strategy.constructing():
+            model = build_model(cfg.model, self.tokenizer, cfg.seed, with_weights=not strategy.loads_weights)
+        limit = max_positions(model)
+        if limit is not None and cfg.data.max_length > limit:
+            raise ConfigError(
+                f"data.max_length={cfg.data.max_length} exceeds the model's "
+                f"max_position_embeddings={limit}; lower data.max_length"
+            )
+        self.num_params, self.num_trained = num_parameters(model), num_parameters(model, trainable_only=True)
+        dims = ModelDims.of(model)
+        self.attention = "sdpa (padded)"
+        if cfg.data.packing:
+            self.attention = resolve_backend(cfg.model.attn_impl, self.device, cfg.precision)
+            apply_packed_attention(model, self.attention)
+        self.model, self.optimizer = strategy.setup(
+            model,
+            lambda m: build_optimizer(m, cfg.train),
+            lambda names: model_weights(cfg.model, self.tokenizer, cfg.seed, names),
+        )
+        self.runner = ModelRunner(self.model, self.optimizer, strategy, cfg, self.pad_id)
+        self.runner.choose_loss_impl(self.train_set[0])
+        self.loss_impl = self.runner.loss_impl
+
+        # What each step draws: before the checkpoint's weights load (a curriculum's model_loss is the base's)
+        saved = read_curriculum(self.resume_from, resumed) if cfg.curriculum.name != "none" else None
+        plan = build_sampler(cfg, self.train_set, self.eval_set, self._model_losses, saved)
+        self.sampler, self.train_set = plan.sampler, plan.train_set
+        if plan.report is not None:
+            self.data_report["curriculum"] = plan.report
+            for warning in plan.report["warnings"] if strategy.is_main else []:
+                log.warning("%s", warning)
+        self.feed = StepFeeder(self.train_set, self.sampler, cfg, self.pad_id, strategy, dims.flops)
+        probes = build_probes(cfg, self.eval_set, self.tokenizer) if cfg.eval.every_steps else []
+        self.evaluator = Evaluator(
+            cfg, self.eval_set, plan.eval_buckets, eval_sources, probes, self.tokenizer, self.chat_template
+        )
+        self.start_step = 0
+        if self.resume_from is not None:
+            load_checkpoint(self.resume_from, strategy, self.model, self.optimizer)
+            self.start_step = resumed.step
+
+        # The run's outputs, once the inputs proved good: a failed start leaves no trace
+        if strategy.is_main:
+            prepare_output_dir(cfg, self.data_report, resumed=self.resume_from is not None)
+        wandb_run_id = continued_wandb_run(self.resume_from, resumed, self.output_dir) or uuid.uuid4().hex[:12]
+        self.metrics = build_metrics_logger(
+            cfg.wandb,
+            self.output_dir,
+            OmegaConf.to_container(OmegaConf.structured(cfg)),
+            strategy.is_main,
+            run_id=wandb_run_id,
+            resume_step=self.start_step if self.resume_from is not None else None,
+        )
+        self.hf = HFWriter(cfg, strategy, self.model, self.tokenizer, self.data_report)
+        self.checkpointer = Checkpointer(
+            cfg, strategy, self.hf, self.identity, wandb_run_id, plan.report, plan.row_buckets
+        )
+        self.stops = StopPolicy(self.stop_signals, strategy.all_sum, cfg.train.stop_after_step, cfg.train.max_steps)
+        self.steplog = StepLog(
+            cfg, self.metrics, strategy, self.sampler, dims, peak_tflops(self.device, cfg.train.peak_tflops),
+            self.loss_impl,
+        )  # fmt: skip
+        if strategy.is_main:
+            log_plan(
+                cfg, self.data_report, world_size=strategy.world_size, device=self.device, num_params=self.num_params,
+                num_trained=self.num_trained, attention=self.attention, loss_why=self.runner.loss_why,
+                sampler=self.sampler, resume_from=self.resume_from, start_step=self.start_step,
+            )  # fmt: skip
+
+    def _model_losses(self) -> np.ndarray:
+        """The base model's loss of every prepared sample (cached), scored in rows of data.max_length tokens at
+        most (packed attention costs the square of a row's length)."""
+        self.model.eval()
+        score = lambda: score_model_loss(  # noqa: E731
+            self.train_set.table, self.runner.logits, self.cfg.data.max_length, self.pad_id, self.strategy, self.device
+        )
+        return cached_model_loss(self.cfg, self.data_report["fingerprint"], score, self.strategy.is_main)
+
+    def fit(self) -> dict[str, Any]:
+        """Train from ``start_step`` to ``train.max_steps``, checkpointing on the way, then export ``final/``; return
+        the last step's metrics. A stop signal ends it at a step boundary, after a checkpoint, with
+        ``stopped_by`` (the signal's name) in the result."""
+        t = self.cfg.train
+        start, metrics = time.perf_counter(), {}
+        with self.steplog.progress(self.start_step):
+            if self.stops.share_done(self.start_step):  # a requeue of a job that had already reached it
+                return self._end_share(self.start_step, metrics)
+            if self.stops.signalled():  # a signal came during the set-up: stop before the first step
+                return self._end_signalled(self.start_step, metrics)
+            if self.evaluator.due_before_training(self.start_step):
+                self.steplog.write(-1, self.evaluate(0))  # the baseline, logged as step 0
+            for step, samples, micro_batches in self.feed.steps(self.start_step, t.max_steps):
+                # The grad sum of the step's token mean over all ranks, clipped, then the optimizer's step
+                lr = lr_at(step, t)
+                set_lr(self.optimizer, lr)
+                step_start = time.perf_counter()
+                stats = self.runner.train_step(micro_batches)
+                if not math.isfinite(stats["loss"]):  # never train on, or export, a diverged model
+                    raise FloatingPointError(
+                        f"step {step + 1}: the loss is {stats['loss']} (lr {lr:.3g}); "
+                        "lower train.lr, or check the data and precision"
+                    )
+                metrics = self.steplog.metrics(
+                    step, lr, stats, samples, micro_batches, time.perf_counter() - step_start
+                )
+                done = step + 1
+                if self.evaluator.due(done):
+                    metrics.update(self.evaluate(done))
+                self.steplog.write(step, metrics)
+                # Every rank stops at the same step boundary, after a checkpoint
+                signalled, share_done = self.stops.signalled(), self.stops.share_done(done)
+                if self.checkpointer.due(done, stopping=signalled or share_done):
+                    self.checkpointer.save(done, self.model, self.optimizer)
+                if share_done:  # also when a signal came in this step: the job's work is done, not cut short
+                    return self._end_share(done, metrics)
+                if signalled and done < t.max_steps:  # at the last step, the export is what is left to do
+                    return self._end_signalled(done, metrics)
+        wall = time.perf_counter() - start
+        self.steplog.done(self.start_step, wall, self.hf.export(self.output_dir / FINAL_DIR, self.output_dir))
+        self.strategy.barrier()
+        self._fitted = True
+        return {**metrics, "wall_s": wall}
+
+    def _end_share(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        self._fitted = True
+        return {**metrics, **self.stops.end_share(step, self.strategy.is_main)}
+
+    def _end_signalled(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """(before the first step, the checkpoint is the one resumed from, if any)"""
+        checkpoint = step_dir(checkpoints_dir(self.output_dir), step) if step > self.start_step else self.resume_from
+        self._fitted = True
+        return {**metrics, **self.stops.end_signalled(step, checkpoint, self.output_dir, self.strategy.is_main)}
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The eval metrics after ``step`` steps (sftdist.evaluation); the probes' answers go to probes.jsonl and
+        W&B."""
+        metrics = self.evaluator.losses(self._loss_sums, self.strategy.all_sum)
+        probed, rows = self.evaluator.probe(
+            self.strategy.unwrap(self.model),
+            self.strategy,
+            self.hf.probe_stop_ids,
+            self.pad_id,
+            self.device,
+            self.runner.autocast,
+        )
+        self.metrics.log_probes(rows, step)
+        return {**metrics, **probed}
+
+    def _loss_sums(self, samples: list) -> tuple[float, int]:
+        """(summed cross-entropy, supervised tokens) of these samples on this rank (its share of them)."""
+        return self.runner.loss_sums(self.feed.eval_batches(samples))
+
+    def close(self) -> None:
+        """Release what the run holds, whether it finished or failed: the metrics file, W&B, the process group.
+        Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.metrics is not None:
+            self.metrics.close()
+        try:
+            if self._fitted:  # every rank leaves once rank 0's files are closed: a launcher that ends the others
+                self.strategy.barrier()  # when the first exits (srun --kill-on-bad-exit, after a stop) cuts nothing
+        finally:
+            if hasattr(self, "strategy"):
+                self.strategy.close()
+            self.stop_signals.__exit__(None, None, None)
