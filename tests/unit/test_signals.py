@@ -84,3 +84,18 @@ def test_a_forked_worker_ended_by_sigterm_dies_and_does_not_stop_the_run():
     proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "True None\n"  # the child got the default action; the parent saw no signal
+
+
+def test_release_all_restores_the_handlers_of_trainers_never_closed():
+    """tests/conftest.py's guard: StopSignals left entered (nested, as two Trainers set up and never closed) are
+    exited newest first, so the handler from before the first comes back."""
+    import signal
+
+    from sftdist.signals import StopSignals, release_all
+
+    before = signal.getsignal(signal.SIGTERM)
+    StopSignals(5).__enter__()
+    StopSignals(5).__enter__()
+    assert signal.getsignal(signal.SIGTERM) is not before
+    assert release_all() == 2 and release_all() == 0
+    assert signal.getsignal(signal.SIGTERM) is before
