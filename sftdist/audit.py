@@ -32,7 +32,8 @@ def role_token_counts(
     (the header that ends an answer where a template writes no end-of-turn token is in the next message's region, or
     after the last one). A sample that is not the single render of its conversation (one of several serving-exact
     samples, or a prompt and answer tokenized apart) has its untrained tokens counted as "context"."""
-    from sftdist.data.template import TemplateSplitError, assistant_char_spans
+    from sftdist.data.samples import assistant_char_spans
+    from sftdist.data.template import TemplateSplitError
 
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     messages, tools, _ = ct.adapt(conv["messages"], conv["tools"])

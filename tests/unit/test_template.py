@@ -76,7 +76,7 @@ def test_a_template_that_rewrites_earlier_turns_gives_a_sample_per_turn_as_serve
     """Renders an earlier answer's content away: the single render is not what a server saw at the second turn, so
     each turn is a sample of its own that starts with its prompt and trains its answer once; encode_conversation
     refuses to pretend it is one sample."""
-    from sftdist.data.template import encode_samples
+    from sftdist.data.samples import encode_samples
 
     template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>a\n' }}"
@@ -286,7 +286,8 @@ def test_the_fast_renderer_renders_what_apply_chat_template_renders(demo_tokeniz
 def test_json_is_serialised_once_per_conversation_and_stays_exact(demo_tokenizer):
     """Within one conversation's renders each value is serialised to JSON once; values the template builds and
     drops (whose ids Python reuses) still serialise to themselves, and the spans' text is apply_chat_template's."""
-    from sftdist.data.template import ChatTemplate, assistant_char_spans
+    from sftdist.data.samples import assistant_char_spans
+    from sftdist.data.template import ChatTemplate
 
     ct = ChatTemplate(
         demo_tokenizer,
@@ -323,7 +324,8 @@ def test_json_is_serialised_once_per_conversation_and_stays_exact(demo_tokenizer
     ],
 )
 def test_template_oddities_render_or_fail_as_apply_chat_template_does(demo_tokenizer, template):
-    from sftdist.data.template import ChatTemplate, assistant_char_spans
+    from sftdist.data.samples import assistant_char_spans
+    from sftdist.data.template import ChatTemplate
 
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     try:
