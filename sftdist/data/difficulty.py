@@ -118,25 +118,14 @@ def build_sampler(
     model_losses: Callable[[], np.ndarray],
     saved: tuple[np.ndarray, dict[str, Any]] | None = None,
 ) -> SamplerPlan:
-    """The step sampler: uniform (curriculum=none), or the curriculum's (:func:`build_curriculum`; ``saved``: the
-    buckets and report a resumed run reads from its checkpoint)."""
-    if cfg.curriculum.name == "none":
-        return SamplerPlan(StepSampler(len(train_set), cfg.train.global_batch_size, cfg.seed), train_set)
-    return build_curriculum(cfg, train_set, eval_set, model_losses, saved)
-
-
-def build_curriculum(
-    cfg: SFTConfig,
-    train_set: EncodedSet,
-    eval_set: EncodedSet,
-    model_losses: Callable[[], np.ndarray],
-    saved: tuple[np.ndarray, dict[str, Any]] | None = None,
-) -> SamplerPlan:
-    """The curriculum's sampler, the training set it draws from, the buckets and their report.
+    """The step sampler: uniform (curriculum=none), or the curriculum's, with the training set it draws from, the
+    buckets and their report.
 
     ``saved``: the buckets and report of the checkpoint being resumed (never recomputed: a model_loss recomputed
     elsewhere could move a sample across an edge by a rounding). ConfigError/DataError name what is wrong.
     """
+    if cfg.curriculum.name == "none":
+        return SamplerPlan(StepSampler(len(train_set), cfg.train.global_batch_size, cfg.seed), train_set)
     c, t = cfg.curriculum, cfg.train
     row_buckets, report = (
         saved if saved is not None else assign_buckets(train_set.table, train_set.rows, c, model_losses)
