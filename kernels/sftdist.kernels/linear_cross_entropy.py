@@ -30,11 +30,13 @@ made in bf16, then cast and added: three more passes over a weight-sized tensor.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 MIN_CHUNK_LOGITS = 2**25  # on a CPU, a chunk's logits hold at least this many values (see the module's docstring)
 MIN_CHUNK_TOKENS_GPU = 4096  # on a GPU, a chunk has at least this many tokens,
@@ -77,8 +79,10 @@ def fused_accumulate(device: torch.device) -> bool:
         try:
             torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
             _FUSED_ACCUMULATE[device.type] = bool((acc == 3).all())
-        except (RuntimeError, TypeError):  # NotImplementedError (no kernel) is a RuntimeError
+        except (RuntimeError, TypeError) as err:  # NotImplementedError (no kernel, as on a CPU) is a RuntimeError
             _FUSED_ACCUMULATE[device.type] = False
+            if device.type != "cpu":  # (said once: the sum is made in bf16, cast and added instead; same result)
+                log.info("chunked loss on %s: addmm cannot add into fp32 here (%s); casting and adding", device, err)
     return _FUSED_ACCUMULATE[device.type]
 
 
