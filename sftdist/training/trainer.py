@@ -68,6 +68,11 @@ class Trainer:
             self.close()
             raise
 
+    @property
+    def loss_impl(self) -> str:
+        """The loss implementation the run uses (chosen at set-up: ModelRunner.choose_loss_impl)."""
+        return self.runner.loss_impl
+
     def __enter__(self) -> Trainer:
         return self
 
@@ -124,7 +129,6 @@ class Trainer:
         )
         self.runner = ModelRunner(self.model, self.optimizer, strategy, cfg, self.pad_id)
         self.runner.choose_loss_impl(self.train_set[0])
-        self.loss_impl = self.runner.loss_impl
 
         # What each step draws: before the checkpoint's weights load (a curriculum's model_loss is the base's)
         saved = read_curriculum(self.resume_from, resumed) if cfg.curriculum.name != "none" else None
@@ -163,7 +167,7 @@ class Trainer:
         self.stops = StopPolicy(self.stop_signals, strategy.all_sum, cfg.train.stop_after_step, cfg.train.max_steps)
         self.steplog = StepLog(
             cfg, self.metrics, strategy, self.sampler, dims, peak_tflops(self.device, cfg.train.peak_tflops),
-            self.loss_impl,
+            self.runner.loss_impl,
         )  # fmt: skip
         if strategy.is_main:
             log_plan(
