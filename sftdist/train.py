@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import sys
 
-from sftdist.cli import hydra_main
+from sftdist.cli.common import hydra_main
 from sftdist.config import SFTConfig
-from sftdist.signals import EXIT_STOPPED, check_launcher_grace, stopped_earlier_in_this_launch
+from sftdist.run.signals import EXIT_STOPPED, check_launcher_grace, stopped_earlier_in_this_launch
 
 
 def train(cfg: SFTConfig) -> None:
@@ -35,7 +35,7 @@ def train(cfg: SFTConfig) -> None:
 def main() -> None:
     if "--check" in sys.argv[1:]:  # ours, not Hydra's: validate the config and its inputs, train nothing
         sys.argv.remove("--check")
-        from sftdist.preflight import check
+        from sftdist.cli.check import check
 
         hydra_main("sftdist-train", check)
     else:

@@ -57,7 +57,7 @@ for ((i = 1; i <= last; i++)); do
     var="PHASE${i}_ARGS"
     phase_args+=(--phase "${!var:-}")
 done
-plan="$("$VENV/bin/python" -m sftdist.jobs ${phase_args[@]+"${phase_args[@]}"} "${overrides[@]}")" || exit 2
+plan="$("$VENV/bin/python" -m sftdist.cli.phases ${phase_args[@]+"${phase_args[@]}"} "${overrides[@]}")" || exit 2
 mapfile -t phases <<< "$plan"
 ((last <= ${#phases[@]})) || die "PHASE${last}_*: the curriculum has ${#phases[@]} phases"
 

@@ -38,6 +38,6 @@ def _no_stop_signal_handler_left():
     set up, or one whose test failed before ``close()``) would otherwise keep its handler, and a SIGTERM to pytest (a
     CI timeout) would wait for a stop that never comes, then exit 143 with no report."""
     yield
-    from sftdist.signals import release_all
+    from sftdist.run.signals import release_all
 
     release_all()

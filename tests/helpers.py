@@ -242,7 +242,7 @@ def assert_real_plot(path: Path) -> None:
     import matplotlib.image
     import numpy as np
 
-    from sftdist.report import DPI, FIGSIZE
+    from sftdist.cli.report import DPI, FIGSIZE
 
     pixels = matplotlib.image.imread(str(path))
     assert pixels.shape[:2] == (int(FIGSIZE[1] * DPI), int(FIGSIZE[0] * DPI)), path

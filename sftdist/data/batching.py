@@ -113,7 +113,7 @@ class MicroBatch:
     cu_seqlens: torch.Tensor | None = None  # (N + 1,) int32 packed: sample boundaries
     max_seqlen: int = 0  # packed: the longest sample
     # Flat positions (into targets.flatten()) of the supervised targets: found on the host, where the targets are
-    # made, so that selecting them on a device never waits for it (sftdist.loss).
+    # made, so that selecting them on a device never waits for it (sftdist.training.loss).
     supervised_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:

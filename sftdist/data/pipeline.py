@@ -595,7 +595,7 @@ def build_datasets(
         "records_train": int(len(np.unique(record_of[train_rows]))) if len(train_rows) else 0,
         "records_eval": int(len(np.unique(record_of[eval_rows]))) if len(eval_rows) else 0,
         "train_samples_per_epoch": int(len(train_rows)),
-        # What the sample stream draws from: a resumed run must draw from the very same rows (sftdist.resume).
+        # What the sample stream draws from: a resumed run must draw from the very same rows (sftdist.run.identity).
         "train_rows_hash": hashlib.sha256(np.asarray(train_rows, dtype=np.int64).tobytes()).hexdigest()[:16],
     }
     return EncodedSet(table, train_rows), EncodedSet(table, eval_rows), report

@@ -11,7 +11,7 @@ from typing import Any
 
 from sftdist.config import WandbConfig
 from sftdist.errors import ConfigError
-from sftdist.layout import METRICS_FILE, PROBES_FILE
+from sftdist.run.layout import METRICS_FILE, PROBES_FILE
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ A step, whatever the strategy::
 
 ``grad_divisor`` is what the strategy's gradient reduction divides by (the data-parallel world size for
 DDP, FSDP2 and ZeRO-3, which all average): multiplying it back in makes the reduced gradient the gradient
-of the step's token-mean loss, on any number of ranks (sftdist.loss does the multiplication).
+of the step's token-mean loss, on any number of ranks (sftdist.training.loss does the multiplication).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The DeepSpeed config is generated from ours (precision, clipping, the strategy.*
 the number of micro-batches in a step follows from the data, so DeepSpeed is told one micro-step per step
 (``gradient_accumulation_steps: 1``, which also means its ``backward`` never rescales the loss) and the step's
 boundary is set by hand before each micro-batch. ZeRO averages gradients over the ranks; ``grad_divisor``
-says so, and sftdist.loss compensates.
+says so, and sftdist.training.loss compensates.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class ZeRO3Strategy(DistributedStrategy):
         return {k: v for k, v in state.items() if k in keys}
 
     # Checkpoints in DeepSpeed's own format: each rank's partition of the fp32 masters and optimizer state. They load
-    # on the same number of processes only (DeepSpeed refuses another); sftdist.resume says so at start.
+    # on the same number of processes only (DeepSpeed refuses another); sftdist.run.identity says so at start.
     checkpoint_format = FORMAT
     reshards = False
 

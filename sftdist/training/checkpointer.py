@@ -1,5 +1,5 @@
 """When and what a run checkpoints: ``checkpoints/step_N`` on the cadence (``checkpoint.every_steps`` and the last
-step) and before any early stop, holding everything an exact resume needs (sftdist.checkpoint writes it)."""
+step) and before any early stop, holding everything an exact resume needs (sftdist.run.checkpoint writes it)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from sftdist import __version__
-from sftdist.checkpoint import CURRICULUM_FILE, HF_DIR, TrainerState, checkpoints_dir, save_checkpoint
 from sftdist.config import SFTConfig
 from sftdist.parallel import Strategy
-from sftdist.resume import flat_config
+from sftdist.run.checkpoint import checkpoints_dir, save_checkpoint
+from sftdist.run.identity import flat_config
+from sftdist.run.layout import CURRICULUM_FILE, HF_DIR
+from sftdist.run.state import TrainerState
 from sftdist.training.hf import HFWriter
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from sftdist.config import SFTConfig
+from sftdist.curriculum.sampler import CurriculumSampler
 from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
-from sftdist.data.curriculum import CurriculumSampler
 from sftdist.data.pipeline import EncodedSet, Sample
 from sftdist.parallel import Strategy
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from sftdist import __version__
 from sftdist.config import SFTConfig
-from sftdist.export import export_hf, export_lora, stop_token_ids, write_hf_meta
 from sftdist.model import base_model_weights, checkpoint_dtype
 from sftdist.parallel import Strategy
+from sftdist.run.export import export_hf, export_lora, stop_token_ids, write_hf_meta
 
 
 class HFWriter:
@@ -24,7 +24,7 @@ class HFWriter:
     def export(self, out_dir: Path, scratch: Path) -> Path:
         """The Hugging Face directory of the trained model (weights gathered by the strategy: every rank calls it),
         in the dtype it came in: the same as ``sftdist-export`` of a checkpoint. With LoRA: the adapter there, and
-        the merged model beside it (sftdist.export.export_lora). ``scratch``: where the meta files are made."""
+        the merged model beside it (sftdist.run.export.export_lora). ``scratch``: where the meta files are made."""
         c = self.cfg.model
         state_dict = self.strategy.full_state_dict(self.model, trainable_only=c.lora.enabled)
         if self.strategy.is_main:

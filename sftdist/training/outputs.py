@@ -11,9 +11,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sftdist.checkpoint import checkpoints_dir
 from sftdist.config import SFTConfig
-from sftdist.layout import CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, STOPPED_FILE
+from sftdist.run.checkpoint import checkpoints_dir
+from sftdist.run.layout import CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, STOPPED_FILE
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,15 @@ import torch
 from sftdist.config import SFTConfig
 from sftdist.data.batching import MicroBatch, build_micro_batches
 from sftdist.data.pipeline import Sample
-from sftdist.loss import cross_entropy_sum, install_loss_head, loss_impl, step_normalised_loss, supervised_targets
 from sftdist.model.attention import packed_attention_kwargs
 from sftdist.parallel import Strategy
+from sftdist.training.loss import (
+    cross_entropy_sum,
+    install_loss_head,
+    loss_impl,
+    step_normalised_loss,
+    supervised_targets,
+)
 
 
 class ModelRunner:
@@ -50,15 +56,15 @@ class ModelRunner:
             return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
 
     def ce_sum(self, mb: MicroBatch, impl: str | None = None) -> torch.Tensor:
-        """The micro-batch's summed cross-entropy over its supervised targets (sftdist.loss), as ``impl`` (default:
-        the run's) computes it: chunked, the model's head returns it in place of the logits."""
+        """The micro-batch's summed cross-entropy over its supervised targets (training.loss), as ``impl`` (default: the
+        run's) computes it: chunked, the model's head returns it in place of the logits."""
         if (impl or self.loss_impl) == "chunked":
             with supervised_targets(self.strategy.unwrap(self.model), mb.targets, mb.supervised_index):
                 return self.logits(mb)
         return cross_entropy_sum(self.logits(mb), mb.targets)
 
     def choose_loss_impl(self, first_sample: Sample) -> None:
-        """train.loss_impl resolved (sftdist.loss.loss_impl), checked on the first training sample both ways through
+        """train.loss_impl resolved (training.loss.loss_impl), checked on the first training sample both ways through
         the strategy's model; rank 0's answer for all (every rank runs the same forwards)."""
         if self.cfg.train.loss_impl != "naive":
             install_loss_head(self.strategy.unwrap(self.model))

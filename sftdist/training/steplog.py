@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from sftdist.config import SFTConfig
+from sftdist.curriculum.sampler import BUCKETS, CurriculumSampler
 from sftdist.data.batching import MicroBatch, StepSampler
-from sftdist.data.curriculum import BUCKETS, CurriculumSampler
 from sftdist.data.pipeline import Sample
 from sftdist.metrics import MetricsLogger
 from sftdist.metrics.flops import ModelDims

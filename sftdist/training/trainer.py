@@ -19,23 +19,23 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from sftdist.checkpoint import checkpoints_dir, load_checkpoint, read_curriculum, step_dir
 from sftdist.config import SFTConfig
-from sftdist.data.difficulty import build_sampler
+from sftdist.curriculum.difficulty import build_sampler
+from sftdist.curriculum.model_loss import cached_model_loss, score_model_loss
 from sftdist.data.pipeline import build_datasets
 from sftdist.errors import ConfigError
-from sftdist.evaluation import Evaluator, build_eval_sources, build_probes
-from sftdist.layout import FINAL_DIR
 from sftdist.metrics import build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
 from sftdist.model import build_model, build_tokenizer, max_positions, model_weights, num_parameters, pad_token_id
 from sftdist.model.attention import apply_packed_attention, resolve_backend
 from sftdist.model.lora import check_qlora
 from sftdist.parallel import build_strategy, check_world_size
-from sftdist.resume import continued_wandb_run, find_checkpoint, run_identity
-from sftdist.scoring import cached_model_loss, score_model_loss
-from sftdist.signals import StopPolicy, StopSignals
+from sftdist.run.checkpoint import checkpoints_dir, load_checkpoint, read_curriculum, step_dir
+from sftdist.run.identity import continued_wandb_run, find_checkpoint, run_identity
+from sftdist.run.layout import FINAL_DIR
+from sftdist.run.signals import StopPolicy, StopSignals
 from sftdist.training.checkpointer import Checkpointer
+from sftdist.training.evaluation import Evaluator, build_eval_sources, build_probes
 from sftdist.training.feed import StepFeeder
 from sftdist.training.hf import HFWriter
 from sftdist.training.optim import build_optimizer, lr_at, set_lr
@@ -242,7 +242,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """The eval metrics after ``step`` steps (sftdist.evaluation); the probes' answers go to probes.jsonl and
+        """The eval metrics after ``step`` steps (training.evaluation); the probes' answers go to probes.jsonl and
         W&B."""
         metrics = self.evaluator.losses(self._loss_sums, self.strategy.all_sum)
         probed, rows = self.evaluator.probe(

@@ -48,7 +48,7 @@ COMMON = [
 def worker(model: str, strategy: str, out: Path, repeats: int) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import compose
-    from sftdist.checkpoint import load_checkpoint
+    from sftdist.run.checkpoint import load_checkpoint
     from sftdist.training import Trainer
 
     trainer = Trainer(compose(*COMMON, *MODELS[model], f"strategy={strategy}", f"output_dir={out}"))

@@ -1,6 +1,6 @@
 """Peak memory and time of the loss layer (output head + cross-entropy, forward and backward): the naive path
-(sftdist.loss.cross_entropy_sum of the full logits, train.loss_impl=naive) against the chunked one on the supervised
-positions only (sftdist.kernels.linear_cross_entropy, train.loss_impl=chunked).
+(sftdist.training.loss.cross_entropy_sum of the full logits, train.loss_impl=naive) against the chunked one on the
+supervised positions only (sftdist.kernels.linear_cross_entropy, train.loss_impl=chunked).
 
     .venv/bin/python tests/bench/bench_loss_layer.py                  # the CPU case: 4096 tokens x 32k vocab x 1024
     .venv/bin/python tests/bench/bench_loss_layer.py --device cuda    # + 16k tokens x 128k vocab x 4096, bf16
@@ -71,7 +71,7 @@ def run_one(variant: str, device: str, tokens: int, vocab: int, hidden: int, dty
     import torch
 
     from sftdist.kernels import linear_cross_entropy as lce
-    from sftdist.loss import cross_entropy_sum
+    from sftdist.training.loss import cross_entropy_sum
 
     torch.manual_seed(0)
     compute = torch.bfloat16 if dtype == "bf16" else torch.float32

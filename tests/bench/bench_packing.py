@@ -73,8 +73,8 @@ def gpu_throughput(steps: int = 20) -> None:
 
     from sftdist.data.batching import build_micro_batches
     from sftdist.data.pipeline import Sample
-    from sftdist.loss import cross_entropy_sum, step_normalised_loss
     from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
+    from sftdist.training.loss import cross_entropy_sum, step_normalised_loss
 
     tokenizer = build_tokenizer()
     lengths = sample_lengths(tokenizer)["alpaca_en_demo.json"]

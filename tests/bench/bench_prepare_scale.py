@@ -75,7 +75,7 @@ def run_prepare(data: Path, out: Path, model: Path, extra: list[str]) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "sftdist.prepare",
+        "sftdist.cli.prepare",
         f"output_dir={out}",
         f"model.name_or_path={model}",
         f"data.path={data}",

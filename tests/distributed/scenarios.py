@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 
 from helpers import compose, fit_and_close, full_grads, record_sample_steps, signal_during_step
-from sftdist.checkpoint import CheckpointError
 from sftdist.errors import ConfigError
+from sftdist.run.checkpoint import CheckpointError
 from sftdist.training import Trainer
 
 STRATEGIES = ("ddp", "fsdp2", "zero3")

@@ -30,9 +30,9 @@ from helpers import (
     record_sample_steps,
 )
 from launching import launch_scenarios, load_scenarios, scenario_ok, torchrun_env
-from sftdist.checkpoint import MARKER
-from sftdist.export import export_checkpoint
-from sftdist.signals import STOPPED_FILE
+from sftdist.run.export import export_checkpoint
+from sftdist.run.layout import MARKER
+from sftdist.run.signals import STOPPED_FILE
 from sftdist.training import Trainer
 
 scenarios = load_scenarios()

@@ -165,7 +165,7 @@ def test_a_dataset_dict_split_is_chosen_by_data_split(reference, tmp_path):
     assert _prepare(tmp_path / "dd", split="test")[0] == reference
     with pytest.raises(DataError, match="without the split 'validation' \\(it has train, test\\); set data.split"):
         _prepare(tmp_path / "dd", split="validation")
-    from sftdist.evaluation import build_eval_sources  # an eval set from the same directory's test split
+    from sftdist.training.evaluation import build_eval_sources  # an eval set from the same directory's test split
 
     sets, _ = build_eval_sources(
         compose(f"eval.sources=[{{path: {tmp_path / 'dd'}, split: test}}]"), TOKENIZER, TEMPLATE

@@ -111,7 +111,7 @@ def test_a_plain_end_of_turn_token_never_becomes_a_stop_token(caplog):
     """Turns that end in an ordinary token (a marker the tokenizer splits, say): stopping there would cut
     generations wherever that token appears, so export keeps the model's own stop tokens and warns."""
     from sftdist.data.demo import load_demo_tokenizer
-    from sftdist.export import stop_token_ids
+    from sftdist.run.export import stop_token_ids
 
     tokenizer = load_demo_tokenizer()
     plain, special = tokenizer.convert_tokens_to_ids(["\u010a", "<|im_end|>"])  # "\n" in byte-level BPE

@@ -207,7 +207,7 @@ def test_split_records_stay_together_and_inspect_says_how_they_were_split(tmp_pa
     repeats."""
     import numpy as np
 
-    from sftdist.audit import inspect_data
+    from sftdist.cli.inspect import inspect_data
     from sftdist.data.pipeline import split_and_weight
 
     records = []

@@ -24,7 +24,7 @@ from helpers import (
 from sftdist.config import ConfigError
 from sftdist.data.demo import generate_demo_conversations
 from sftdist.errors import DataError
-from sftdist.signals import STOPPED_FILE
+from sftdist.run.signals import STOPPED_FILE
 from sftdist.training import Trainer
 
 COMMON = (
@@ -188,7 +188,7 @@ def test_schedules_the_data_cannot_serve_fail_before_anything_is_written(tmp_pat
 
 
 def test_sftdist_inspect_shows_the_buckets_per_source():
-    from sftdist.audit import inspect_data
+    from sftdist.cli.inspect import inspect_data
 
     text = inspect_data(["data.demo_size=300", "curriculum.difficulty=turns"], 0, None, False, 10)
     line = next(line for line in text.splitlines() if line.startswith("difficulty buckets"))

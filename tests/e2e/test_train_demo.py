@@ -250,7 +250,7 @@ def test_a_global_batch_larger_than_the_data_is_refused(tmp_path):
 
 def test_final_records_the_template_and_export_warns_when_it_changed(demo_run, tmp_path, caplog):
     from sftdist.data.template import template_hash
-    from sftdist.export import check_export_template
+    from sftdist.run.export import check_export_template
 
     out, trainer, _ = demo_run
     info = json.loads((out / "final" / "sftdist_training.json").read_text())

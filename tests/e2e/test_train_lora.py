@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from helpers import bitwise_equal, compose, fit_and_close, read_metrics, save_tiny_model
 from sftdist.config import LoRAConfig
 from sftdist.errors import ConfigError
-from sftdist.export import export_checkpoint
 from sftdist.model import build_model
 from sftdist.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_name, is_adapter
+from sftdist.run.export import export_checkpoint
 from sftdist.training import Trainer
 
 LORA = (
@@ -207,8 +207,8 @@ def test_a_changed_base_model_is_refused_by_resume_and_by_the_merged_export(tmp_
     """A LoRA checkpoint holds the adapters only: resuming or merging onto other base files would silently be wrong."""
     import os
 
-    from sftdist.checkpoint import CheckpointError
-    from sftdist.export import ExportError
+    from sftdist.run.checkpoint import CheckpointError
+    from sftdist.run.export import ExportError
 
     save_tiny_model(tmp_path / "base")
     args = (*LORA[:3], "train.max_steps=2", "eval.every_steps=0", "wandb.mode=disabled", "data.max_length=512")

@@ -28,10 +28,10 @@ from helpers import (
     save_tiny_model,
     signal_during_step,
 )
-from sftdist.checkpoint import MARKER, CheckpointError
+from sftdist.cli.report import build_report, load_run
 from sftdist.data.batching import collate_packed
-from sftdist.report import build_report, load_run
-from sftdist.signals import EXIT_STOPPED, STOPPED_FILE
+from sftdist.run.checkpoint import MARKER, CheckpointError
+from sftdist.run.signals import EXIT_STOPPED, STOPPED_FILE
 from sftdist.training import Trainer
 
 # 6 steps, checkpoints at 2, 4 and 6 (the last), eval at 3 and 6: small enough for a few seconds per run.
@@ -144,7 +144,7 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_a_plain_restart_finishes(strai
 # COMPLETE marker is written (the one moment a step_N directory exists but is torn).
 _KILL_IN_WRITE = """
 import os, signal, sys
-import sftdist.checkpoint as checkpoint
+import sftdist.run.checkpoint as checkpoint
 publish = checkpoint._publish
 def torn(tmp, final, step):
     if step == 4:
@@ -398,6 +398,6 @@ def test_the_rng_states_are_restored_so_dropout_draws_as_in_the_uninterrupted_ru
     straight = [m["train/loss"] for m in read_metrics(tmp_path / "straight")]
     assert stopped_and_resumed(tmp_path / "resumed") == straight
     # The check can fail: without the RNG states, the resumed steps draw other dropout masks.
-    monkeypatch.setattr("sftdist.checkpoint.restore_rng", lambda states: None)
+    monkeypatch.setattr("sftdist.run.checkpoint.restore_rng", lambda states: None)
     unrestored = stopped_and_resumed(tmp_path / "unrestored")
     assert unrestored[:2] == straight[:2] and unrestored[2:] != straight[2:]

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sftdist.checkpoint import (
-    MARKER,
-    STATE_FILE,
+from sftdist.metrics.trackers import JsonlTracker
+from sftdist.run.checkpoint import (
     CheckpointError,
     _publish,
     capture_rng,
@@ -22,8 +21,8 @@ from sftdist.checkpoint import (
     resolve_resume,
     restore_rng,
 )
-from sftdist.metrics.trackers import JsonlTracker
-from sftdist.resume import identity_differences
+from sftdist.run.identity import identity_differences
+from sftdist.run.layout import MARKER, STATE_FILE
 
 _STATE = {"world_size": 1, "strategy": {"name": "none", "format": "dcp"}, "identity": {}, "config": {}}
 
@@ -125,7 +124,7 @@ def test_auto_refuses_to_start_over_on_top_of_completed_checkpoints_it_cannot_re
 
 
 def test_a_restart_by_torchrun_after_a_stop_signal_stops_again(tmp_path, monkeypatch):
-    from sftdist.signals import STOPPED_FILE, record_stop, stopped_earlier_in_this_launch
+    from sftdist.run.signals import STOPPED_FILE, record_stop, stopped_earlier_in_this_launch
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
@@ -200,7 +199,7 @@ def test_loads_inside_deepspeed_checkpoints_are_weights_only(tmp_path):
 def test_the_export_refuses_weights_that_do_not_match_the_config():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftdist.export import ExportError, check_weights
+    from sftdist.run.export import ExportError, check_weights
 
     config = LlamaConfig(
         vocab_size=50,

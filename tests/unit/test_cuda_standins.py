@@ -170,7 +170,7 @@ def test_the_row_length_comes_from_the_host():
 def test_the_cuda_rng_state_is_this_ranks_device_only(monkeypatch):
     """Saved: the current device's state only, so a resume that sees fewer GPUs restores it; a checkpoint written
     before (every visible GPU's, by index) restores this device's."""
-    from sftdist.checkpoint import capture_rng, restore_rng
+    from sftdist.run.checkpoint import capture_rng, restore_rng
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -10,8 +10,8 @@ import pytest
 
 from helpers import compose
 from sftdist.config import ConfigError
-from sftdist.data.curriculum import BUCKETS, CurriculumSampler, Phase, check_schedule, phase_ends
-from sftdist.data.difficulty import MISSING, cut, meta_buckets
+from sftdist.curriculum.difficulty import MISSING, cut, meta_buckets
+from sftdist.curriculum.sampler import BUCKETS, CurriculumSampler, Phase, check_schedule, phase_ends
 
 THREE_PHASE = [Phase(0.2, (0.9, 0.1, 0.0)), Phase(0.6, (0.3, 0.5, 0.2)), Phase(1.0, (0.1, 0.4, 0.5))]
 

@@ -1,5 +1,5 @@
 """The chunked output head + cross-entropy (sftdist.kernels) against the plain path, and the loss head that puts it
-inside a model's forward (sftdist.loss)."""
+inside a model's forward (sftdist.training.loss)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import torch
 from helpers import compose
 from sftdist.errors import ConfigError
 from sftdist.kernels.linear_cross_entropy import chunk_size, linear_cross_entropy, linear_cross_entropy_reference
-from sftdist.loss import chunked_loss_problem, cross_entropy_sum, install_loss_head, loss_impl, supervised_targets
+from sftdist.training.loss import (
+    chunked_loss_problem,
+    cross_entropy_sum,
+    install_loss_head,
+    loss_impl,
+    supervised_targets,
+)
 
 
 def _inputs(n, vocab, hidden, supervised, seed=0, dtype=torch.float32):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sftdist.config import TrainConfig
-from sftdist.loss import cross_entropy_sum, step_normalised_loss
 from sftdist.training import lr_at
+from sftdist.training.loss import cross_entropy_sum, step_normalised_loss
 
 
 def _batch(rows, width, vocab, supervised_frac, seed):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, TEST_DATA, compose, save_tiny_model
+from sftdist.cli.check import check_inputs
 from sftdist.model import activation_checkpointing
-from sftdist.preflight import check_inputs
 
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
 GPUS_PER_NODE = 8  # what every recipe's header assumes, as slurm/sft.sh's #SBATCH --gpus-per-node does

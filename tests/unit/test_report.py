@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from helpers import assert_real_plot, html_images
+from sftdist.cli.report import build_report, load_run
 from sftdist.errors import InputError
-from sftdist.report import build_report, load_run
 
 
 def _write_run(directory: Path, steps: int = 30, curriculum: bool = False, scale: float = 1.0) -> Path:

@@ -12,7 +12,7 @@ import pytest
 
 _SCRIPT = """
 import signal, sys, time
-from sftdist.signals import StopSignals
+from sftdist.run.signals import StopSignals
 with StopSignals(timeout_s=float(sys.argv[1])) as stop:
     print("ready", flush=True)
     while stop.requested is None:
@@ -43,7 +43,7 @@ def test_the_first_signal_sets_the_flag_and_the_handlers_are_restored_after(sign
 
 
 def test_a_second_signal_stops_at_once_and_a_duplicate_of_the_first_does_not():
-    from sftdist.signals import SAME_EVENT_S
+    from sftdist.run.signals import SAME_EVENT_S
 
     proc = _start(60, "linger")
     proc.send_signal(signal.SIGTERM)
@@ -67,7 +67,7 @@ def test_the_timeout_after_the_first_signal_stops_at_once():
 
 _FORK_SCRIPT = """
 import os, signal, time
-from sftdist.signals import StopSignals
+from sftdist.run.signals import StopSignals
 with StopSignals(timeout_s=60) as stop:
     pid = os.fork()
     if pid == 0:  # a worker forked during the run (datasets.map, multiprocessing), ended by its pool's SIGTERM
@@ -91,7 +91,7 @@ def test_release_all_restores_the_handlers_of_trainers_never_closed():
     exited newest first, so the handler from before the first comes back."""
     import signal
 
-    from sftdist.signals import StopSignals, release_all
+    from sftdist.run.signals import StopSignals, release_all
 
     before = signal.getsignal(signal.SIGTERM)
     StopSignals(5).__enter__()

@@ -453,7 +453,7 @@ def test_glm_answers_end_on_the_header_that_follows_them_which_export_makes_a_st
     tokens name both."""
     from helpers import TEST_DATA, tiny_tokenizer
     from sftdist.data.template import bind_template
-    from sftdist.export import stop_token_ids
+    from sftdist.run.export import stop_token_ids
 
     template = (TEST_DATA / "chat_templates" / "glm4moe.jinja").read_text()
     tokenizer = tiny_tokenizer(GLM_TOKENS, eos="<|endoftext|>", template=template)
@@ -477,7 +477,7 @@ def test_glm_answers_end_on_the_header_that_follows_them_which_export_makes_a_st
         "Hello<|user|>",
         "Sure<|user|>",
     ]
-    from sftdist.audit import role_token_counts  # (sftdist-inspect: the trained headers are the assistant's)
+    from sftdist.cli.inspect import role_token_counts  # (sftdist-inspect: the trained headers are the assistant's)
 
     counts = role_token_counts(
         bind_template(tokenizer, template),

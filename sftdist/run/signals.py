@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sftdist.layout import STOPPED_FILE
+from sftdist.run.layout import STOPPED_FILE
 
 # Stopped by a signal after writing a checkpoint: resume by starting the same command again (sysexits' EX_TEMPFAIL,
 # "a temporary failure; the user is invited to retry").

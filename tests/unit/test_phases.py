@@ -1,4 +1,4 @@
-"""A curriculum run as one job per phase (sftdist.jobs, behind slurm/curriculum.sh): the phases' step ranges
+"""A curriculum run as one job per phase (sftdist.cli.phases, behind slurm/curriculum.sh): the phases' step ranges
 are the trainer's, each job's config is the run's with its phase's overrides and stop, and an override that
 would change the run is refused before anything is submitted, naming the key."""
 
@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from sftdist.cli.phases import plan_phases
 from sftdist.config import ConfigError
-from sftdist.data.curriculum import CurriculumSampler, config_phases
-from sftdist.jobs import plan_phases
+from sftdist.curriculum.sampler import CurriculumSampler, config_phases
 
 RUN = ["curriculum=three_phase", "output_dir=runs/x"]
 
@@ -68,7 +68,16 @@ def test_plans_that_cannot_work_are_refused():
 
 def test_the_command_prints_the_ends_and_fails_with_one_line():
     ok = subprocess.run(
-        [sys.executable, "-m", "sftdist.jobs", "--phase", "", "--phase", " train.lr=1e-4  checkpoint.keep=3", *RUN],
+        [
+            sys.executable,
+            "-m",
+            "sftdist.cli.phases",
+            "--phase",
+            "",
+            "--phase",
+            " train.lr=1e-4  checkpoint.keep=3",
+            *RUN,
+        ],
         capture_output=True,
         text=True,
     )
@@ -80,7 +89,9 @@ def test_the_command_prints_the_ends_and_fails_with_one_line():
     ]
     assert ok.stderr.splitlines() == ["phase 1: steps 1-40", "phase 2: steps 41-120", "phase 3: steps 121-200"]
     bad = subprocess.run(
-        [sys.executable, "-m", "sftdist.jobs", "--phase", "", "--phase", "seed=3", *RUN], capture_output=True, text=True
+        [sys.executable, "-m", "sftdist.cli.phases", "--phase", "", "--phase", "seed=3", *RUN],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("sftdist-train: config error: phase 2's overrides change seed 0 -> 3")

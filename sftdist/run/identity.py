@@ -23,9 +23,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sftdist.checkpoint import CheckpointError, TrainerState, checkpoints_dir, resolve_resume
 from sftdist.config import MODEL_EXECUTION_KEYS, SFTConfig
 from sftdist.model import model_identity
+from sftdist.run.checkpoint import CheckpointError, checkpoints_dir, resolve_resume
+from sftdist.run.state import TrainerState
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sftdist.cli import compose, fail, setup_logging
+from sftdist.cli.common import compose, fail, setup_logging
 from sftdist.config import CurriculumConfig, SFTConfig
 from sftdist.errors import ConfigError, DataError, InputError
 
@@ -193,7 +193,7 @@ def format_buckets(table: Any, c: CurriculumConfig) -> str:
     """The difficulty buckets a curriculum would draw from (every prepared record, per source)."""
     import numpy as np
 
-    from sftdist.data.difficulty import assign_buckets, bucket_report
+    from sftdist.curriculum.difficulty import assign_buckets, bucket_report
 
     if "model_loss" in (c.difficulty, c.fallback if c.difficulty == "meta" else None):
         return (
@@ -215,7 +215,7 @@ def format_buckets(table: Any, c: CurriculumConfig) -> str:
 def format_probes(cfg: SFTConfig, table: Any, report: dict, tokenizer: Any) -> str:
     """The generation probes a run with these settings asks at every eval, and the checks of each."""
     from sftdist.data.pipeline import EncodedSet, split_and_weight
-    from sftdist.evaluation import build_probes
+    from sftdist.training.evaluation import build_probes
 
     if not cfg.eval.every_steps:
         return "probes: none (eval.every_steps=0)"

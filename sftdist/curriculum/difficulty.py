@@ -4,7 +4,7 @@
   cut at ``curriculum.thresholds``. A record without one is scored by ``curriculum.fallback``
   (``curriculum.on_missing=fallback``) or left out of training, counted (``reject``).
 - ``length``: supervised tokens; ``turns``: assistant turns; ``model_loss``: the base model's token-mean loss
-  (sftdist.scoring). Each is cut into buckets at ``curriculum.quantiles`` (tertiles) of the training rows.
+  (sftdist.curriculum.model_loss). Each is cut into buckets at ``curriculum.quantiles`` (tertiles) of the training rows.
 
 Buckets are computed per row of the prepared table (so the eval rows get one too: ``eval/loss_<bucket>``), from
 the training rows' distribution.
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from sftdist.config import CurriculumConfig, SFTConfig
+from sftdist.curriculum.sampler import BUCKETS, CurriculumSampler, check_schedule, config_phases
 from sftdist.data.batching import StepSampler
-from sftdist.data.curriculum import BUCKETS, CurriculumSampler, check_schedule, config_phases
 from sftdist.data.pipeline import EncodedSet
 from sftdist.errors import DataError
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from sftdist.config import SFTConfig
-from sftdist.data.curriculum import BUCKETS
+from sftdist.curriculum.difficulty import MISSING
+from sftdist.curriculum.sampler import BUCKETS
 from sftdist.data.demo import DEMO_PROBES
-from sftdist.data.difficulty import MISSING
 from sftdist.data.pipeline import EncodedSet, Sample, prepare
 from sftdist.data.sources import source_name, uses_demo
 from sftdist.data.template import IGNORE_INDEX, bind_template

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sftdist.errors import InputError
-from sftdist.layout import DATA_REPORT_FILE, METRICS_FILE, PROBES_FILE
+from sftdist.run.layout import DATA_REPORT_FILE, METRICS_FILE, PROBES_FILE
 
 # (file, title, y label, [(metric key, label, style)]); "eval/*/loss" stands for every extra eval set.
 LOSS = [("train/loss", "train", "-"), ("eval/loss", "eval (held out)", "o-"), ("eval/*/loss", "eval: {name}", "s--")]

@@ -18,7 +18,6 @@ tiny demo model), since its checkpoints hold the adapters only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -252,8 +251,10 @@ def export_checkpoint(
     """``sftdist-export``: a checkpoint (or a run directory's newest complete one) -> a Hugging Face directory; a
     LoRA run's: the adapter, and the merged model in ``<out_dir>_merged`` (unless ``merged`` is false, or the run
     set ``model.lora.merged_export=false``)."""
-    from sftdist.checkpoint import HF_DIR, STATE_DIR, TrainerState, resolve_resume
     from sftdist.parallel import full_model_state_dict
+    from sftdist.run.checkpoint import resolve_resume
+    from sftdist.run.layout import HF_DIR, STATE_DIR
+    from sftdist.run.state import TrainerState
 
     path = resolve_resume(str(checkpoint), checkpoint, key="checkpoint")
     state = TrainerState.read(path)
@@ -283,7 +284,7 @@ def export_checkpoint(
 def _check_base(path: Path, state: dict[str, Any], cfg: ModelConfig, seed: int) -> None:
     """The base a LoRA checkpoint's adapter is merged into must be the one it was trained on: ExportError otherwise."""
     from sftdist.model import model_identity
-    from sftdist.resume import BASE_MODEL
+    from sftdist.run.identity import BASE_MODEL
 
     try:
         current = model_identity(cfg, seed)
@@ -297,7 +298,7 @@ def _check_base(path: Path, state: dict[str, Any], cfg: ModelConfig, seed: int) 
 
 
 def _model_config(flat: dict[str, Any]) -> tuple[ModelConfig, int]:
-    """The model config and seed of a checkpoint's run, from its flat config (sftdist.resume.flat_config)."""
+    """The model config and seed of a checkpoint's run, from its flat config (sftdist.run.identity.flat_config)."""
     from omegaconf import OmegaConf
 
     nested = OmegaConf.create()
@@ -305,30 +306,3 @@ def _model_config(flat: dict[str, Any]) -> tuple[ModelConfig, int]:
         if key.startswith("model."):
             OmegaConf.update(nested, key[len("model.") :], value, force_add=True)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), nested)), int(flat.get("seed", 0))
-
-
-def main(argv: list[str] | None = None) -> None:
-    from sftdist.cli import fail, setup_logging
-    from sftdist.errors import InputError
-
-    parser = argparse.ArgumentParser(prog="sftdist-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a checkpoints/step_N directory, or a run's output_dir")
-    parser.add_argument("out", type=Path, help="the Hugging Face directory to write (replaced if it exists)")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the model config's own code")
-    parser.add_argument(
-        "--no-merged", action="store_true", help="LoRA: write the adapter only, not the merged model (OUT_merged)"
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        out = export_checkpoint(
-            args.checkpoint, args.out, args.max_shard_size, args.trust_remote_code, merged=not args.no_merged
-        )
-    except (InputError, ExportError, FileNotFoundError) as err:
-        fail("sftdist-export", "error", err)
-    log.info("exported to %s", out)
-
-
-if __name__ == "__main__":
-    main()

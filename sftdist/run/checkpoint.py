@@ -5,7 +5,7 @@
                             (torch.distributed.checkpoint for none/ddp/fsdp2, DeepSpeed's own for zero3)
         rng/rank_R.json     each rank's RNG states: python, numpy, torch CPU and CUDA
         trainer_state.json  TrainerState: the step, the strategy and world size, the run's identity (see
-                            sftdist.resume), the resolved config, the W&B run id, the curriculum's report
+                            sftdist.run.identity), the resolved config, the W&B run id, the curriculum's report
         hf/                 what an export needs besides the weights: config, generation config with the stop tokens,
                             tokenizer with its chat template, sftdist_training.json
         curriculum_buckets.npy  with a curriculum: the difficulty bucket of every sample (a resume never recomputes)
@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +34,17 @@ import numpy as np
 import torch
 
 from sftdist.errors import InputError
-from sftdist.layout import CHECKPOINTS_DIR
 from sftdist.parallel import Strategy
+from sftdist.run.layout import CHECKPOINTS_DIR, CURRICULUM_FILE, MARKER, RNG_DIR, STATE_DIR, STATE_FILE
+from sftdist.run.state import TrainerState
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-STATE_DIR = "state"
-HF_DIR = "hf"
-CURRICULUM_FILE = "curriculum_buckets.npy"  # the difficulty bucket of every prepared sample (rank 0)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(InputError):
     """A checkpoint that cannot be used: the message names it and says why."""
-
-
-@dataclass
-class TrainerState:
-    """trainer_state.json: what a resume and ``sftdist-export`` read of a checkpoint (rank 0 writes it)."""
-
-    step: int
-    world_size: int
-    strategy: dict[str, str]  # {"name", "format"}: which strategies can load the state/ folder
-    identity: dict[str, Any]  # what makes it this run (sftdist.resume.run_identity)
-    config: dict[str, Any]  # the resolved config, flattened (sftdist.resume.flat_config)
-    wandb_run_id: str | None = None  # the W&B run that a resume in the same output_dir continues
-    curriculum: dict[str, Any] | None = None  # {"name", "report"}; the buckets themselves are CURRICULUM_FILE
-    sftdist_version: str = ""
-
-    @classmethod
-    def read(cls, checkpoint: Path) -> TrainerState:
-        """The state of ``checkpoint`` (files of earlier versions also hold ``lr`` and ``sampler``, never read)."""
-        raw = json.loads((checkpoint / STATE_FILE).read_text())
-        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -99,11 +74,11 @@ def save_checkpoint(
 
     def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+        (tmp / RNG_DIR).mkdir(parents=True)
 
     def write() -> None:
         written = strategy.save_state(model, optimizer, tmp / STATE_DIR)  # what DCP writes, it has fsynced
-        _write_json(tmp / "rng" / f"rank_{strategy.rank}.json", capture_rng())
+        _write_json(tmp / RNG_DIR / f"rank_{strategy.rank}.json", capture_rng())
         if strategy.is_main:
             _write_json(tmp / STATE_FILE, dataclasses.asdict(trainer_state))
             written += write_main_files(tmp)
@@ -296,7 +271,7 @@ def load_checkpoint(path: Path, strategy: Strategy, model: torch.nn.Module, opti
         ) from err
     for group, saved in zip(optimizer.param_groups, hyperparameters):
         group.update(saved)
-    rng = path / "rng" / f"rank_{strategy.rank}.json"
+    rng = path / RNG_DIR / f"rank_{strategy.rank}.json"
     if TrainerState.read(path).world_size == strategy.world_size and rng.is_file():
         restore_rng(json.loads(rng.read_text()))
     else:  # the sample stream does not depend on them; only dropout would draw differently

@@ -19,9 +19,9 @@ import json
 import logging
 from pathlib import Path
 
-from sftdist.cli import hydra_main
+from sftdist.cli.common import hydra_main
 from sftdist.config import SFTConfig
-from sftdist.layout import DATA_REPORT_FILE
+from sftdist.run.layout import DATA_REPORT_FILE
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """One run as several Slurm jobs, one per curriculum phase (``slurm/curriculum.sh``): each phase's step range and
 the overrides of its job, every job's config checked before anything is submitted.
 
-    python -m sftdist.jobs [--phase 'OVERRIDES'] ... -- OVERRIDES
+    python -m sftdist.cli.phases [--phase 'OVERRIDES'] ... -- OVERRIDES
     ->  stdout, a line per phase: the step it ends at, then its job's own overrides ("40 train.lr=1e-4
         train.stop_after_step=40"); stderr: the phases' step ranges
 
@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sftdist.cli import compose, fail
+from sftdist.cli.check import check_inputs
+from sftdist.cli.common import compose, fail
 from sftdist.config import SFTConfig, to_schema
-from sftdist.data.curriculum import config_phases, phase_ends
+from sftdist.curriculum.sampler import config_phases, phase_ends
 from sftdist.errors import ConfigError, InputError
 from sftdist.parallel import checkpoint_format
-from sftdist.preflight import check_inputs
-from sftdist.resume import refused_changes
+from sftdist.run.identity import refused_changes
 
 PROG = "sftdist-train"  # the errors are those of the command each job runs
 
@@ -84,7 +84,7 @@ def _run_changes(base: SFTConfig, cfg: SFTConfig) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sftdist.jobs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sftdist.cli.phases", description=__doc__.splitlines()[0])
     parser.add_argument("--phase", action="append", default=[], help="overrides of the next phase (one string)")
     parser.add_argument("overrides", nargs="*", help="overrides of every phase")
     args = parser.parse_args(argv)
