@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,22 +87,12 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, with_weights: bool 
     return model
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> contextlib.AbstractContextManager[None]:
     """Modules made inside the block get their parameters on the meta device (no memory) and their buffers on CPU
     as usual: rotary tables and the like are computed, not loaded, and must stay real."""
-    register = torch.nn.Module.register_parameter
+    from accelerate import init_empty_weights
 
-    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
+    return init_empty_weights(include_buffers=False)
 
 
 def prepare_blocks(model: torch.nn.Module, cfg: ModelConfig) -> None:
