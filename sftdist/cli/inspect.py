@@ -19,6 +19,7 @@ from typing import Any
 
 from sftdist.cli.common import compose, fail, setup_logging
 from sftdist.config import CurriculumConfig, SFTConfig
+from sftdist.data.report import DataReport
 from sftdist.errors import ConfigError, DataError, InputError
 
 _GREEN, _RESET = "\033[1;32m", "\033[0m"
@@ -75,30 +76,30 @@ def render_sample(tokenizer: Any, input_ids: list[int], labels: list[int], color
     return "".join(f"{open_}{text}{close}" if t else text for t, text in parts)
 
 
-def format_audit(report: dict, roles: dict[str, dict[str, list[int]]], audit_records: int) -> str:
+def format_audit(report: DataReport, roles: dict[str, dict[str, list[int]]], audit_records: int) -> str:
     lines = [
-        f"records in {report['records_in']}, used {report['records_used']}",
-        f"chat template sha256:{report['template_hash']}  tokenizer {report['tokenizer_hash']}  "
-        f"fingerprint {report['fingerprint']}",
+        f"records in {report.records_in}, used {report.records_used}",
+        f"chat template sha256:{report.template_hash}  tokenizer {report.tokenizer_hash}  "
+        f"fingerprint {report.fingerprint}",
     ]
     for kind in ("rejected", "filtered"):
-        for reason, n in report[kind].items():
-            first = "; ".join(report["examples"].get(reason, [])[:3])
+        for reason, n in getattr(report, kind).items():
+            first = "; ".join(report.examples.get(reason, [])[:3])
             lines.append(f"{kind} {reason}: {n}  (first: {first})")
-    t = report["truncated"]
+    t = report.truncated
     lines.append(
         f"truncated: {t['records']} records, {t['tokens']} tokens removed "
-        f"(data.truncation={report['settings']['truncation']}, data.max_length={report['settings']['max_length']})"
+        f"(data.truncation={report.settings['truncation']}, data.max_length={report.settings['max_length']})"
     )
-    if report.get("split_records"):
+    if report.split_records:
         lines.append(
-            f"serving-exact samples: {report['split_records']} records rendered differently at an earlier turn became "
-            f"{report['samples'] - report['records_used'] + report['split_records']} samples, repeating "
-            f"{report['extra_context_tokens']} context tokens ({report['samples']} samples in all)"
+            f"serving-exact samples: {report.split_records} records rendered differently at an earlier turn became "
+            f"{report.samples - report.records_used + report.split_records} samples, repeating "
+            f"{report.extra_context_tokens} context tokens ({report.samples} samples in all)"
         )
-    if report["adaptations"]:
+    if report.adaptations:
         lines.append(
-            "adapted to the template: " + ", ".join(f"{k} in {v} records" for k, v in report["adaptations"].items())
+            "adapted to the template: " + ", ".join(f"{k} in {v} records" for k, v in report.adaptations.items())
         )
     lines.append(f"supervised tokens by role (the first {audit_records} records of each source):")
     lines.append(f"{'source':<20} {'role':<10} {'tokens':>10} {'trained':>10} {'fraction':>9}")
@@ -108,7 +109,7 @@ def format_audit(report: dict, roles: dict[str, dict[str, list[int]]], audit_rec
     return "\n".join(lines)
 
 
-def _load(target: list[str]) -> tuple[Any, dict, Any, str, SFTConfig]:
+def _load(target: list[str]) -> tuple[Any, DataReport, Any, str, SFTConfig]:
     """(table, report, tokenizer, template, config) from a prepared directory (with the default settings) or from
     training overrides."""
     from sftdist.config import to_schema
@@ -127,7 +128,7 @@ def _load(target: list[str]) -> tuple[Any, dict, Any, str, SFTConfig]:
         table, manifest = load_prepared(directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
         cfg = to_schema(compose([f"data.prepared={directory}"]))
-        return table, manifest["report"], tokenizer, resolve_chat_template(tokenizer), cfg
+        return table, DataReport.from_json(manifest["report"]), tokenizer, resolve_chat_template(tokenizer), cfg
     from sftdist.data.pipeline import prepare
     from sftdist.model import build_tokenizer
 
@@ -136,7 +137,7 @@ def _load(target: list[str]) -> tuple[Any, dict, Any, str, SFTConfig]:
     if cfg.data.prepared is not None:
         table, manifest = load_prepared(cfg.data.prepared)
         check_compatible(manifest, cfg.data.prepared, tokenizer, template, cfg.data)
-        return table, manifest["report"], tokenizer, template, cfg
+        return table, DataReport.from_json(manifest["report"]), tokenizer, template, cfg
     cfg.data.max_rejected_fraction = 1.0  # show every rejection instead of stopping at the first threshold
     table, report = prepare(cfg.data, tokenizer, template, cfg.seed)
     return table, report, tokenizer, template, cfg
@@ -147,8 +148,8 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
 
     table, report, tokenizer, template, cfg = _load(target)
     # (as the data was prepared: a prepared directory's own settings)
-    ct = bind_template(tokenizer, template, report.get("chat_template_kwargs", {}))
-    empty_think = report["settings"].get("empty_think", "mask")
+    ct = bind_template(tokenizer, template, report.chat_template_kwargs)
+    empty_think = report.settings.get("empty_think", "mask")
     parts = table.data.column("part").to_numpy()
     roles: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     seen: dict[str, int] = defaultdict(int)
@@ -171,10 +172,10 @@ def inspect_data(target: list[str], samples: int, source: str | None, color: boo
                 f"== sample {shown} ({name}, {row['length']} tokens, {row['num_supervised']} trained"
                 f"{_split(parts, i)}) ==\n" + render_sample(tokenizer, row["input_ids"], row["labels"], color)
             )
-        if shown >= samples and all(v >= audit_records for v in seen.values()) and len(seen) == len(report["sources"]):
+        if shown >= samples and all(v >= audit_records for v in seen.values()) and len(seen) == len(report.sources):
             break
     if source is not None and not seen:
-        raise ConfigError(f"--source {source!r}: no such source (sources: {', '.join(report['sources'])})")
+        raise ConfigError(f"--source {source!r}: no such source (sources: {', '.join(report.sources)})")
     audit = format_audit(report, roles, audit_records) + "\n" + format_buckets(table, cfg.curriculum)
     audit += "\n" + format_probes(cfg, table, report, tokenizer)
     return "== data audit ==\n" + audit + "\n\n" + "\n\n".join(out)
@@ -212,14 +213,14 @@ def format_buckets(table: Any, c: CurriculumConfig) -> str:
     return "\n".join(lines)
 
 
-def format_probes(cfg: SFTConfig, table: Any, report: dict, tokenizer: Any) -> str:
+def format_probes(cfg: SFTConfig, table: Any, report: DataReport, tokenizer: Any) -> str:
     """The generation probes a run with these settings asks at every eval, and the checks of each."""
-    from sftdist.data.pipeline import EncodedSet, split_and_weight
+    from sftdist.data.dataset import EncodedSet, split_and_weight
     from sftdist.training.evaluation import build_probes
 
     if not cfg.eval.every_steps:
         return "probes: none (eval.every_steps=0)"
-    weights = {name: s.get("weight", 1.0) for name, s in report["sources"].items()}
+    weights = {name: s.get("weight", 1.0) for name, s in report.sources.items()}
     try:
         _, eval_rows = split_and_weight(table, weights, cfg.eval.holdout_records, cfg.seed)
     except DataError as err:  # the audit shows what training would stop on, and goes on

@@ -40,16 +40,16 @@ def prepare_to_dir(cfg: SFTConfig) -> Path:
         log.warning("stopped: %d finished shards kept in %s; the same command continues from them", done, partial)
         raise SystemExit(130) from None
     tokenizer.save_pretrained(str(out / "tokenizer"))
-    (out / DATA_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (out / DATA_REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     log.info(
         "prepared %d of %d records (%d tokens, %d trained) into %s; rejected %s; filtered %s",
-        report["records_used"],
-        report["records_in"],
-        report["num_tokens"],
-        report["num_supervised_tokens"],
+        report.records_used,
+        report.records_in,
+        report.num_tokens,
+        report.num_supervised_tokens,
         out,
-        report["rejected"] or "none",
-        report["filtered"] or "none",
+        report.rejected or "none",
+        report.filtered or "none",
     )
     return out
 

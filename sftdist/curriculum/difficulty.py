@@ -23,7 +23,7 @@ import numpy as np
 from sftdist.config import CurriculumConfig, SFTConfig
 from sftdist.curriculum.sampler import BUCKETS, CurriculumSampler, check_schedule, config_phases
 from sftdist.data.batching import StepSampler
-from sftdist.data.pipeline import EncodedSet
+from sftdist.data.dataset import EncodedSet
 from sftdist.errors import DataError
 
 MISSING = -1

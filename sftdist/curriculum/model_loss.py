@@ -18,7 +18,7 @@ import torch
 
 from sftdist.config import SFTConfig
 from sftdist.data.batching import MicroBatch, assign_to_ranks, collate_packed, empty_micro_batch, plan_packed
-from sftdist.data.pipeline import Sample
+from sftdist.data.dataset import Sample
 from sftdist.data.prepared import cache_root
 from sftdist.data.template import IGNORE_INDEX
 from sftdist.model import model_identity

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sftdist.data.pipeline import Sample
+from sftdist.data.dataset import Sample
 from sftdist.data.template import IGNORE_INDEX
 
 

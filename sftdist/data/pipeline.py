@@ -16,22 +16,18 @@ The result is cached by a fingerprint of everything it depends on (see ``prepare
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
 import os
 import tempfile
 import time
-from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from sftdist.config import DataConfig, EvalConfig
+from sftdist.config import DataConfig
 from sftdist.data.encode import encode_chunks
 from sftdist.data.filters import RecordFilter
 from sftdist.data.formats import Rejected, normalise
@@ -39,27 +35,24 @@ from sftdist.data.prepared import (
     MANIFEST,
     ShardWriter,
     cache_root,
-    check_compatible,
     copy_prepared,
     fingerprint,
     load_prepared,
     make_manifest,
     record_batch,
-    tokenizer_hash,
     writing,
 )
+from sftdist.data.report import DataReport, Tally, build_report, check_rejections, said, with_threshold
 from sftdist.data.sources import (
     ReadProgress,
     Source,
-    source_weights,
     sources_from_config,
     with_format,
 )
-from sftdist.data.template import IGNORE_INDEX, check_serving, template_hash
+from sftdist.data.template import check_serving
 from sftdist.errors import DataError
 
 log = logging.getLogger(__name__)
-_MAX_EXAMPLES = 5  # examples kept per reason in the report
 _AUTO_PARALLEL_BYTES = 16 << 20  # below this much input, worker start-up costs more than it saves
 _CHUNK = 512  # conversations per encoding task
 _FIRST_CHUNK = 32  # ... but the first chunks are smaller (32, 64, ...): a small input is still several chunks, so
@@ -69,72 +62,8 @@ _SHARD_CHUNKS = 64  # chunks per shard of prepared data (32,768 conversations; t
 _PROGRESS_SECONDS = 10.0  # between progress lines in the log
 
 
-@dataclass
-class Sample:
-    input_ids: list[int]
-    labels: list[int]  # aligned with input_ids: the token itself where supervised, -100 elsewhere
-    meta: dict[str, Any]
-
-    @property
-    def num_supervised(self) -> int:
-        """Tokens that are next-token targets: the first token is never predicted."""
-        return sum(label != IGNORE_INDEX for label in self.labels[1:])
-
-
-class _Tally:
-    """Counts per reason, with the first few records named, per source, and the figures of the records used. The
-    reading keeps one, each shard another (saved beside it, so that a continued preparation adds up the same);
-    merged in record order, they are the report's."""
-
-    def __init__(self):
-        self.counts: dict[str, Counter] = {"rejected": Counter(), "filtered": Counter()}
-        self.examples: dict[str, list[str]] = defaultdict(list)
-        self.by_source: dict[str, Counter] = defaultdict(Counter)  # records_in, rejected, filtered, used, tokens, ...
-        self.formats: dict[str, str | None] = {}
-        self.reasons_by_source: dict[str, Counter] = defaultdict(Counter)
-        self.used = Counter()  # truncated_records, truncated_tokens
-        self.adaptations = Counter()
-        self.ends = Counter()  # the token ids that end trained turns
-
-    def add(self, kind: str, reason: str, where: str, detail: str, source: str) -> None:
-        self.counts[kind][reason] += 1
-        self.by_source[source][kind] += 1
-        self.reasons_by_source[source][reason] += 1
-        if len(self.examples[reason]) < _MAX_EXAMPLES:
-            self.examples[reason].append(f"{where}: {detail}" if detail else where)
-
-    def merge(self, other: _Tally) -> None:
-        for kind, counts in other.counts.items():
-            self.counts[kind].update(counts)
-        for reason, examples in other.examples.items():
-            self.examples[reason] = (self.examples[reason] + examples)[:_MAX_EXAMPLES]
-        for name, counts in other.by_source.items():
-            self.by_source[name].update(counts)
-        for name, counts in other.reasons_by_source.items():
-            self.reasons_by_source[name].update(counts)
-        self.formats.update(other.formats)
-        self.used.update(other.used)
-        self.adaptations.update(other.adaptations)
-        self.ends.update(other.ends)
-
-    def to_json(self) -> dict:
-        return {**vars(self), "ends": {str(k): v for k, v in self.ends.items()}}
-
-    @classmethod
-    def from_json(cls, saved: dict) -> _Tally:
-        tally = cls()
-        tally.counts = {kind: Counter(c) for kind, c in saved["counts"].items()}
-        tally.examples = defaultdict(list, saved["examples"])
-        for name in ("by_source", "reasons_by_source"):
-            setattr(tally, name, defaultdict(Counter, {k: Counter(v) for k, v in saved[name].items()}))
-        tally.formats = saved["formats"]
-        tally.used, tally.adaptations = Counter(saved["used"]), Counter(saved["adaptations"])
-        tally.ends = Counter({int(k): v for k, v in saved["ends"].items()})
-        return tally
-
-
 def _read(
-    sources: list[Source], record_filter: RecordFilter, tally: _Tally, progress: ReadProgress
+    sources: list[Source], record_filter: RecordFilter, tally: Tally, progress: ReadProgress
 ) -> Iterator[tuple[str, str, dict]]:
     """(source, where, canonical conversation) of each record that parses, validates and passes the filters
     that compare records; the others are counted."""
@@ -207,26 +136,6 @@ def _num_proc(cfg: DataConfig, input_size: int) -> int:
     return 1 if input_size < _AUTO_PARALLEL_BYTES else max(1, min(os.cpu_count() or 1, 8))
 
 
-def check_rejections(rejected: dict[str, int], examples: dict[str, list[str]], records_in: int, limit: float) -> None:
-    """Stop when more than ``limit`` of the records were rejected, naming reasons and the first records."""
-    total = sum(rejected.values())
-    if records_in and total / records_in > limit:
-        reasons = "; ".join(
-            f"{reason}: {n} (first: {', '.join(e.split(': ')[0] for e in examples[reason][:3])})"
-            for reason, n in Counter(rejected).most_common()
-        )
-        hint = (
-            " Over-long records: raise data.max_length or set data.truncation=truncate."
-            if "too_long" in rejected
-            else ""
-        )
-        raise DataError(
-            f"{total} of {records_in} records ({100 * total / records_in:.1f}%) were rejected, more than "
-            f"data.max_rejected_fraction={limit}: {reasons}.{hint} sftdist-inspect shows the reasons "
-            "in full; raise data.max_rejected_fraction to train on the rest anyway"
-        )
-
-
 @contextlib.contextmanager
 def quiet_datasets():
     """datasets' per-operation progress bars are noise in a training log; restored afterwards."""
@@ -241,7 +150,7 @@ def quiet_datasets():
             ds_logging.enable_progress_bar()
 
 
-def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[Any, dict]:
+def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[Any, DataReport]:
     """(encoded table, report) for the configured sources: from the cache when it holds them, else prepared (into
     the cache, or with ``data.cache=false`` into a temporary directory and then memory)."""
     check_serving(tokenizer, template, cfg.chat_template_kwargs)
@@ -252,7 +161,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[
             with tempfile.TemporaryDirectory(prefix="sftdist-prepare-") as tmp:
                 report = write_prepared(cfg, sources, tokenizer, template, digest, Path(tmp) / digest)
                 table, _ = load_prepared(Path(tmp) / digest, in_memory=True)
-            return table, _said(report)
+            return table, said(report)
         cached = cache_root(cfg) / digest
         if cached.is_dir():  # (no lock to take: a read-only cache is fine)
             log.info("data: prepared samples from the cache (%s)", cached)
@@ -261,10 +170,10 @@ def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[
                 if not cached.is_dir():
                     write_prepared(cfg, sources, tokenizer, template, digest, cached)
         table, manifest = load_prepared(cached)
-        return table, _said(_with_threshold(manifest["report"], cfg))
+        return table, said(with_threshold(DataReport.from_json(manifest["report"]), cfg))
 
 
-def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, directory: Path) -> dict:
+def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, directory: Path) -> DataReport:
     """Prepare into ``directory`` (sftdist-prepare's output_dir) and return the report: nothing to do when it holds
     this data already, a copy of the cache's when that does, else written there (continuing a stopped run)."""
     check_serving(tokenizer, template, cfg.chat_template_kwargs)
@@ -281,46 +190,14 @@ def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, dire
                 log.info("data: copying the prepared samples from the cache (%s)", cached)
                 copy_prepared(cached, directory)
             else:
-                return _said(write_prepared(cfg, sources, tokenizer, template, digest, directory))
+                return said(write_prepared(cfg, sources, tokenizer, template, digest, directory))
         _, manifest = load_prepared(directory)
-        return _said(_with_threshold(manifest["report"], cfg))
-
-
-def _said(report: dict) -> dict:
-    """The report, after saying in the log what it holds that the user did not ask for: conversations the template
-    renders differently from a server (several samples each, at a cost in context tokens), reasoning not trained."""
-    for name, source in report["sources"].items():
-        if source.get("split_records"):
-            log.info(
-                "data: %s: the chat template renders %d of %d records differently from what a server renders at an "
-                "earlier turn: they became %d serving-exact samples, repeating %d context tokens (%.1f%% of %d)",
-                name,
-                source["split_records"],
-                source["records_used"],
-                source["samples"] - (source["records_used"] - source["split_records"]),
-                source["extra_context_tokens"],
-                100 * source["extra_context_tokens"] / max(1, source["num_tokens"]),
-                source["num_tokens"],
-            )
-    dropped = report["adaptations"].get("reasoning_dropped")
-    if dropped:
-        log.warning(
-            "data: %d records carry reasoning that the chat template does not render: it is not trained "
-            "(reasoning_dropped; a template that renders reasoning_content trains it)",
-            dropped,
-        )
-    return report
-
-
-def _with_threshold(report: dict, cfg: DataConfig) -> dict:
-    """A report read back, checked against this run's data.max_rejected_fraction (not the writer's)."""
-    check_rejections(report["rejected"], report["examples"], report["records_in"], cfg.max_rejected_fraction)
-    return {**report, "settings": {**report["settings"], "max_rejected_fraction": cfg.max_rejected_fraction}}
+        return said(with_threshold(DataReport.from_json(manifest["report"]), cfg))
 
 
 def write_prepared(
     cfg: DataConfig, sources: list[Source], tokenizer: Any, template: str, digest: str, directory: Path
-) -> dict:
+) -> DataReport:
     """Read, validate, filter and encode the sources into the prepared ``directory``, streaming: records go
     through in chunks and are written a shard at a time, so memory does not grow with the data (what does:
     exact dedup's 8-byte hash per record, near dedup's signatures, see ``filters.py``). A preparation that was
@@ -335,16 +212,16 @@ def write_prepared(
         log.info("data: continuing the preparation in %s (%d shards done before)", writer.work, len(writer.finished))
     eval_texts = _decontamination_texts(cfg.filters.decontaminate) if cfg.filters.decontaminate else None
     record_filter = RecordFilter(cfg.filters, eval_texts)
-    read_tally, progress = _Tally(), ReadProgress(sources)
+    read_tally, progress = Tally(), ReadProgress(sources)
     meter = _Meter(progress)
     chunks = _chunks(_read(sources, record_filter, read_tally, progress), set(writer.finished), meter)
     encoded_chunks = encode_chunks(chunks, tokenizer, template, cfg, _num_proc(cfg, progress.total))
-    shard, tally = None, _Tally()
+    shard, tally = None, Tally()
     for chunk, encoded in encoded_chunks:
         if chunk.shard != shard:
             if shard is not None:
                 writer.finish(shard, tally.to_json())
-            shard, tally = chunk.shard, _Tally()
+            shard, tally = chunk.shard, Tally()
         keep = _count(chunk, encoded, tally)
         convs = [chunk.records[i] for i in keep]
         texts = {
@@ -357,20 +234,19 @@ def write_prepared(
     if shard is not None:
         writer.finish(shard, tally.to_json())
     for _, saved in sorted(writer.finished.items()):
-        read_tally.merge(_Tally.from_json(saved))
-    report = _report(cfg, sources, read_tally, digest, tokenizer, template, record_filter)
-    check_rejections(report["rejected"], report["examples"], report["records_in"], cfg.max_rejected_fraction)
-    if not report["records_used"]:
+        read_tally.merge(Tally.from_json(saved))
+    report = build_report(cfg, sources, read_tally, digest, tokenizer, template, record_filter)
+    check_rejections(report.rejected, report.examples, report.records_in, cfg.max_rejected_fraction)
+    if not report.records_used:
         raise DataError(
-            f"no usable records: rejected {report['rejected']}, filtered {report['filtered']} "
-            f"(examples: {report['examples']})"
+            f"no usable records: rejected {report.rejected}, filtered {report.filtered} (examples: {report.examples})"
         )
-    writer.commit(make_manifest(report))
+    writer.commit(make_manifest(report.to_json()))
     log.info("data: %s", meter.line(final=True))
     return report
 
 
-def _count(chunk: _Chunk, encoded: dict[str, Any], tally: _Tally) -> list[int]:
+def _count(chunk: _Chunk, encoded: dict[str, Any], tally: Tally) -> list[int]:
     """Count an encoded chunk's records in ``tally``; the indices of the ones used."""
     keep, row = [], 0  # (the first sample of the record at hand)
     for i, ((source, where, _), filtered, status) in enumerate(
@@ -441,161 +317,3 @@ def _decontamination_texts(path: str) -> list[str]:
     if not texts:
         raise DataError(f"data.filters.decontaminate={path!r}: no readable eval records in it")
     return texts
-
-
-def _report(
-    cfg: DataConfig,
-    sources: list[Source],
-    tally: _Tally,
-    digest: str,
-    tokenizer: Any,
-    template: str,
-    record_filter: RecordFilter,
-) -> dict:
-    per_source: dict[str, dict] = {}
-    for s in sources:
-        c = tally.by_source[s.name]
-        per_source[s.name] = {
-            "path": s.path,
-            "format": tally.formats.get(s.name),
-            "weight": s.weight,
-            "records_in": c["records_in"],
-            "records_used": c["used"],
-            "rejected": c["rejected"],
-            "filtered": c["filtered"],
-            "reasons": dict(tally.reasons_by_source[s.name].most_common()),
-            "samples": c["samples"],
-            "split_records": c["split"],
-            "extra_context_tokens": c["extra_context"],
-            "num_tokens": c["tokens"],
-            "num_supervised_tokens": c["supervised"],
-            "supervised_fraction": round(c["supervised"] / max(1, c["tokens"]), 4),
-        }
-    records_in = sum(c["records_in"] for c in tally.by_source.values())
-    report = {
-        "records_in": records_in,
-        "records_used": sum(c["used"] for c in tally.by_source.values()),
-        # Records whose template rewrites history become several serving-exact samples: how many, and the context
-        # tokens their extra samples repeat (all of them but the longest one's)
-        "samples": sum(c["samples"] for c in tally.by_source.values()),
-        "split_records": sum(c["split"] for c in tally.by_source.values()),
-        "extra_context_tokens": sum(c["extra_context"] for c in tally.by_source.values()),
-        "rejected": dict(tally.counts["rejected"].most_common()),
-        "filtered": dict(tally.counts["filtered"].most_common()),
-        "examples": dict(tally.examples),
-        "truncated": {"records": tally.used["truncated_records"], "tokens": tally.used["truncated_tokens"]},
-        "adaptations": dict(tally.adaptations),
-        "sources": per_source,
-        "num_tokens": sum(c["tokens"] for c in tally.by_source.values()),
-        "num_supervised_tokens": sum(c["supervised"] for c in tally.by_source.values()),
-        "end_of_turn_ids": {str(k): v for k, v in tally.ends.most_common()},
-        "template_hash": template_hash(template),
-        "chat_template_kwargs": dict(cfg.chat_template_kwargs),
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "fingerprint": digest,
-        "settings": {
-            "max_length": cfg.max_length,
-            "truncation": cfg.truncation,
-            "empty_think": cfg.empty_think,
-            "max_rejected_fraction": cfg.max_rejected_fraction,
-        },
-    }
-    if record_filter.decontaminator is not None:
-        report["decontamination"] = {
-            "eval_file": cfg.filters.decontaminate,
-            "ngram": cfg.filters.decontaminate_ngram,
-            "eval_items_too_short": record_filter.decontaminator.num_too_short,
-        }
-    assert records_in == report["records_used"] + sum(report["rejected"].values()) + sum(report["filtered"].values())
-    return report
-
-
-class EncodedSet:
-    """A view of the prepared table: sample ``i`` is table row ``rows[i]`` (rows repeat for weights > 1)."""
-
-    def __init__(self, table: Any, rows: np.ndarray):
-        self.table, self.rows = table, np.asarray(rows, dtype=np.int64)
-        self._lengths: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Sample:
-        row = self.table[int(self.rows[i])]
-        return Sample(row["input_ids"], row["labels"], json.loads(row["meta"]))
-
-    @property
-    def lengths(self) -> np.ndarray:
-        if self._lengths is None:
-            self._lengths = self.table.data.column("length").to_numpy()[self.rows]
-        return self._lengths
-
-
-def _weighted(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray:
-    """Each row ``floor(weight)`` times, plus a seeded ``frac(weight)`` share of them once more."""
-    whole, frac = int(weight), weight - int(weight)
-    extra = rng.permutation(rows)[: int(round(frac * len(rows)))]
-    return np.sort(np.concatenate([np.repeat(rows, whole), extra]))
-
-
-def split_and_weight(table: Any, weights: dict[str, float], num_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows with source weights applied, eval rows): the eval records are chosen by seed before weighting,
-    so no weighted copy of an eval record is trained on. Records, not rows: the samples of a record (``part``) go
-    to the same side together, and are weighted together."""
-    part = table.data.column("part").to_numpy()
-    starts = np.flatnonzero(part == 0)  # the first row of each record
-    sizes = np.diff(np.append(starts, len(part)))
-    n = len(starts)
-    if num_eval >= n:
-        raise DataError(
-            f"eval.holdout_records={num_eval} leaves no training data: only {n} usable records; "
-            "lower eval.holdout_records or set eval.every_steps=0"
-        )
-    perm = np.random.default_rng([seed, 1]).permutation(n)
-    eval_records, train_mask = np.sort(perm[:num_eval]), np.ones(n, dtype=bool)
-    train_mask[eval_records] = False
-    names = np.asarray(table.data.column("source").take(starts).to_pylist())
-    rng = np.random.default_rng([seed, 3])
-    train = [
-        _weighted(np.flatnonzero(train_mask & (names == name)), weights.get(name, 1.0), rng)
-        for name in dict.fromkeys(names.tolist())
-    ]
-    train_records = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
-    return _rows_of(train_records, starts, sizes), _rows_of(eval_records, starts, sizes)
-
-
-def _rows_of(records: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """The table rows of records (each its samples, in order)."""
-    counts = sizes[records]
-    offsets = np.repeat(starts[records] - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
-    return (np.arange(int(counts.sum())) + offsets).astype(np.int64)
-
-
-def build_datasets(
-    cfg: DataConfig, eval_cfg: EvalConfig, tokenizer: Any, template: str, seed: int
-) -> tuple[EncodedSet, EncodedSet, dict]:
-    """(train samples, eval samples, report) for a run: from data.prepared, the cache, or prepared now."""
-    if cfg.prepared is not None:  # weights as sftdist-prepare was configured
-        table, manifest = load_prepared(cfg.prepared)
-        check_compatible(manifest, cfg.prepared, tokenizer, template, cfg)
-        report = _said(manifest["report"])
-        weights = {name: s["weight"] for name, s in report["sources"].items()}
-    else:  # weights are not part of the fingerprint: this run's
-        table, report = prepare(cfg, tokenizer, template, seed)
-        weights = source_weights(cfg)
-        report = {
-            **report,
-            "sources": {k: {**v, "weight": weights.get(k, v["weight"])} for k, v in report["sources"].items()},
-        }
-    num_eval = eval_cfg.holdout_records if eval_cfg.every_steps > 0 else 0
-    train_rows, eval_rows = split_and_weight(table, weights, num_eval, seed)
-    record_of = np.cumsum(table.data.column("part").to_numpy() == 0) - 1  # (a row's record)
-    report = {
-        **report,
-        "records_train": int(len(np.unique(record_of[train_rows]))) if len(train_rows) else 0,
-        "records_eval": int(len(np.unique(record_of[eval_rows]))) if len(eval_rows) else 0,
-        "train_samples_per_epoch": int(len(train_rows)),
-        # What the sample stream draws from: a resumed run must draw from the very same rows (sftdist.run.identity).
-        "train_rows_hash": hashlib.sha256(np.asarray(train_rows, dtype=np.int64).tobytes()).hexdigest()[:16],
-    }
-    return EncodedSet(table, train_rows), EncodedSet(table, eval_rows), report

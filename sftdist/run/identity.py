@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sftdist.config import MODEL_EXECUTION_KEYS, SFTConfig
+from sftdist.data.report import DataReport
 from sftdist.model import model_identity
 from sftdist.run.checkpoint import CheckpointError, checkpoints_dir, resolve_resume
 from sftdist.run.state import TrainerState
@@ -69,14 +70,14 @@ def _is_identity(key: str) -> bool:
     return key not in _NOT_IDENTITY and (key in _IDENTITY or key.startswith(prefixes))
 
 
-def run_identity(cfg: SFTConfig, data_report: dict[str, Any]) -> dict[str, Any]:
+def run_identity(cfg: SFTConfig, data_report: DataReport) -> dict[str, Any]:
     """The keys and content hashes a resumed run must share with the run that wrote the checkpoint."""
     identity = {k: v for k, v in flat_config(cfg).items() if _is_identity(k)}
-    identity["eval.holdout_records"] = data_report["records_eval"]  # as used: eval.every_steps=0 holds none out
-    identity["data fingerprint"] = data_report["fingerprint"]
-    identity["chat template sha256"] = data_report["template_hash"]
-    identity["tokenizer sha256"] = data_report["tokenizer_hash"]
-    identity["training rows sha256"] = data_report["train_rows_hash"]
+    identity["eval.holdout_records"] = data_report.records_eval  # as used: eval.every_steps=0 holds none out
+    identity["data fingerprint"] = data_report.fingerprint
+    identity["chat template sha256"] = data_report.template_hash
+    identity["tokenizer sha256"] = data_report.tokenizer_hash
+    identity["training rows sha256"] = data_report.train_rows_hash
     if cfg.model.lora.enabled:  # a LoRA checkpoint holds the adapters only: the base, read again, must be the same
         identity[BASE_MODEL] = model_identity(cfg.model, cfg.seed)
     return identity

@@ -23,8 +23,10 @@ import torch
 from sftdist.config import SFTConfig
 from sftdist.curriculum.difficulty import MISSING
 from sftdist.curriculum.sampler import BUCKETS
+from sftdist.data.dataset import EncodedSet, Sample
 from sftdist.data.demo import DEMO_PROBES
-from sftdist.data.pipeline import EncodedSet, Sample, prepare
+from sftdist.data.pipeline import prepare
+from sftdist.data.report import DataReport
 from sftdist.data.sources import source_name, uses_demo
 from sftdist.data.template import IGNORE_INDEX, bind_template
 from sftdist.errors import DataError
@@ -44,7 +46,9 @@ from sftdist.metrics.probes import (
 LossSums = Callable[[list[Sample]], tuple[float, int]]
 
 
-def build_eval_sources(cfg: SFTConfig, tokenizer: Any, template: str) -> tuple[dict[str, EncodedSet], dict[str, dict]]:
+def build_eval_sources(
+    cfg: SFTConfig, tokenizer: Any, template: str
+) -> tuple[dict[str, EncodedSet], dict[str, DataReport]]:
     """The extra eval sets (``eval.sources``), prepared as training data is (validated, filtered, encoded,
     cached), by name, and each one's data report (what was rejected, filtered or truncated: for data_report.json)."""
     sets, reports = {}, {}

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sftdist.config import SFTConfig
 from sftdist.curriculum.sampler import CurriculumSampler
 from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
-from sftdist.data.pipeline import EncodedSet, Sample
+from sftdist.data.dataset import EncodedSet, Sample
 from sftdist.parallel import Strategy
 
 

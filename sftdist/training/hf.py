@@ -7,17 +7,17 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from sftdist import __version__
 from sftdist.config import SFTConfig
+from sftdist.data.report import DataReport
 from sftdist.model import base_model_weights, checkpoint_dtype
 from sftdist.parallel import Strategy
 from sftdist.run.export import export_hf, export_lora, stop_token_ids, write_hf_meta
 
 
 class HFWriter:
-    def __init__(self, cfg: SFTConfig, strategy: Strategy, model, tokenizer, data_report: dict[str, Any]):
+    def __init__(self, cfg: SFTConfig, strategy: Strategy, model, tokenizer, data_report: DataReport):
         self.cfg, self.strategy, self.model, self.tokenizer = cfg, strategy, model, tokenizer
         self.data_report = data_report
 
@@ -42,11 +42,11 @@ class HFWriter:
         r = self.data_report
         info = {
             "step": step,
-            "template_hash": r["template_hash"],
-            "chat_template_kwargs": r["chat_template_kwargs"],  # (a server must pass the same)
+            "template_hash": r.template_hash,
+            "chat_template_kwargs": r.chat_template_kwargs,  # (a server must pass the same)
             "sftdist_version": __version__,
-            "data_fingerprint": r["fingerprint"],
-            "tokenizer_hash": r["tokenizer_hash"],
+            "data_fingerprint": r.fingerprint,
+            "tokenizer_hash": r.tokenizer_hash,
         }
         model = self.strategy.unwrap(self.model)
         write_hf_meta(model, self.tokenizer, out_dir, checkpoint_dtype(self.cfg.model), self.stop_tokens, info)
@@ -55,7 +55,7 @@ class HFWriter:
     def stop_tokens(self) -> list[int] | None:
         """The stop tokens an export writes: the trained end-of-turn token and the model's EOS (None: keep the
         model's own)."""
-        return stop_token_ids(self.tokenizer, self.data_report["end_of_turn_ids"], self._model_eos)
+        return stop_token_ids(self.tokenizer, self.data_report.end_of_turn_ids, self._model_eos)
 
     @functools.cached_property
     def probe_stop_ids(self) -> list[int]:

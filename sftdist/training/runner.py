@@ -17,7 +17,7 @@ import torch
 
 from sftdist.config import SFTConfig
 from sftdist.data.batching import MicroBatch, build_micro_batches
-from sftdist.data.pipeline import Sample
+from sftdist.data.dataset import Sample
 from sftdist.model.attention import packed_attention_kwargs
 from sftdist.parallel import Strategy
 from sftdist.training.loss import (

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from sftdist.config import SFTConfig
 from sftdist.curriculum.sampler import BUCKETS, CurriculumSampler
 from sftdist.data.batching import MicroBatch, StepSampler
-from sftdist.data.pipeline import Sample
+from sftdist.data.dataset import Sample
+from sftdist.data.report import DataReport
 from sftdist.metrics import MetricsLogger
 from sftdist.metrics.flops import ModelDims
 from sftdist.parallel import Strategy
@@ -119,7 +120,7 @@ def _brief(metrics: dict[str, Any]) -> str:
 
 def log_plan(
     cfg: SFTConfig,
-    report: dict[str, Any],
+    report: DataReport,
     *,
     world_size: int,
     device: torch.device,
@@ -145,18 +146,17 @@ def log_plan(
             f"parameters train ({100 * num_trained / num_params:.2f}%), the base is frozen"
         )
     log.info(
-        f"data: {r['records_in']} records in, {r['records_used']} used ({r['records_train']} train, "
-        f"{r['records_eval']} eval); rejected {r['rejected'] or 'none'}; filtered {r['filtered'] or 'none'}; "
-        f"truncated {r['truncated']['records']}"
+        f"data: {r.records_in} records in, {r.records_used} used ({r.records_train} train, {r.records_eval} eval); "
+        f"rejected {r.rejected or 'none'}; filtered {r.filtered or 'none'}; truncated {r.truncated['records']}"
     )
-    for name, e in r.get("eval_sources", {}).items():
+    for name, e in (r.eval_sources or {}).items():
         log.info(
             f"eval set {name}: {e['records_in']} records in, {e['records_used']} used; rejected "
             f"{e['rejected'] or 'none'}; filtered {e['filtered'] or 'none'}; truncated {e['truncated']['records']}"
         )
-    if "curriculum" in r:
+    if r.curriculum is not None:
         log.info(
-            f"curriculum: {c.curriculum.name} by {c.curriculum.difficulty}, buckets {r['curriculum']['train']}, "
+            f"curriculum: {c.curriculum.name} by {c.curriculum.difficulty}, buckets {r.curriculum['train']}, "
             f"phases end at steps {sampler.ends}"
         )
     if resume_from is not None:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from sftdist.config import SFTConfig
 from sftdist.curriculum.difficulty import build_sampler
 from sftdist.curriculum.model_loss import cached_model_loss, score_model_loss
-from sftdist.data.pipeline import build_datasets
+from sftdist.data.dataset import build_datasets
 from sftdist.errors import ConfigError
 from sftdist.metrics import build_metrics_logger, check_wandb
 from sftdist.metrics.flops import ModelDims, peak_tflops
@@ -98,7 +98,7 @@ class Trainer:
                 build_eval_sources(cfg, self.tokenizer, self.chat_template) if cfg.eval.every_steps else ({}, {})
             )
         if reports:
-            self.data_report["eval_sources"] = reports
+            self.data_report.eval_sources = {name: report.to_json() for name, report in reports.items()}
         if cfg.train.global_batch_size > len(self.train_set):
             raise ConfigError(
                 f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
@@ -135,7 +135,7 @@ class Trainer:
         plan = build_sampler(cfg, self.train_set, self.eval_set, self._model_losses, saved)
         self.sampler, self.train_set = plan.sampler, plan.train_set
         if plan.report is not None:
-            self.data_report["curriculum"] = plan.report
+            self.data_report.curriculum = plan.report
             for warning in plan.report["warnings"] if strategy.is_main else []:
                 log.warning("%s", warning)
         self.feed = StepFeeder(self.train_set, self.sampler, cfg, self.pad_id, strategy, dims.flops)
@@ -183,7 +183,7 @@ class Trainer:
         score = lambda: score_model_loss(  # noqa: E731
             self.train_set.table, self.runner.logits, self.cfg.data.max_length, self.pad_id, self.strategy, self.device
         )
-        return cached_model_loss(self.cfg, self.data_report["fingerprint"], score, self.strategy.is_main)
+        return cached_model_loss(self.cfg, self.data_report.fingerprint, score, self.strategy.is_main)
 
     def fit(self) -> dict[str, Any]:
         """Train from ``start_step`` to ``train.max_steps``, checkpointing on the way, then export ``final/``; return

@@ -67,7 +67,7 @@ def time_sftdist(path: Path, tokenizer, num_proc: int) -> tuple[float, int]:
         tokenizer.chat_template,
         seed=0,
     )
-    return time.perf_counter() - start, report["records_in"]
+    return time.perf_counter() - start, report.records_in
 
 
 def time_tokenize_only(path: Path, tokenizer) -> float:

@@ -72,7 +72,7 @@ def gpu_throughput(steps: int = 20) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sftdist.data.batching import build_micro_batches
-    from sftdist.data.pipeline import Sample
+    from sftdist.data.dataset import Sample
     from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
     from sftdist.training.loss import cross_entropy_sum, step_normalised_loss
 

@@ -41,7 +41,7 @@ def plain_loop(steps: int) -> float:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import compose
     from sftdist.data.batching import StepSampler, plan_padded
-    from sftdist.data.pipeline import build_datasets
+    from sftdist.data.dataset import build_datasets
     from sftdist.model import build_model, build_tokenizer, pad_token_id
 
     cfg = compose(*COMMON)

@@ -25,9 +25,7 @@ CONVERSATIONS = [c["messages"] for c in generate_demo_conversations(60, seed=7)]
 def _prepare(path, **data) -> tuple[list, dict]:
     data = {"max_length": 512, **data}
     table, report = prepare(DataConfig(path=str(path), cache=False, **data), TOKENIZER, TEMPLATE, 0)
-    assert report["records_in"] == (
-        report["records_used"] + sum(report["rejected"].values()) + sum(report["filtered"].values())
-    )
+    assert report.records_in == (report.records_used + sum(report.rejected.values()) + sum(report.filtered.values()))
     return [(table[i]["input_ids"], table[i]["labels"]) for i in range(len(table))], report
 
 
@@ -41,7 +39,7 @@ def reference(tmp_path_factory):
     """The samples of the plain messages file every other spelling must give."""
     path = tmp_path_factory.mktemp("ref") / "plain.jsonl"
     samples, report = _prepare(_jsonl(path, [{"messages": m} for m in CONVERSATIONS]))
-    assert report["records_used"] == len(CONVERSATIONS)
+    assert report.records_used == len(CONVERSATIONS)
     return samples
 
 
@@ -74,14 +72,14 @@ SPELLINGS = {
 def test_each_spelling_of_a_conversation_gives_the_plain_file_s_samples(reference, tmp_path, spelling):
     path = _jsonl(tmp_path / "data.jsonl", [SPELLINGS[spelling](m) for m in CONVERSATIONS])
     samples, report = _prepare(path)
-    assert report["rejected"] == {} and samples == reference, spelling
+    assert report.rejected == {} and samples == reference, spelling
 
 
 def test_prompt_completion_trains_the_completion_only(tmp_path):
     """TRL's conversational form: the prompt's own assistant turns are context, the completion is trained."""
     records = [_prompt_completion(m) for m in CONVERSATIONS]
     samples, report = _prepare(_jsonl(tmp_path / "pc.jsonl", records))
-    assert report["records_used"] == len(CONVERSATIONS) and report["rejected"] == {}
+    assert report.records_used == len(CONVERSATIONS) and report.rejected == {}
     weighted = [
         {"messages": [*({**t, "weight": 0} if t["role"] == "assistant" else t for t in m[:-1]), m[-1]]}
         for m in CONVERSATIONS
@@ -114,8 +112,8 @@ def test_prompt_completion_trains_the_completion_only(tmp_path):
 def test_what_cannot_be_used_is_rejected_under_its_own_reason(tmp_path, record, reason, detail):
     good = [_prompt_completion(m) if "prompt" in record else {"messages": m} for m in CONVERSATIONS[:30]]
     _, report = _prepare(_jsonl(tmp_path / "d.jsonl", [record, *good]), max_rejected_fraction=0.5)
-    assert report["rejected"] == {reason: 1}
-    (example,) = report["examples"][reason]
+    assert report.rejected == {reason: 1}
+    (example,) = report.examples[reason]
     assert "d.jsonl line 1" in example and detail in example
 
 
@@ -151,8 +149,8 @@ def test_compressed_files_shards_and_globs_read_as_one_source(reference, tmp_pat
     for path in (shards, shards / "train-*"):  # (the directory's README.md is not a data file: left out)
         assert _prepare(path)[0] == reference
     _, report = _prepare(shards / "train-*", max_length=64, max_rejected_fraction=1.0)
-    named = " ".join(report["examples"]["too_long"])  # each record still named by its file and line
-    assert "train-00000.jsonl line 1" in named and report["sources"]["train"]["records_in"] == 60
+    named = " ".join(report.examples["too_long"])  # each record still named by its file and line
+    assert "train-00000.jsonl line 1" in named and report.sources["train"]["records_in"] == 60
 
 
 def test_a_dataset_dict_split_is_chosen_by_data_split(reference, tmp_path):
@@ -220,7 +218,7 @@ def test_the_shared_data_sets_give_the_samples_recorded_before(name):
             block = hashlib.sha256()
     blocks.append(block.hexdigest()[:16])
     recorded = RECORDED[name]
-    assert (report["records_in"], report["rejected"], report["filtered"]) == (
+    assert (report.records_in, report.rejected, report.filtered) == (
         recorded["records_in"],
         recorded["rejected"],
         recorded["filtered"],
@@ -355,8 +353,8 @@ def test_reasoning_and_tool_call_parts_render_where_qwen3_puts_them(tmp_path):
         config = DataConfig(path=_jsonl(tmp_path / name, records), cache=False, max_length=512)
         config.filters.exact_dedup = False
         table, report = prepare(config, tokenizer, template, 0)
-        assert report["rejected"] == {} and report["records_used"] == len(records), report["rejected"]
-        assert report["split_records"] == len(records) and report["samples"] == 2 * len(records)
+        assert report.rejected == {} and report.records_used == len(records), report.rejected
+        assert report.split_records == len(records) and report.samples == 2 * len(records)
         return [(table[i]["input_ids"], table[i]["labels"]) for i in range(len(table))]
 
     ours = samples(typed, "typed.jsonl")
@@ -388,7 +386,7 @@ def test_qwen3_without_thinking_keeps_the_empty_think_block_in_the_prompt(tmp_pa
             path=path, cache=False, max_length=512, chat_template_kwargs=kwargs, empty_think=empty_think
         )
         table, report = prepare(config, tokenizer, template, 0)
-        assert report["rejected"] == {} and report["chat_template_kwargs"] == kwargs
+        assert report.rejected == {} and report.chat_template_kwargs == kwargs
         rows = [(table[i]["input_ids"], table[i]["labels"]) for i in range(len(table))]
         trained[name] = [tokenizer.decode([t for t, y in zip(ids, labels) if y != -100]) for ids, labels in rows]
         texts[name] = [tokenizer.decode(ids) for ids, _ in rows]
@@ -409,7 +407,7 @@ def test_qwen3_without_thinking_keeps_the_empty_think_block_in_the_prompt(tmp_pa
         max_rejected_fraction=0.5,
     )
     _, report = prepare(config, tokenizer, template, 0)
-    assert report["rejected"] == {"not_servable": 1} and report["records_used"] == len(firsts)
+    assert report.rejected == {"not_servable": 1} and report.records_used == len(firsts)
 
 
 def test_reasoning_a_template_does_not_render_is_counted_and_said(reference, tmp_path, caplog):
@@ -418,5 +416,5 @@ def test_reasoning_a_template_does_not_render_is_counted_and_said(reference, tmp
     records = [{"messages": [*m[:-1], {**m[-1], "reasoning_content": "Step by step."}]} for m in CONVERSATIONS]
     with caplog.at_level("WARNING"):
         samples, report = _prepare(_jsonl(tmp_path / "r.jsonl", records))
-    assert samples == reference and report["adaptations"] == {"reasoning_dropped": len(CONVERSATIONS)}
+    assert samples == reference and report.adaptations == {"reasoning_dropped": len(CONVERSATIONS)}
     assert f"{len(CONVERSATIONS)} records carry reasoning that the chat template does not render" in caplog.text

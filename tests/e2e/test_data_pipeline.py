@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from helpers import SHARED, compose, read_metrics
 from sftdist.config import DataConfig, EvalConfig, FiltersConfig, SourceConfig
+from sftdist.data.dataset import build_datasets
 from sftdist.data.demo import generate_demo_conversations, load_demo_tokenizer
-from sftdist.data.pipeline import build_datasets, prepare
+from sftdist.data.pipeline import prepare
 from sftdist.errors import ConfigError, DataError
 from sftdist.training import Trainer
 
@@ -60,12 +61,10 @@ def test_every_record_is_used_rejected_or_filtered(tmp_path, picks, good_start):
             expected[kind] = expected.get(kind, 0) + 1
     lines.insert(0, first_good)
     _, report = _prepare(lines, tmp_path, max_rejected_fraction=1.0)
-    assert report["records_in"] == len(lines)
-    assert report["records_in"] == (
-        report["records_used"] + sum(report["rejected"].values()) + sum(report["filtered"].values())
-    )
-    assert {**report["rejected"], **report["filtered"]} == expected
-    assert report["records_used"] == picks.count("good") + 2
+    assert report.records_in == len(lines)
+    assert report.records_in == (report.records_used + sum(report.rejected.values()) + sum(report.filtered.values()))
+    assert {**report.rejected, **report.filtered} == expected
+    assert report.records_used == picks.count("good") + 2
 
 
 def test_a_few_bad_records_train_and_are_reported(tmp_path):
@@ -120,7 +119,7 @@ def test_truncation_keeps_whole_turns_and_counts_what_it_cuts(tmp_path):
     )
     lines = [_multi_turn(3, 16), _multi_turn(1, 400), long_prompt]  # turns of ~100 tokens; max_length 256
     table, report = _prepare(lines, tmp_path, truncation="truncate", max_rejected_fraction=1.0)
-    assert report["rejected"] == {"truncated_to_nothing": 1} and report["truncated"]["records"] == 2
+    assert report.rejected == {"truncated_to_nothing": 1} and report.truncated["records"] == 2
     whole_turns, cut_answer = list(table)
     assert whole_turns["labels"][-1] == TOKENIZER.convert_tokens_to_ids("<|im_end|>")
     decoded = TOKENIZER.decode(whole_turns["input_ids"])
@@ -134,9 +133,9 @@ def test_truncation_keeps_whole_turns_and_counts_what_it_cuts(tmp_path):
         )
         for line in lines[:2]
     ]
-    assert report["truncated"]["tokens"] == full[0] - whole_turns["length"] + full[1] - 256
+    assert report.truncated["tokens"] == full[0] - whole_turns["length"] + full[1] - 256
     _, dropped = _prepare(lines + [GOOD[0]], tmp_path, truncation="drop", max_rejected_fraction=1.0)
-    assert dropped["rejected"] == {"too_long": 3} and dropped["records_used"] == 1
+    assert dropped.rejected == {"too_long": 3} and dropped.records_used == 1
     with pytest.raises(DataError, match="no usable records: rejected {'too_long': 3}"):
         _prepare(lines, tmp_path, truncation="drop", max_rejected_fraction=1.0)
 
@@ -154,7 +153,7 @@ def test_the_cache_is_keyed_by_content_and_parallel_encoding_is_identical(tmp_pa
     assert first["labels"] == parallel["labels"]
     path.write_text("\n".join(GOOD[:-1]) + "\n")  # new content, new fingerprint
     _, changed = prepare(cfg, TOKENIZER, TEMPLATE, seed=0)
-    assert changed["fingerprint"] != report["fingerprint"] and changed["records_in"] == len(GOOD) - 1
+    assert changed.fingerprint != report.fingerprint and changed.records_in == len(GOOD) - 1
 
 
 def test_weighted_sources_and_a_holdout_that_never_trains(tmp_path):
@@ -175,7 +174,7 @@ def test_weighted_sources_and_a_holdout_that_never_trains(tmp_path):
     assert len(a_rows) == 2 * a_unique and a_unique + b_unique + 10 <= 80
     assert len(b_rows) == round(0.5 * (80 - 10 - a_unique))
     assert not set(train.rows) & set(evals.rows)
-    assert report["train_samples_per_epoch"] == len(train.rows) and report["records_eval"] == 10
+    assert report.train_samples_per_epoch == len(train.rows) and report.records_eval == 10
     assert train[0].meta["difficulty"] in ("easy", "medium", "hard")  # meta is carried through
 
 
@@ -194,8 +193,8 @@ def test_filters_are_counted_in_the_report(tmp_path):
     _, report = _prepare(
         GOOD[:200], tmp_path, filters=FiltersConfig(decontaminate=str(eval_file), decontaminate_ngram=8)
     )
-    assert report["filtered"].get("contaminated", 0) >= 1
-    assert report["decontamination"]["eval_file"] == str(eval_file)
+    assert report.filtered.get("contaminated", 0) >= 1
+    assert report.decontamination["eval_file"] == str(eval_file)
 
 
 def _sftdist(cmd: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -264,9 +263,9 @@ def test_the_shared_data_sets_prepare(name, fmt):
         pytest.skip(f"{path} is absent (the shared data is not part of the project)")
     cfg = DataConfig(path=str(path), cache=False, max_length=4096, truncation="truncate")
     table, report = prepare(cfg, TOKENIZER, TEMPLATE, seed=0)
-    assert report["sources"][path.name.split(".")[0]]["format"] == fmt
-    assert sum(report["rejected"].values()) <= 0.01 * report["records_in"]
-    assert report["records_used"] == len(table) > 0.8 * report["records_in"]
+    assert report.sources[path.name.split(".")[0]]["format"] == fmt
+    assert sum(report.rejected.values()) <= 0.01 * report.records_in
+    assert report.records_used == len(table) > 0.8 * report.records_in
 
 
 def test_inspect_shows_every_rejection_where_training_would_stop(tmp_path):
@@ -286,7 +285,7 @@ def test_a_cache_written_with_a_lax_threshold_still_stops_a_strict_run(tmp_path)
     path.write_text("\n".join(GOOD[:3] + [BAD["invalid_json"]] * 4) + "\n")
     lax = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), max_length=256, max_rejected_fraction=1.0)
     _, report = prepare(lax, TOKENIZER, TEMPLATE, seed=0)  # e.g. sftdist-inspect, which shows every rejection
-    assert report["rejected"] == {"invalid_json": 4}
+    assert report.rejected == {"invalid_json": 4}
     strict = DataConfig(**{**lax.__dict__, "max_rejected_fraction": 0.05})
     with pytest.raises(DataError, match=r"4 of 7 records .* invalid_json: 4 \(first: .*data.jsonl line 4"):
         prepare(strict, TOKENIZER, TEMPLATE, seed=0)
@@ -310,5 +309,5 @@ def test_source_weights_are_this_runs_even_from_the_cache(tmp_path):
 
     once, report = rows(1.0)
     thrice, report_cached = rows(3.0)  # same fingerprint: the cache is hit
-    assert report_cached["fingerprint"] == report["fingerprint"]
-    assert (once, thrice) == (40, 120) and report_cached["sources"]["a"]["weight"] == 3.0
+    assert report_cached.fingerprint == report.fingerprint
+    assert (once, thrice) == (40, 120) and report_cached.sources["a"]["weight"] == 3.0

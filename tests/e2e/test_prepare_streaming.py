@@ -55,7 +55,7 @@ def _config(path, tmp_path, **kwargs) -> DataConfig:
 
 def _reaching_encoding(report: dict) -> int:
     """Records that passed reading and the filters that compare records (the rest never reach a chunk)."""
-    return report["records_used"] + report["rejected"].get("too_long", 0)
+    return report.records_used + report.rejected.get("too_long", 0)
 
 
 def _small_shards(monkeypatch, chunk: int = 7, shard_chunks: int = 3, first: int = 2) -> None:
@@ -75,9 +75,9 @@ def test_many_small_shards_give_the_samples_and_report_of_one(data_file, tmp_pat
     assert len(files) == 1 + -(-(_reaching_encoding(report) - 13) // 21)  # 2 + 4 + 7, then three chunks of seven
     assert _rows(table) == _rows(one_table)
     assert report == one_report  # counts, examples (first five, in record order), tokens, ends, per source
-    assert set(report["rejected"]) == {"invalid_json", "missing_field", "too_long"}
-    assert report["filtered"] == {"exact_duplicate": 15}
-    assert report["records_in"] == report["records_used"] + 15 + sum(report["rejected"].values())
+    assert set(report.rejected) == {"invalid_json", "missing_field", "too_long"}
+    assert report.filtered == {"exact_duplicate": 15}
+    assert report.records_in == report.records_used + 15 + sum(report.rejected.values())
     # a saved dataset, memory-mapped: datasets itself reads the directory
     assert _rows(datasets.load_from_disk(str(cached))) == _rows(one_table)
 
@@ -105,8 +105,8 @@ def test_reading_never_runs_more_than_a_window_ahead_of_encoding(data_file, tmp_
     monkeypatch.setattr(pipeline, "record_batch", record_batch)
     _, report = prepare(_config(data_file, tmp_path, num_proc=2, cache=False), TOKENIZER, TEMPLATE, 0)
     window_records = (2 * 2 + 1 + 1) * 5  # the chunks in flight and one being formed
-    read_stage_left_out = report["records_in"] - _reaching_encoding(report)
-    assert max(ahead) <= window_records + read_stage_left_out < report["records_in"] / 2
+    read_stage_left_out = report.records_in - _reaching_encoding(report)
+    assert max(ahead) <= window_records + read_stage_left_out < report.records_in / 2
 
 
 def test_a_stopped_preparation_continues_without_encoding_its_finished_shards(data_file, tmp_path, monkeypatch):
@@ -227,8 +227,8 @@ def test_parquet_is_read_a_batch_at_a_time_with_every_row_named(tmp_path):
     _, report = prepare(
         DataConfig(path=str(tmp_path / "data.parquet"), cache=False, max_length=256), TOKENIZER, TEMPLATE, 0
     )
-    assert report["records_in"] == 2500 and report["rejected"] == {"unknown_role": 1}
-    assert report["examples"]["unknown_role"][0].startswith(f"{tmp_path / 'data.parquet'} row 2100")
+    assert report.records_in == 2500 and report.rejected == {"unknown_role": 1}
+    assert report.examples["unknown_role"][0].startswith(f"{tmp_path / 'data.parquet'} row 2100")
 
 
 def test_a_run_trains_from_a_sharded_cache(data_file, tmp_path, monkeypatch):

@@ -173,7 +173,7 @@ def test_every_turn_is_trained_once_on_exactly_what_a_server_renders(name, tmp_p
         )
         config.filters.exact_dedup = False  # (the same words with and without reasoning: both kept)
         table, report = prepare(config, tokenizer, template, 0)
-        assert report["rejected"] == {} and report["records_used"] == len(convs), report["examples"]
+        assert report.rejected == {} and report.records_used == len(convs), report.examples
         parts = table["part"]
         starts = [i for i, p in enumerate(parts) if p == 0] + [len(parts)]
         assert len(starts) - 1 == len(convs)
@@ -181,7 +181,7 @@ def test_every_turn_is_trained_once_on_exactly_what_a_server_renders(name, tmp_p
             samples = [(table[i]["input_ids"], table[i]["labels"]) for i in range(a, b)]
             _check(samples, _expected(tokenizer, template, specials, messages, kwargs))
             split += len(samples) > 1
-        assert report["split_records"] == sum(len([p for p in parts[a:b] if p]) > 0 for a, b in zip(starts, starts[1:]))
+        assert report.split_records == sum(len([p for p in parts[a:b] if p]) > 0 for a, b in zip(starts, starts[1:]))
     if name in ("qwen3", "glm4moe", "gpt-oss", "phi-3.5"):  # (these rewrite history: some records are split)
         assert split
 
@@ -208,7 +208,7 @@ def test_split_records_stay_together_and_inspect_says_how_they_were_split(tmp_pa
     import numpy as np
 
     from sftdist.cli.inspect import inspect_data
-    from sftdist.data.pipeline import split_and_weight
+    from sftdist.data.dataset import split_and_weight
 
     records = []
     for i in range(30):
@@ -219,8 +219,8 @@ def test_split_records_stay_together_and_inspect_says_how_they_were_split(tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     tokenizer = tiny_tokenizer(_QWEN, eos="<|im_end|>", template=QWEN3.read_text())
     table, report = prepare(DataConfig(path=str(path), cache=False), tokenizer, QWEN3.read_text(), 0)
-    assert (report["records_used"], report["samples"], report["split_records"]) == (30, 60, 30)
-    assert report["sources"]["talk"]["extra_context_tokens"] == report["extra_context_tokens"] > 0
+    assert (report.records_used, report.samples, report.split_records) == (30, 60, 30)
+    assert report.sources["talk"]["extra_context_tokens"] == report.extra_context_tokens > 0
     assert table["part"] == [0, 1] * 30
     for weight in (1.0, 1.5):
         train, held = split_and_weight(table, {"talk": weight}, 7, seed=3)

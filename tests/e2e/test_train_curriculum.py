@@ -150,7 +150,7 @@ def test_source_weights_apply_inside_each_bucket(tmp_path):
     sources = f"data.sources=[{{path: {tmp_path / 'a.jsonl'}, weight: 2}}, {{path: {tmp_path / 'b.jsonl'}}}]"
     trainer = _trainer(tmp_path / "run", sources, "train.max_steps=1", "eval.every_steps=0")
     trainer.close()
-    by_source = trainer.data_report["curriculum"]["by_source"]
+    by_source = trainer.data_report.curriculum["by_source"]
     labels = {
         name: [r["meta"]["difficulty"] for r in part] for name, part in (("a", records[:150]), ("b", records[150:]))
     }
@@ -183,8 +183,8 @@ def test_schedules_the_data_cannot_serve_fail_before_anything_is_written(tmp_pat
     assert "the hard bucket is empty; its weight is spread over the others" in caplog.text
     fallback = _trainer(tmp_path / "fallback", f"data.path={unlabelled}")  # on_missing=fallback: scored by length
     fallback.close()
-    assert 0 < fallback.data_report["curriculum"]["unlabelled"] <= 100  # those held out for eval not counted
-    assert fallback.data_report["curriculum"]["fallback"]["scorer"] == "length"
+    assert 0 < fallback.data_report.curriculum["unlabelled"] <= 100  # those held out for eval not counted
+    assert fallback.data_report.curriculum["fallback"]["scorer"] == "length"
 
 
 def test_sftdist_inspect_shows_the_buckets_per_source():

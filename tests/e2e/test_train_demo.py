@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from helpers import REPO, compose, fit_and_close, max_relative_difference, python_in_root, read_metrics
 from sftdist.data.batching import collate_packed
-from sftdist.data.pipeline import Sample
+from sftdist.data.dataset import Sample
 from sftdist.errors import ConfigError
 from sftdist.training import Trainer, lr_at
 
@@ -254,7 +254,7 @@ def test_final_records_the_template_and_export_warns_when_it_changed(demo_run, t
 
     out, trainer, _ = demo_run
     info = json.loads((out / "final" / "sftdist_training.json").read_text())
-    assert info["template_hash"] == template_hash(trainer.chat_template) == trainer.data_report["template_hash"]
+    assert info["template_hash"] == template_hash(trainer.chat_template) == trainer.data_report.template_hash
     assert check_export_template(out / "final")
     changed = tmp_path / "final"
     shutil.copytree(out / "final", changed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sftdist.data.batching import StepSampler, build_micro_batches, collate_padded, plan_padded
-from sftdist.data.pipeline import Sample
+from sftdist.data.dataset import Sample
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step():

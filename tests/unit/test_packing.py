@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sftdist.data.batching import build_micro_batches, collate_packed, plan_packed
-from sftdist.data.pipeline import Sample
+from sftdist.data.dataset import Sample
 
 
 def test_packing_plan_matches_the_docstring_example():

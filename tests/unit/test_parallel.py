@@ -7,7 +7,7 @@ import torch
 
 from helpers import compose
 from sftdist.data.batching import assign_to_ranks, build_micro_batches
-from sftdist.data.pipeline import Sample
+from sftdist.data.dataset import Sample
 from sftdist.errors import ConfigError
 from sftdist.parallel import build_strategy, resolve_device
 from sftdist.parallel.base import clip_and_norm
