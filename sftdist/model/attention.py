@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")  # (auto's order)
+from sftdist.config import ATTENTION_BACKENDS
+
 log = logging.getLogger(__name__)
 # Names in transformers' registries. transformers reads meaning into substrings ("sdpa", "flash",
 # "flex_attention": support checks and special paths), so ours contain none of them.
@@ -298,7 +299,7 @@ def resolve_backend(name: str, device: torch.device, precision: str = "bf16") ->
     """model.attn_impl -> the backend to use: ``auto`` picks flash_attn, torch_varlen, then flex (on CUDA; each one
     passed over is said in the log, with why), sdpa on CPU."""
     if name == "auto":
-        for backend in BACKENDS:
+        for backend in ATTENTION_BACKENDS:
             reason = available(backend, device, precision)
             if reason is None:
                 return backend

@@ -220,27 +220,39 @@ def _flat(node, prefix=""):
 OPTION_VALUES = {("curriculum", "three_phase"): {"curriculum.phases"}}
 
 
-def test_the_yaml_files_state_the_schema_defaults():
-    """Defaults live in the dataclasses and in conf/*.yaml: a default changed in one place only would be silently
-    overridden by the other (or documented wrong), so every value a YAML file sets must be the schema's default
-    (a group option's name, and what OPTION_VALUES says it is for, excepted)."""
+def test_the_yaml_files_state_only_what_an_option_is_for():
+    """Every default is stated once, in the schema: sft.yaml holds the defaults list and Hydra's settings only, and a
+    group option sets its name and what OPTION_VALUES says it is for, nothing else (a default restated in a YAML
+    file would silently win over the schema's once the two drift apart)."""
     from omegaconf import OmegaConf
 
-    schema = _flat(dataclasses.asdict(SFTConfig()))
     top = OmegaConf.to_container(OmegaConf.load(CONF / "sft.yaml"))
-    del top["defaults"], top["hydra"]
-    stated = {"sft.yaml": _flat(top)}
+    assert set(top) == {"defaults", "hydra"}, sorted(top)
     for group, option in _group_options():
         values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
         allowed = {f"{group}.name"} | OPTION_VALUES.get((group, option), set())
-        stated[f"{group}/{option}.yaml"] = {k: v for k, v in _flat(values, f"{group}.").items() if k not in allowed}
-    wrong = [
-        f"{file}: {key}={value!r}, the schema says {schema.get(key, '<no such key>')!r}"
-        for file, values in stated.items()
-        for key, value in values.items()
-        if schema.get(key, ...) != value
-    ]
-    assert not wrong, wrong
+        assert set(_flat(values, f"{group}.")) == allowed, f"{group}/{option}.yaml"
+        assert values["name"] == option
+
+
+def test_a_choice_is_declared_once_with_its_field_and_its_default_is_one_of_them():
+    schema = SFTConfig()
+    declared = {}
+
+    def walk(node, prefix=""):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if "choices" in f.metadata:
+                assert value in f.metadata["choices"], prefix + f.name
+                declared[prefix + f.name] = f.metadata["choices"]
+            elif dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(schema)
+    assert declared["model.attn_impl"] == ("auto", "flash_attn", "torch_varlen", "flex", "sdpa")
+    assert declared["strategy.name"] == ("none", "ddp", "fsdp2", "zero3")
+    for group in ("strategy", "curriculum"):  # every choice has its group option, and no option lacks a choice
+        assert set(declared[f"{group}.name"]) == {o for g, o in _group_options() if g == group}
 
 
 def test_the_readme_states_the_schema_defaults():
@@ -257,3 +269,11 @@ def test_the_readme_states_the_schema_defaults():
         if value != schema[key]:
             wrong.append(f"{key}: README {cell}, schema {schema[key]!r}")
     assert not wrong, wrong
+
+
+def test_gradient_checkpointing_still_means_full_and_says_it_is_deprecated():
+    from sftdist.model.build import activation_checkpointing
+
+    with pytest.warns(FutureWarning, match="model.gradient_checkpointing=true is deprecated.*activation_checkpointing"):
+        cfg = compose("model.gradient_checkpointing=true")
+    assert activation_checkpointing(cfg.model) == "full"

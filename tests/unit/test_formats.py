@@ -182,9 +182,13 @@ def test_garbage_never_crashes_and_what_passes_is_canonical(record, fmt):
 
 
 def test_the_config_offers_every_format():
-    from sftdist.config import FORMATS as CONFIG_FORMATS
+    import dataclasses
 
-    assert CONFIG_FORMATS == ("auto", *FORMATS)
+    from sftdist.config import DataConfig, EvalSourceConfig, SourceConfig
+
+    for schema in (DataConfig, SourceConfig, EvalSourceConfig):
+        (fmt,) = [f for f in dataclasses.fields(schema) if f.name == "format"]
+        assert fmt.metadata["choices"] == ("auto", *FORMATS)
 
 
 PLAIN_REASONING_TOOLS = {
