@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from sftdist.config import SFTConfig
 from sftdist.data.batching import MicroBatch, build_micro_batches
 from sftdist.data.dataset import Sample
-from sftdist.model.attention import packed_attention_kwargs
+from sftdist.errors import ConfigError
+from sftdist.metrics.flops import ModelDims
+from sftdist.model import build_model, max_positions, model_weights, num_parameters
+from sftdist.model.attention import apply_packed_attention, packed_attention_kwargs, resolve_backend
 from sftdist.parallel import Strategy
 from sftdist.training.loss import (
     cross_entropy_sum,
@@ -27,6 +31,7 @@ from sftdist.training.loss import (
     step_normalised_loss,
     supervised_targets,
 )
+from sftdist.training.optim import build_optimizer
 
 
 class ModelRunner:
@@ -38,6 +43,10 @@ class ModelRunner:
         self.cfg = cfg
         self.pad_id = pad_id
         self.loss_impl, self.loss_why = "naive", ""
+        # What build_runner measured of the model before the strategy wrapped it
+        self.num_params = self.num_trained = 0
+        self.attention = "sdpa (padded)"
+        self.dims: ModelDims | None = None
 
     def autocast(self):
         if self.cfg.precision == "bf16":
@@ -122,3 +131,33 @@ class ModelRunner:
             total += float(self.ce_sum(mb))
             count += mb.num_supervised
         return total, count
+
+
+def build_runner(cfg: SFTConfig, strategy: Strategy, tokenizer: Any, pad_id: int) -> ModelRunner:
+    """The model (packed attention installed) and its optimizer, set up by the strategy, in a runner. fsdp2 and
+    zero3 never build the model whole on a rank: it is made on the meta device, and their setup loads the weights."""
+    with strategy.constructing():
+        model = build_model(cfg.model, tokenizer, cfg.seed, with_weights=not strategy.loads_weights)
+    limit = max_positions(model)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the model's "
+            f"max_position_embeddings={limit}; lower data.max_length"
+        )
+    num_params, num_trained, dims = (
+        num_parameters(model),
+        num_parameters(model, trainable_only=True),
+        ModelDims.of(model),
+    )
+    attention = "sdpa (padded)"
+    if cfg.data.packing:
+        attention = resolve_backend(cfg.model.attn_impl, strategy.device, cfg.precision)
+        apply_packed_attention(model, attention)
+    wrapped, optimizer = strategy.setup(
+        model,
+        lambda m: build_optimizer(m, cfg.train),
+        lambda names: model_weights(cfg.model, tokenizer, cfg.seed, names),
+    )
+    runner = ModelRunner(wrapped, optimizer, strategy, cfg, pad_id)
+    runner.num_params, runner.num_trained, runner.attention, runner.dims = num_params, num_trained, attention, dims
+    return runner

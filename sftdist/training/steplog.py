@@ -20,6 +20,7 @@ from sftdist.data.report import DataReport
 from sftdist.metrics import MetricsLogger
 from sftdist.metrics.flops import ModelDims
 from sftdist.parallel import Strategy
+from sftdist.training.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +125,17 @@ def log_plan(
     *,
     world_size: int,
     device: torch.device,
-    num_params: int,
-    num_trained: int,
-    attention: str,
-    loss_why: str,
+    runner: ModelRunner,
     sampler: StepSampler | CurriculumSampler,
     resume_from: Path | None,
     start_step: int,
 ) -> None:
     """The run's plan, on rank 0, before the first step: model, LoRA, data, curriculum, resume, steps."""
     c, t, r = cfg, cfg.train, report
+    num_params, num_trained = runner.num_params, runner.num_trained
     log.info(
         f"model: {c.model.name}, {num_params / 1e6:.2f}M parameters, {c.precision}, {c.strategy.name} "
-        f"x {world_size} on {device.type}, attention {attention}, loss {loss_why}"
+        f"x {world_size} on {device.type}, attention {runner.attention}, loss {runner.loss_why}"
     )
     if c.model.lora.enabled:
         lora = c.model.lora

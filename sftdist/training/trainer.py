@@ -25,9 +25,8 @@ from sftdist.curriculum.model_loss import cached_model_loss, score_model_loss
 from sftdist.data.dataset import build_datasets
 from sftdist.errors import ConfigError
 from sftdist.metrics import build_metrics_logger, check_wandb
-from sftdist.metrics.flops import ModelDims, peak_tflops
-from sftdist.model import build_model, build_tokenizer, max_positions, model_weights, num_parameters, pad_token_id
-from sftdist.model.attention import apply_packed_attention, resolve_backend
+from sftdist.metrics.flops import peak_tflops
+from sftdist.model import build_tokenizer, pad_token_id
 from sftdist.model.lora import check_qlora
 from sftdist.parallel import build_strategy, check_world_size
 from sftdist.run.checkpoint import checkpoints_dir, load_checkpoint, read_curriculum, step_dir
@@ -38,9 +37,9 @@ from sftdist.training.checkpointer import Checkpointer
 from sftdist.training.evaluation import Evaluator, build_eval_sources, build_probes
 from sftdist.training.feed import StepFeeder
 from sftdist.training.hf import HFWriter
-from sftdist.training.optim import build_optimizer, lr_at, set_lr
+from sftdist.training.optim import lr_at, set_lr
 from sftdist.training.outputs import prepare_output_dir
-from sftdist.training.runner import ModelRunner
+from sftdist.training.runner import build_runner
 from sftdist.training.steplog import StepLog, log_plan
 
 log = logging.getLogger(__name__)
@@ -67,11 +66,6 @@ class Trainer:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def loss_impl(self) -> str:
-        """The loss implementation the run uses (chosen at set-up: ModelRunner.choose_loss_impl)."""
-        return self.runner.loss_impl
 
     def __enter__(self) -> Trainer:
         return self
@@ -108,26 +102,8 @@ class Trainer:
         self.resume_from, resumed = find_checkpoint(cfg, self.output_dir, self.identity, strategy)
 
         # The model: fsdp2 and zero3 never build it whole on a rank (their setup loads the weights)
-        with strategy.constructing():
-            model = build_model(cfg.model, self.tokenizer, cfg.seed, with_weights=not strategy.loads_weights)
-        limit = max_positions(model)
-        if limit is not None and cfg.data.max_length > limit:
-            raise ConfigError(
-                f"data.max_length={cfg.data.max_length} exceeds the model's "
-                f"max_position_embeddings={limit}; lower data.max_length"
-            )
-        self.num_params, self.num_trained = num_parameters(model), num_parameters(model, trainable_only=True)
-        dims = ModelDims.of(model)
-        self.attention = "sdpa (padded)"
-        if cfg.data.packing:
-            self.attention = resolve_backend(cfg.model.attn_impl, self.device, cfg.precision)
-            apply_packed_attention(model, self.attention)
-        self.model, self.optimizer = strategy.setup(
-            model,
-            lambda m: build_optimizer(m, cfg.train),
-            lambda names: model_weights(cfg.model, self.tokenizer, cfg.seed, names),
-        )
-        self.runner = ModelRunner(self.model, self.optimizer, strategy, cfg, self.pad_id)
+        self.runner = build_runner(cfg, strategy, self.tokenizer, self.pad_id)
+        self.model, self.optimizer = self.runner.model, self.runner.optimizer
         self.runner.choose_loss_impl(self.train_set[0])
 
         # What each step draws: before the checkpoint's weights load (a curriculum's model_loss is the base's)
@@ -138,7 +114,7 @@ class Trainer:
             self.data_report.curriculum = plan.report
             for warning in plan.report["warnings"] if strategy.is_main else []:
                 log.warning("%s", warning)
-        self.feed = StepFeeder(self.train_set, self.sampler, cfg, self.pad_id, strategy, dims.flops)
+        self.feed = StepFeeder(self.train_set, self.sampler, cfg, self.pad_id, strategy, self.runner.dims.flops)
         probes = build_probes(cfg, self.eval_set, self.tokenizer) if cfg.eval.every_steps else []
         self.evaluator = Evaluator(
             cfg, self.eval_set, plan.eval_buckets, eval_sources, probes, self.tokenizer, self.chat_template
@@ -165,14 +141,11 @@ class Trainer:
             cfg, strategy, self.hf, self.identity, wandb_run_id, plan.report, plan.row_buckets
         )
         self.stops = StopPolicy(self.stop_signals, strategy.all_sum, cfg.train.stop_after_step, cfg.train.max_steps)
-        self.steplog = StepLog(
-            cfg, self.metrics, strategy, self.sampler, dims, peak_tflops(self.device, cfg.train.peak_tflops),
-            self.runner.loss_impl,
-        )  # fmt: skip
+        peak = peak_tflops(self.device, cfg.train.peak_tflops)
+        self.steplog = StepLog(cfg, self.metrics, strategy, self.sampler, self.runner.dims, peak, self.runner.loss_impl)
         if strategy.is_main:
             log_plan(
-                cfg, self.data_report, world_size=strategy.world_size, device=self.device, num_params=self.num_params,
-                num_trained=self.num_trained, attention=self.attention, loss_why=self.runner.loss_why,
+                cfg, self.data_report, world_size=strategy.world_size, device=self.device, runner=self.runner,
                 sampler=self.sampler, resume_from=self.resume_from, start_step=self.start_step,
             )  # fmt: skip
 
@@ -242,8 +215,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """The eval metrics after ``step`` steps (training.evaluation); the probes' answers go to probes.jsonl and
-        W&B."""
+        """The eval metrics after ``step`` steps; the probes' answers go to probes.jsonl and W&B."""
         metrics = self.evaluator.losses(self._loss_sums, self.strategy.all_sum)
         probed, rows = self.evaluator.probe(
             self.strategy.unwrap(self.model),

@@ -68,7 +68,7 @@ def worker(model: str, strategy: str, out: Path, repeats: int) -> None:
             json.dumps(
                 {
                     "model": model,
-                    "parameters_m": round(trainer.num_params / 1e6, 1),
+                    "parameters_m": round(trainer.runner.num_params / 1e6, 1),
                     "strategy": strategy,
                     "processes": trainer.strategy.world_size,
                     "save_s": round(statistics.median(saves), 3),

@@ -82,8 +82,8 @@ def run_one(model: str, mode: str, steps: int) -> dict:
         return {
             "model": model,
             "mode": mode,
-            "parameters_m": round(trainer.num_params / 1e6, 2),
-            "trained_parameters_m": round(trainer.num_trained / 1e6, 3),
+            "parameters_m": round(trainer.runner.num_params / 1e6, 2),
+            "trained_parameters_m": round(trainer.runner.num_trained / 1e6, 3),
             "optimizer_state_mib": round(optimizer_bytes / 2**20, 2),
             "training_state_mib": round((weights + gradients + optimizer_bytes) / 2**20, 1),
             "checkpoint_mib": round(sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) / 2**20, 2),

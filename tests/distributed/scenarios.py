@@ -149,7 +149,7 @@ def fit(out: Path, data: str, strategy: str, packing: bool, *extra: str) -> dict
         )
     )
     result = trainer.fit()
-    return {"loss": result["train/loss"], "output_dir": str(run), "loss_impl": trainer.loss_impl}
+    return {"loss": result["train/loss"], "output_dir": str(run), "loss_impl": trainer.runner.loss_impl}
 
 
 # Exact resume: 4 steps, checkpoints at 2 and 4 (the last), a stop signal during step 3 (to rank 0 only).

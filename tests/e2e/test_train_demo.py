@@ -146,7 +146,7 @@ def test_packing_and_the_micro_batch_budget_do_not_change_the_update(tmp_path, v
     )
     one, r1 = _train(tmp_path / "one", *common, "data.packing=true", "train.micro_batch_tokens=4096")
     other, r2 = _train(tmp_path / "other", *common, *variant)
-    assert r1["train/micro_batches"] == 1 and one.attention == "sdpa"
+    assert r1["train/micro_batches"] == 1 and one.runner.attention == "sdpa"
     if variant[1].endswith("256"):
         assert r2["train/micro_batches"] >= 4
     w1, w2 = one.strategy.full_state_dict(one.model), other.strategy.full_state_dict(other.model)

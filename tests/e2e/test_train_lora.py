@@ -111,7 +111,7 @@ def test_lora_checkpoints_hold_the_adapters_and_their_optimizer_state_only(lora_
     # The adapters, two AdamW moments, and DCP's metadata (measured: 3.36x the adapters' bytes, 4.2 MB)...
     assert 3 * adapter_bytes <= size < 3.5 * adapter_bytes
     # ...where full fine-tuning's would hold every weight and its moments (41 MB for the demo model).
-    assert size < 0.11 * 3 * 4 * trainer.num_params
+    assert size < 0.11 * 3 * 4 * trainer.runner.num_params
 
 
 def test_a_stopped_and_resumed_lora_run_equals_the_uninterrupted_one(lora_run, tmp_path):

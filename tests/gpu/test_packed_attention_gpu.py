@@ -118,7 +118,7 @@ def test_packed_demo_training_on_cuda_uses_a_varlen_backend(tmp_path):
             "wandb.mode=disabled",
         )
     ) as trainer:
-        assert trainer.attention in ("flash_attn", "torch_varlen", "flex")
+        assert trainer.runner.attention in ("flash_attn", "torch_varlen", "flex")
         trainer.fit()
     metrics = read_metrics(tmp_path)
     assert metrics[-1]["train/loss"] < 0.5 * metrics[0]["train/loss"]

@@ -163,7 +163,7 @@ def test_the_trainer_picks_chunked_for_llama_and_says_so(tmp_path):
 
     trainer = Trainer(compose(f"output_dir={tmp_path}", "wandb.mode=disabled", "data.demo_size=100"))
     try:
-        assert (trainer.loss_impl, trainer.runner.loss_why) == (
+        assert (trainer.runner.loss_impl, trainer.runner.loss_why) == (
             "chunked",
             "the output head on supervised tokens only, in chunks",
         )
