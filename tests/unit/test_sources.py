@@ -117,9 +117,9 @@ def _json_records(path):
 @pytest.mark.parametrize("block", [1, 2, 3, 7, 64, 1 << 20])
 def test_a_json_list_is_read_a_block_at_a_time_as_it_would_be_whole(tmp_path, monkeypatch, block):
     """Records, numbers, strings with escapes and multi-byte characters cut at every place by the blocks read."""
-    from sftdist.data import sources
+    from sftdist.data import jsonstream
 
-    monkeypatch.setattr(sources, "_JSON_BLOCK", block)
+    monkeypatch.setattr(jsonstream, "_JSON_BLOCK", block)
     rows = [GOOD, {"text": 'é€😀 "quoted" \\ \n'}, 12345, -1.5e3, [], {}, "s", True, None, {"deep": [[{"x": [1]}]]}]
     for name, text in (
         ("compact.json", json.dumps(rows, ensure_ascii=False)),
@@ -151,10 +151,10 @@ def test_a_json_list_is_read_a_block_at_a_time_as_it_would_be_whole(tmp_path, mo
 )
 @pytest.mark.parametrize("block", [4, None])  # (None: the 1 MB default, the whole file in one block)
 def test_a_json_list_read_in_blocks_names_the_line_of_its_error(tmp_path, monkeypatch, content, message, block):
-    from sftdist.data import sources
+    from sftdist.data import jsonstream
 
     if block:
-        monkeypatch.setattr(sources, "_JSON_BLOCK", block)
+        monkeypatch.setattr(jsonstream, "_JSON_BLOCK", block)
     (tmp_path / "d.json").write_text(content)
     with pytest.raises(DataError, match=message):
         _records(tmp_path / "d.json")
@@ -162,10 +162,10 @@ def test_a_json_list_read_in_blocks_names_the_line_of_its_error(tmp_path, monkey
 
 @pytest.mark.parametrize("block", [1, 3, 12, None])
 def test_a_json_list_that_is_not_utf8_names_the_byte(tmp_path, monkeypatch, block):
-    from sftdist.data import sources
+    from sftdist.data import jsonstream
 
     if block:
-        monkeypatch.setattr(sources, "_JSON_BLOCK", block)
+        monkeypatch.setattr(jsonstream, "_JSON_BLOCK", block)
     for content, at in (
         (b'[{"a": "\xc3\xa9\xe2\x82"}]', 10),  # (a 3-byte character cut short)
         (b'\xef\xbb\xbf[{"a": "ok"},\n {"a": "caf\xe9"}]', 28),  # (after a byte-order mark)
@@ -182,7 +182,7 @@ def test_a_json_list_read_in_blocks_reads_what_json_loads_reads(tmp_path, monkey
     bytes changed, at several block sizes: the same records as json.loads, or an error where it has one."""
     import random
 
-    from sftdist.data import sources
+    from sftdist.data import jsonstream
 
     rng = random.Random(0)
 
@@ -211,7 +211,7 @@ def test_a_json_list_read_in_blocks_reads_what_json_loads_reads(tmp_path, monkey
         except (ValueError, UnicodeDecodeError):
             expected = ValueError
         for block in (1, 5, 64):
-            monkeypatch.setattr(sources, "_JSON_BLOCK", block)
+            monkeypatch.setattr(jsonstream, "_JSON_BLOCK", block)
             if expected is ValueError or not isinstance(expected, list) or not expected:
                 with pytest.raises(DataError):
                     _records(path)

@@ -260,7 +260,8 @@ def test_rendering_equals_apply_chat_template_and_the_one_sample_check_is_exact(
     turns each tokenized alone."""
     from dataclasses import replace
 
-    from sftdist.data.samples import backend_tokenizer, label_many, render_many, texts_to_tokenize
+    from sftdist.data.labels import backend_tokenizer, label_many, texts_to_tokenize
+    from sftdist.data.samples import render_many
 
     tokenizer, _ = _setup(name)
     ct = bind_template(tokenizer, tokenizer.chat_template)
