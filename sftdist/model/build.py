@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,27 @@ def build_model(cfg: ModelConfig, tokenizer: Any, seed: int, with_weights: bool 
     return model
 
 
-def parameters_on_meta() -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
     """Modules made inside the block get their parameters on the meta device (no memory) and their buffers on CPU
-    as usual: rotary tables and the like are computed, not loaded, and must stay real."""
-    from accelerate import init_empty_weights
+    as usual: rotary tables and the like are computed, not loaded, and must stay real.
 
-    return init_empty_weights(include_buffers=False)
+    Not accelerate's ``init_empty_weights(include_buffers=False)``: it wraps every registered parameter anew, also one
+    already on meta, so tying the output head to the embedding (``lm_head.weight = embed.weight``) leaves two
+    parameters, and a tied checkpoint no longer names them all (tests/distributed: the tied bf16 model's load). Only
+    a parameter not yet on meta is replaced here."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def prepare_blocks(model: torch.nn.Module, cfg: ModelConfig) -> None:
