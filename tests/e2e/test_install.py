@@ -52,6 +52,10 @@ def test_wheel_installs_and_trains_from_another_directory(tmp_path):
     ):
         assert required in names, required
     assert not any(n.split("/")[0] in ("conf", "kernels") for n in names)  # no top-level `kernels` package
+    # every module of the package: a subpackage missing from pyproject's list would import from the checkout here
+    # (the editable install's finder), and fail for a user
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "sftdist").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
 
     site = tmp_path / "site"
     subprocess.run(
@@ -62,7 +66,8 @@ def test_wheel_installs_and_trains_from_another_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     script = (
-        "import sys, sftdist, sftdist.train; assert sftdist.__file__.startswith(sys.argv[1]), sftdist.__file__; "
+        "import sys, sftdist, sftdist.train, sftdist.training.trainer as t; "
+        "assert sftdist.__file__.startswith(sys.argv[1]) and t.__file__.startswith(sys.argv[1]), t.__file__; "
         "sys.argv = ['sftdist-train'] + sys.argv[2:]; sftdist.train.main()"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
