@@ -152,7 +152,7 @@ def run_sftdist(args, model_dir: Path, data: Path, work: Path) -> dict:
             *args.sftdist_override,
         )
     )
-    train_samples, attention, loss_impl = len(trainer.train_set), trainer.runner.attention, trainer.loss_impl
+    train_samples, attention, loss_impl = len(trainer.train_set), trainer.runner.attention, trainer.runner.loss_impl
     fit_and_close(trainer)
     rows = read_metrics(out)
     tokens = [round(r["train/tokens_per_s"] * r["train/step_s"]) for r in rows]

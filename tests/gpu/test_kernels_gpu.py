@@ -45,7 +45,7 @@ def test_a_cuda_step_has_the_same_loss_chunked_or_naive(tmp_path):
                 "wandb.mode=disabled",
             )
         ) as trainer:
-            assert trainer.loss_impl == impl
+            assert trainer.runner.loss_impl == impl
             trainer.fit()
         losses[impl] = [m["train/loss"] for m in read_metrics(tmp_path / impl)]
     assert losses["chunked"] == pytest.approx(losses["naive"], rel=1e-2)
