@@ -22,10 +22,16 @@ ATTENTION_BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")  # sftdist.m
 SCORERS = ("length", "turns", "model_loss")  # curriculum difficulty from the data or the model (besides meta)
 
 
-def choice(default: str, *choices: str) -> Any:
-    """A field that takes one of ``choices`` (checked by validation, which names the key): its one statement."""
-    assert default in choices
-    return field(default=default, metadata={"choices": choices})
+def choice(*choices: str, strategy: str | None = None) -> Any:
+    """A field that takes one of ``choices``, the first its default (validation checks it, naming the key): the one
+    statement of the list. ``strategy``: as ``only_for``."""
+    return field(default=choices[0], metadata={"choices": choices, **({"strategy": strategy} if strategy else {})})
+
+
+def only_for(strategy: str, default: Any) -> Any:
+    """A strategy.* option of one strategy only: set away from its default under another strategy, it would be
+    silently ignored, so validation refuses it."""
+    return field(default=default, metadata={"strategy": strategy})
 
 
 @dataclass
@@ -51,10 +57,10 @@ class ModelConfig:
     trust_remote_code: bool = False  # run Python code shipped in the model directory (auto_map); only code you trust
     # Recompute activations in backward: full (every decoder block: least memory, ~30% more compute) | selective
     # (keep the matrix products' outputs, recompute the cheap element-wise ops: less memory for ~5% more compute)
-    activation_checkpointing: str = choice("none", "none", "full", "selective")
+    activation_checkpointing: str = choice("none", "full", "selective")
     gradient_checkpointing: bool = False  # deprecated: the older spelling of activation_checkpointing=full
     compile: bool = False  # torch.compile each decoder block (the first steps compile; later ones run faster)
-    attn_impl: str = choice("auto", "auto", *ATTENTION_BACKENDS)  # packed attention (auto: the first that runs)
+    attn_impl: str = choice("auto", *ATTENTION_BACKENDS)  # packed attention (auto: the first that runs)
     # Architecture of the tiny Llama-shaped demo model (ignored when name_or_path is set).
     hidden_size: int = 256
     num_layers: int = 4
@@ -70,7 +76,7 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     path: str = "???"  # a data file, a directory or glob of them (shards), or a saved Hugging Face dataset directory
-    format: str = choice("auto", "auto", *RECORD_FORMATS)
+    format: str = choice("auto", *RECORD_FORMATS)
     split: str = "train"  # the split of a saved DatasetDict
     weight: float = 1.0  # sampling weight: 2.0 uses each record twice, 0.5 a seeded half of them
     name: Optional[str] = None  # label in reports and meta.source; default: the file name without suffix
@@ -97,7 +103,7 @@ class DataConfig:
     # One source: a .jsonl/.json(.gz|.zst)/.parquet file, a directory or glob of them (shards, as one source), or a
     # saved Hugging Face dataset directory; unset (and no sources) generates the demo
     path: Optional[str] = None
-    format: str = choice("auto", "auto", *RECORD_FORMATS)  # format of data.path
+    format: str = choice("auto", *RECORD_FORMATS)  # format of data.path
     split: str = "train"  # the split of a saved DatasetDict at data.path
     sources: List[SourceConfig] = field(default_factory=list)  # several sources with weights, instead of path
     prepared: Optional[str] = None  # a directory written by sftdist-prepare: train on it, skip preparation
@@ -107,11 +113,11 @@ class DataConfig:
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     # The empty think block a template writes on answers without reasoning (Qwen3, GLM-4.5): mask keeps it as context
     # (the model is not taught to skip thinking), train supervises it
-    empty_think: str = choice("mask", "mask", "train")
+    empty_think: str = choice("mask", "train")
     packing: bool = True  # true: whole samples packed into rows, varlen attention; false: padded rows
     max_length: int = 1024  # longest sample in tokens; longer conversations follow data.truncation
     # drop: reject over-long conversations; truncate: keep what fits (turn-aware)
-    truncation: str = choice("drop", "drop", "truncate")
+    truncation: str = choice("drop", "truncate")
     max_rejected_fraction: float = 0.05  # stop before training when more of the records are invalid
     num_proc: int = 0  # processes that encode; 0 picks by data size and cores
     cache: bool = True  # reuse prepared data keyed by a fingerprint of files, tokenizer, template and settings
@@ -138,27 +144,29 @@ class TrainConfig:
     stop_after_step: Optional[int] = None  # stop with a checkpoint after this step (one job of a longer run)
     # The loss: auto (chunked where the model allows it) | chunked (the output head on supervised tokens only, a
     # chunk at a time: the full logits never exist) | naive (the model's logits, then cross-entropy)
-    loss_impl: str = choice("auto", "auto", "chunked", "naive")
+    loss_impl: str = choice("auto", "chunked", "naive")
 
 
 @dataclass
 class StrategyConfig:
-    name: str = choice("none", "none", "ddp", "fsdp2", "zero3")
+    name: str = choice("none", "ddp", "fsdp2", "zero3")
     timeout_minutes: int = 60  # collective timeout (rank 0 prepares the data while the others wait)
     # fsdp2 (torch.distributed.fsdp.fully_shard per decoder layer and the root)
-    reshard_after_forward: bool = True  # free gathered layer weights after forward (ZeRO-3-like); false: ZeRO-2-like
-    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state on CPU
+    # Free gathered layer weights after forward (ZeRO-3-like); false: keep them until backward (ZeRO-2-like)
+    reshard_after_forward: bool = only_for("fsdp2", True)
+    cpu_offload: bool = only_for("fsdp2", False)  # keep sharded parameters, gradients and optimizer state on CPU
     # Reduce-scatter gradients after every micro-batch (every: least memory) or only after a step's last one
     # (last: one reduction per step, unsharded gradients held meanwhile)
-    grad_sync: str = choice("every", "every", "last")
+    grad_sync: str = choice("every", "last", strategy="fsdp2")
     # zero3 (DeepSpeed stage 3; its config generated from these, deepspeed_config merged on top)
-    overlap_comm: bool = True  # overlap gradient reduction with backward
-    reduce_bucket_size: int = 50_000_000  # elements per gradient reduce bucket
-    prefetch_bucket_size: int = 50_000_000  # elements of parameters prefetched ahead of use
-    param_persistence_threshold: int = 100_000  # parameters smaller than this stay gathered
-    offload_optimizer: bool = False  # optimizer state and fp32 master weights on CPU
-    offload_params: bool = False  # parameters on CPU between uses
-    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON whose keys override the generated config
+    overlap_comm: bool = only_for("zero3", True)  # overlap gradient reduction with backward
+    reduce_bucket_size: int = only_for("zero3", 50_000_000)  # elements per gradient reduce bucket
+    prefetch_bucket_size: int = only_for("zero3", 50_000_000)  # elements of parameters prefetched ahead of use
+    param_persistence_threshold: int = only_for("zero3", 100_000)  # parameters smaller than this stay gathered
+    offload_optimizer: bool = only_for("zero3", False)  # optimizer state and fp32 master weights on CPU
+    offload_params: bool = only_for("zero3", False)  # parameters on CPU between uses
+    # A DeepSpeed JSON whose keys override the generated config
+    deepspeed_config: Optional[str] = only_for("zero3", None)
 
 
 @dataclass
@@ -172,15 +180,15 @@ class PhaseConfig:
 @dataclass
 class CurriculumConfig:
     # none (uniform) | three_phase (the mixture of each step follows curriculum.phases)
-    name: str = choice("none", "none", "three_phase")
+    name: str = choice("none", "three_phase")
     phases: List[PhaseConfig] = field(default_factory=list)  # phase ends increase and end at 1.0
-    difficulty: str = choice("meta", "meta", *SCORERS)  # meta: the record's own label; else a scorer
+    difficulty: str = choice("meta", *SCORERS)  # meta: the record's own label; else a scorer
     thresholds: List[float] = field(default_factory=lambda: [1.0, 2.0])  # meta: a number below the first is easy...
     quantiles: List[float] = field(default_factory=lambda: [1 / 3, 2 / 3])  # bucket edges for length/turns/model_loss
     # meta: an unlabelled record is scored by curriculum.fallback (fallback), or left out and counted (reject)
-    on_missing: str = choice("fallback", "fallback", "reject")
-    fallback: str = choice("length", *SCORERS)
-    on_empty: str = choice("error", "error", "renormalise")  # a phase that draws from an empty bucket
+    on_missing: str = choice("fallback", "reject")
+    fallback: str = choice(*SCORERS)
+    on_empty: str = choice("error", "renormalise")  # a phase that draws from an empty bucket
 
 
 @dataclass
@@ -193,7 +201,7 @@ class CheckpointConfig:
 @dataclass
 class EvalSourceConfig:
     path: str = "???"  # an eval data file (jsonl, json, parquet or dataset dir), never trained on
-    format: str = choice("auto", "auto", *RECORD_FORMATS)
+    format: str = choice("auto", *RECORD_FORMATS)
     split: str = "train"  # the split of a saved DatasetDict (its test split, say)
     name: Optional[str] = None  # its metrics are eval/<name>/loss; default: the file name without suffix
 
@@ -221,7 +229,7 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     # auto: online if a W&B key is configured, else offline
-    mode: str = choice("auto", "auto", "offline", "online", "disabled")
+    mode: str = choice("auto", "offline", "online", "disabled")
     project: str = "sftdist"
     entity: Optional[str] = None
     name: Optional[str] = None  # run name; default: the output_dir's folder name
@@ -233,8 +241,8 @@ class WandbConfig:
 class SFTConfig:
     output_dir: str = "outputs/sft"  # everything a run writes goes under it
     seed: int = 0  # model init and data order
-    precision: str = choice("fp32", "fp32", "bf16")  # bf16: autocast over fp32 master weights
-    device: str = choice("auto", "auto", "cpu", "cuda")
+    precision: str = choice("fp32", "bf16")  # bf16: autocast over fp32 master weights
+    device: str = choice("auto", "cpu", "cuda")
     resume: str = "auto"  # auto: the newest complete checkpoint in output_dir, if any | never | PATH (a checkpoint)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

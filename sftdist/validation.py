@@ -24,6 +24,8 @@ if TYPE_CHECKING:
         TrainConfig,
     )
 
+TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt")  # what each render sets itself
+
 
 def _choice(key: str, value: str, available: tuple[str, ...]) -> None:
     if value not in available:
@@ -109,26 +111,13 @@ def _validate_curriculum(c: CurriculumConfig) -> None:
         )
 
 
-_STRATEGY_ONLY = {
-    "reshard_after_forward": "fsdp2",
-    "cpu_offload": "fsdp2",
-    "grad_sync": "fsdp2",
-    "overlap_comm": "zero3",
-    "reduce_bucket_size": "zero3",
-    "prefetch_bucket_size": "zero3",
-    "param_persistence_threshold": "zero3",
-    "offload_optimizer": "zero3",
-    "offload_params": "zero3",
-    "deepspeed_config": "zero3",
-}
-
-
 def _validate_strategy(s: StrategyConfig) -> None:
     """An option of another strategy, set away from its default, would be silently ignored: refuse it."""
     _positive("strategy.timeout_minutes", s.timeout_minutes)
     defaults = type(s)()
-    for key, owner in _STRATEGY_ONLY.items():
-        if s.name != owner and getattr(s, key) != getattr(defaults, key):
+    for f in dataclasses.fields(s):
+        key, owner = f.name, f.metadata.get("strategy")
+        if owner is not None and s.name != owner and getattr(s, key) != getattr(defaults, key):
             raise ConfigError(
                 f"strategy.{key}={getattr(s, key)!r} applies to strategy={owner} only (this run uses strategy={s.name})"
             )
@@ -212,9 +201,6 @@ def _validate_data(d: DataConfig) -> None:
     _positive("data.filters.min_response_chars", f.min_response_chars, allow_zero=True)
     _not_empty("data.filters.decontaminate", f.decontaminate)
     _positive("data.filters.decontaminate_ngram", f.decontaminate_ngram)
-
-
-TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt")  # what each render sets itself
 
 
 def _validate_template_kwargs(kwargs: dict) -> None:

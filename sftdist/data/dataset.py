@@ -13,7 +13,7 @@ import numpy as np
 from sftdist.config import DataConfig, EvalConfig
 from sftdist.data.pipeline import prepare
 from sftdist.data.prepared import check_compatible, load_prepared
-from sftdist.data.report import DataReport, said
+from sftdist.data.report import DataReport, log_notes
 from sftdist.data.sources import source_weights
 from sftdist.data.template import IGNORE_INDEX
 from sftdist.errors import DataError
@@ -99,7 +99,7 @@ def build_datasets(
     if cfg.prepared is not None:  # weights as sftdist-prepare was configured
         table, manifest = load_prepared(cfg.prepared)
         check_compatible(manifest, cfg.prepared, tokenizer, template, cfg)
-        report = said(DataReport.from_json(manifest["report"]))
+        report = log_notes(DataReport.from_json(manifest["report"]))
         weights = {name: s["weight"] for name, s in report.sources.items()}
     else:  # weights are not part of the fingerprint: this run's
         table, report = prepare(cfg, tokenizer, template, seed)

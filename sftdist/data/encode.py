@@ -21,8 +21,8 @@ import numpy as np
 
 from sftdist.config import DataConfig
 from sftdist.data.filters import response_reason
-from sftdist.data.labels import backend_tokenizer, label_many, texts_to_tokenize
-from sftdist.data.samples import Rendered, render_many, truncate_at_turns
+from sftdist.data.labels import Rendered, backend_tokenizer, label_many, texts_to_tokenize
+from sftdist.data.samples import render_many, truncate_at_turns
 from sftdist.data.template import IGNORE_INDEX, bind_template
 
 _WORKER: dict[str, Any] = {}  # tokenizer, bound template and settings of this process (inherited by forked workers)

@@ -119,7 +119,7 @@ def iter_json_list(path: Path, f: io.BufferedIOBase) -> Iterator[tuple[str, Any]
     text = _JsonText(path, f)
     first = text.next_char()
     if not first:
-        return  # (empty: said by iter_records)
+        return  # (empty: said by sources.iter_records)
     if first != "[":
         kind = type(text.value(decoder)).__name__  # (read whole to name it: only a list is read a record at a time)
         raise DataError(f"{path}: a .json data file must hold a list of records, not {kind}")

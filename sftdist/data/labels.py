@@ -8,12 +8,34 @@ the fewest samples that each are (see ``sftdist.data.samples`` for the rule).
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from sftdist.data.template import IGNORE_INDEX
+from sftdist.errors import TemplateSplitError
 
-if TYPE_CHECKING:
-    from sftdist.data.samples import Rendered, Turn
+
+@dataclass(frozen=True)
+class Turn:
+    """One supervised assistant turn as a server meets it."""
+
+    prompt: str  # what a server renders before the turn: the turns before it, generation prompt on
+    target: str  # what the model writes after it: the turn through its stop (the end-of-turn marker)
+    skip: int = 0  # characters at the start of ``target`` kept as context, not trained (data.empty_think=mask)
+
+
+@dataclass
+class Rendered:
+    """A conversation rendered (``assistant_turns``) and adapted, or the reason it cannot be."""
+
+    full: str = ""
+    turns: list[Turn] = field(default_factory=list)
+    single: bool = True
+    notes: list[str] = field(default_factory=list)
+    error: TemplateSplitError | None = None
+
+
+_BACKENDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def backend_tokenizer(tokenizer: Any) -> Any:
@@ -30,9 +52,6 @@ def backend_tokenizer(tokenizer: Any) -> Any:
         backend.no_padding()
         _BACKENDS[tokenizer] = backend
     return backend
-
-
-_BACKENDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def texts_to_tokenize(rendered: list[Rendered]) -> list[str]:

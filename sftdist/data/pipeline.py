@@ -42,7 +42,7 @@ from sftdist.data.prepared import (
     record_batch,
     writing,
 )
-from sftdist.data.report import DataReport, Tally, build_report, check_rejections, said, with_threshold
+from sftdist.data.report import DataReport, Tally, build_report, check_rejections, log_notes, with_threshold
 from sftdist.data.sources import (
     ReadProgress,
     Source,
@@ -161,7 +161,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[
             with tempfile.TemporaryDirectory(prefix="sftdist-prepare-") as tmp:
                 report = write_prepared(cfg, sources, tokenizer, template, digest, Path(tmp) / digest)
                 table, _ = load_prepared(Path(tmp) / digest, in_memory=True)
-            return table, said(report)
+            return table, log_notes(report)
         cached = cache_root(cfg) / digest
         if cached.is_dir():  # (no lock to take: a read-only cache is fine)
             log.info("data: prepared samples from the cache (%s)", cached)
@@ -170,7 +170,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[
                 if not cached.is_dir():
                     write_prepared(cfg, sources, tokenizer, template, digest, cached)
         table, manifest = load_prepared(cached)
-        return table, said(with_threshold(DataReport.from_json(manifest["report"]), cfg))
+        return table, log_notes(with_threshold(DataReport.from_json(manifest["report"]), cfg))
 
 
 def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, directory: Path) -> DataReport:
@@ -190,9 +190,9 @@ def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, dire
                 log.info("data: copying the prepared samples from the cache (%s)", cached)
                 copy_prepared(cached, directory)
             else:
-                return said(write_prepared(cfg, sources, tokenizer, template, digest, directory))
+                return log_notes(write_prepared(cfg, sources, tokenizer, template, digest, directory))
         _, manifest = load_prepared(directory)
-        return said(with_threshold(DataReport.from_json(manifest["report"]), cfg))
+        return log_notes(with_threshold(DataReport.from_json(manifest["report"]), cfg))
 
 
 def write_prepared(

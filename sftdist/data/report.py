@@ -55,7 +55,7 @@ class DataReport:
     records_eval: int | None = None
     train_samples_per_epoch: int | None = None
     train_rows_hash: str | None = None  # what the sample stream draws from: a resume must draw from the same rows
-    eval_sources: dict[str, dict[str, Any]] | None = None  # eval.sets: each one's report
+    eval_sources: dict[str, dict[str, Any]] | None = None  # eval.sources: each one's report
     curriculum: dict[str, Any] | None = None  # the difficulty buckets' report
 
     def to_json(self) -> dict[str, Any]:
@@ -63,7 +63,14 @@ class DataReport:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> DataReport:
-        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in raw and f.default is dataclasses.MISSING]
+        if missing:
+            raise DataError(
+                f"a data report without {', '.join(missing)}: written by another sftdist version; "
+                "prepare the data again"
+            )
+        return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
 
 
 class Tally:
@@ -127,6 +134,7 @@ def build_report(
     template: str,
     record_filter: RecordFilter,
 ) -> DataReport:
+    """The report of a finished preparation, from its merged tally."""
     per_source: dict[str, dict] = {}
     for s in sources:
         c = tally.by_source[s.name]
@@ -203,7 +211,7 @@ def check_rejections(rejected: dict[str, int], examples: dict[str, list[str]], r
         )
 
 
-def said(report: DataReport) -> DataReport:
+def log_notes(report: DataReport) -> DataReport:
     """The report, after saying in the log what it holds that the user did not ask for: conversations the template
     renders differently from a server (several samples each, at a cost in context tokens), reasoning not trained."""
     for name, source in report.sources.items():

@@ -7,16 +7,15 @@ target, and the last turn's prompt (tokenized alone) holds every earlier turn's 
 cheaply: the tokens of a text alone are those of a longer text up to the shorter one's last special token, then
 those of the rest), the conversation is one sample. Where it is not (a template that rewrites earlier turns when a
 later one comes, as Qwen3 drops their reasoning; a tokenizer that merges characters across a prompt's end), the
-turns become the fewest samples that are each exact (``label_many``).
+turns become the fewest samples that are each exact (``labels.label_many``).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
-from sftdist.data.labels import backend_tokenizer, label_many, texts_to_tokenize
+from sftdist.data.labels import Rendered, Turn, backend_tokenizer, label_many, texts_to_tokenize
 from sftdist.data.template import (
     REASONING_FIELDS,
     ChatTemplate,
@@ -24,15 +23,6 @@ from sftdist.data.template import (
     resolve_chat_template,
 )
 from sftdist.errors import TemplateSplitError
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One supervised assistant turn as a server meets it."""
-
-    prompt: str  # what a server renders before the turn: the turns before it, generation prompt on
-    target: str  # what the model writes after it: the turn through its stop (the end-of-turn marker)
-    skip: int = 0  # characters at the start of ``target`` kept as context, not trained (data.empty_think=mask)
 
 
 def assistant_turns(
@@ -101,17 +91,6 @@ def assistant_char_spans(
             "(history rewritten): it is several samples (encode_samples)"
         )
     return full, [(len(t.prompt) + t.skip, len(t.prompt) + len(t.target)) for t in turns]
-
-
-@dataclass
-class Rendered:
-    """A conversation rendered (``assistant_turns``) and adapted, or the reason it cannot be."""
-
-    full: str = ""
-    turns: list[Turn] = field(default_factory=list)
-    single: bool = True
-    notes: list[str] = field(default_factory=list)
-    error: TemplateSplitError | None = None
 
 
 def render_many(

@@ -1,8 +1,5 @@
 """The Hugging Face export: ``final/`` at the end of a run, and ``sftdist-export CHECKPOINT OUT`` for any checkpoint.
 
-    sftdist-export outputs/sft/checkpoints/step_200 exported/      # one checkpoint
-    sftdist-export outputs/sft exported/ --max-shard-size 2GB      # a run directory: its newest complete checkpoint
-
 Both take the same path: the full weights on CPU plus a *meta* directory (the model config with the dtype the
 model came in, the generation config with the stop tokens, the tokenizer with its chat template, and
 ``sftdist_training.json``), which every checkpoint carries under ``hf/``. Every tensor is checked against the
@@ -34,11 +31,11 @@ import torch
 
 from sftdist.config import ModelConfig
 from sftdist.model.lora import is_adapter, merge, write_adapter
+from sftdist.run.layout import HF_DIR, MERGED_SUFFIX, STATE_DIR, TRAINING_INFO
+from sftdist.run.state import TrainerState
 
 log = logging.getLogger(__name__)
 
-TRAINING_INFO = "sftdist_training.json"
-MERGED_SUFFIX = "_merged"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -253,8 +250,6 @@ def export_checkpoint(
     set ``model.lora.merged_export=false``)."""
     from sftdist.parallel import full_model_state_dict
     from sftdist.run.checkpoint import resolve_resume
-    from sftdist.run.layout import HF_DIR, STATE_DIR
-    from sftdist.run.state import TrainerState
 
     path = resolve_resume(str(checkpoint), checkpoint, key="checkpoint")
     state = TrainerState.read(path)
@@ -281,7 +276,7 @@ def export_checkpoint(
     return export_lora(path / HF_DIR, weights, out_dir, cfg, base, max_shard_size)
 
 
-def _check_base(path: Path, state: dict[str, Any], cfg: ModelConfig, seed: int) -> None:
+def _check_base(path: Path, state: TrainerState, cfg: ModelConfig, seed: int) -> None:
     """The base a LoRA checkpoint's adapter is merged into must be the one it was trained on: ExportError otherwise."""
     from sftdist.model import model_identity
     from sftdist.run.identity import BASE_MODEL

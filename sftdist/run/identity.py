@@ -19,15 +19,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
 from sftdist.config import MODEL_EXECUTION_KEYS, SFTConfig
-from sftdist.data.report import DataReport
 from sftdist.model import model_identity
 from sftdist.run.checkpoint import CheckpointError, checkpoints_dir, resolve_resume
 from sftdist.run.state import TrainerState
+
+if TYPE_CHECKING:
+    from sftdist.data.report import DataReport
 
 log = logging.getLogger(__name__)
 

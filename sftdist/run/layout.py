@@ -8,6 +8,8 @@ DATA_REPORT_FILE = "data_report.json"  # what the data pipeline read, kept, reje
 STOPPED_FILE = "stopped.json"  # written when a stop signal ended the run (sftdist.run.signals)
 CHECKPOINTS_DIR = "checkpoints"  # step_N/ each (sftdist.run.checkpoint)
 FINAL_DIR = "final"  # the exported Hugging Face model
+MERGED_SUFFIX = "_merged"  # LoRA: final_merged/, the base with the adapter merged in (OUT_merged for sftdist-export)
+TRAINING_INFO = "sftdist_training.json"  # in final/ and each checkpoint's hf/: template, data, version
 
 # inside checkpoints/step_N/
 MARKER = "COMPLETE"  # written last, listing every file and its size: a directory without it is torn

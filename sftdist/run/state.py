@@ -17,7 +17,7 @@ from sftdist.run.layout import STATE_FILE
 
 @dataclass
 class TrainerState:
-    """trainer_state.json: what a resume and ``sftdist-export`` read of a checkpoint (rank 0 writes it)."""
+    """Rank 0 writes it into each checkpoint."""
 
     step: int
     world_size: int

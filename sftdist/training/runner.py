@@ -1,5 +1,5 @@
-"""The model's numerics: the forward under autocast, the loss implementation and its choice, a step's gradients
-over its micro-batches, and eval's loss sums.
+"""The model, built for the strategy (``build_runner``), and its numerics: the forward under autocast, the loss
+implementation and its choice, a step's gradients over its micro-batches, and eval's loss sums.
 
 A step on every rank (``train_step``)::
 
@@ -33,20 +33,29 @@ from sftdist.training.loss import (
 )
 from sftdist.training.optim import build_optimizer
 
+PADDED = "sdpa (padded)"  # the attention of data.packing=false: padded rows, no packed backend
+
 
 class ModelRunner:
     """Runs the strategy's model on micro-batches. ``loss_impl`` and ``loss_why`` are set by ``choose_loss_impl``."""
 
-    def __init__(self, model, optimizer, strategy: Strategy, cfg: SFTConfig, pad_id: int):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        strategy: Strategy,
+        cfg: SFTConfig,
+        pad_id: int,
+        dims: ModelDims,
+        attention: str = PADDED,
+    ):
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.dims, self.attention = dims, attention  # of the model before the strategy wrapped it
+        self.num_params = self.num_trained = 0
         self.device = strategy.device
         self.cfg = cfg
         self.pad_id = pad_id
         self.loss_impl, self.loss_why = "naive", ""
-        # What build_runner measured of the model before the strategy wrapped it
-        self.num_params = self.num_trained = 0
-        self.attention = "sdpa (padded)"
-        self.dims: ModelDims | None = None
 
     def autocast(self):
         if self.cfg.precision == "bf16":
@@ -135,7 +144,8 @@ class ModelRunner:
 
 def build_runner(cfg: SFTConfig, strategy: Strategy, tokenizer: Any, pad_id: int) -> ModelRunner:
     """The model (packed attention installed) and its optimizer, set up by the strategy, in a runner. fsdp2 and
-    zero3 never build the model whole on a rank: it is made on the meta device, and their setup loads the weights."""
+    zero3 never build the model whole on a rank (fsdp2: on the meta device; zero3: partitioned as built); their
+    setup loads the weights."""
     with strategy.constructing():
         model = build_model(cfg.model, tokenizer, cfg.seed, with_weights=not strategy.loads_weights)
     limit = max_positions(model)
@@ -149,7 +159,7 @@ def build_runner(cfg: SFTConfig, strategy: Strategy, tokenizer: Any, pad_id: int
         num_parameters(model, trainable_only=True),
         ModelDims.of(model),
     )
-    attention = "sdpa (padded)"
+    attention = PADDED
     if cfg.data.packing:
         attention = resolve_backend(cfg.model.attn_impl, strategy.device, cfg.precision)
         apply_packed_attention(model, attention)
@@ -158,6 +168,6 @@ def build_runner(cfg: SFTConfig, strategy: Strategy, tokenizer: Any, pad_id: int
         lambda m: build_optimizer(m, cfg.train),
         lambda names: model_weights(cfg.model, tokenizer, cfg.seed, names),
     )
-    runner = ModelRunner(wrapped, optimizer, strategy, cfg, pad_id)
-    runner.num_params, runner.num_trained, runner.attention, runner.dims = num_params, num_trained, attention, dims
+    runner = ModelRunner(wrapped, optimizer, strategy, cfg, pad_id, dims, attention)
+    runner.num_params, runner.num_trained = num_params, num_trained
     return runner

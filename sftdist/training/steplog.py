@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -20,7 +20,9 @@ from sftdist.data.report import DataReport
 from sftdist.metrics import MetricsLogger
 from sftdist.metrics.flops import ModelDims
 from sftdist.parallel import Strategy
-from sftdist.training.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from sftdist.training.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
