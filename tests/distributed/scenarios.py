@@ -38,6 +38,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -289,15 +290,18 @@ def main() -> None:
     only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
     dist.init_process_group("gloo")  # the strategies join it (and leave it to us)
     results: dict[str, object] = {}
+    seconds: dict[str, float] = {}  # each scenario's, into OUT/seconds.json: where the launch's time goes
 
     def record(name: str, fn, *args) -> None:
         if only and not any(name.startswith(o) for o in only):
             return
+        start = time.monotonic()
         try:
             results[name] = fn(*args)
         except Exception as err:  # noqa: BLE001 - reported to the test, which fails with it
             results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
         dist.barrier()
+        seconds[name] = round(time.monotonic() - start, 1)
 
     for strategy in STRATEGIES:
         for packing in (True, False):
@@ -360,6 +364,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         name = "results.json" if only is None else f"results-{'-'.join(only)}.json"
         (out / name).write_text(json.dumps(results, indent=2, default=str))
+        (out / name.replace("results", "seconds")).write_text(json.dumps(seconds, indent=2))
     dist.barrier()
     dist.destroy_process_group()
 
