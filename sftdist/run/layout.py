@@ -6,6 +6,7 @@ PROBES_FILE = "probes.jsonl"  # the probes' answers at each eval
 CONFIG_FILE = "config.yaml"  # the resolved config of the run
 DATA_REPORT_FILE = "data_report.json"  # what the data pipeline read, kept, rejected, filtered and truncated
 STOPPED_FILE = "stopped.json"  # written when a stop signal ended the run (sftdist.run.signals)
+LOCK_FILE = ".sftdist.lock"  # held by the run that uses output_dir (sftdist.run.lock): its host, process, job
 CHECKPOINTS_DIR = "checkpoints"  # step_N/ each (sftdist.run.checkpoint)
 FINAL_DIR = "final"  # the exported Hugging Face model
 MERGED_SUFFIX = "_merged"  # LoRA: final_merged/, the base with the adapter merged in (OUT_merged for sftdist-export)

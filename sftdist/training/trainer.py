@@ -32,6 +32,7 @@ from sftdist.parallel import build_strategy, check_world_size
 from sftdist.run.checkpoint import checkpoints_dir, load_checkpoint, read_curriculum, step_dir
 from sftdist.run.identity import continued_wandb_run, find_checkpoint, run_identity
 from sftdist.run.layout import FINAL_DIR
+from sftdist.run.lock import RunLock
 from sftdist.run.signals import StopPolicy, StopSignals
 from sftdist.training.checkpointer import Checkpointer
 from sftdist.training.evaluation import Evaluator, build_eval_sources, build_probes
@@ -77,6 +78,9 @@ class Trainer:
         cfg, strategy = self.cfg, self.strategy
         self.device = strategy.device
         self.output_dir = Path(cfg.output_dir)
+        self.lock = RunLock(self.output_dir, held=strategy.is_main)  # one run per output_dir
+        with strategy.main_first("the output directory"):
+            self.lock.check()
         check_world_size(cfg, strategy.world_size)
         check_qlora(cfg.model.lora, cfg.model.name_or_path, cfg.strategy.name, self.device)
         torch.manual_seed(cfg.seed)
@@ -124,18 +128,16 @@ class Trainer:
             load_checkpoint(self.resume_from, strategy, self.model, self.optimizer)
             self.start_step = resumed.step
 
-        # The run's outputs, once the inputs proved good: a failed start leaves no trace
-        if strategy.is_main:
-            prepare_output_dir(cfg, self.data_report, resumed=self.resume_from is not None)
+        # The run's outputs, once the inputs proved good (a failed start leaves no trace), under the run's lock
+        with strategy.main_first("the output directory"):
+            self.lock.acquire()
+            if strategy.is_main:
+                prepare_output_dir(cfg, self.data_report, resumed=self.resume_from is not None)
         wandb_run_id = continued_wandb_run(self.resume_from, resumed, self.output_dir) or uuid.uuid4().hex[:12]
         self.metrics = build_metrics_logger(
-            cfg.wandb,
-            self.output_dir,
-            OmegaConf.to_container(OmegaConf.structured(cfg)),
-            strategy.is_main,
-            run_id=wandb_run_id,
-            resume_step=self.start_step if self.resume_from is not None else None,
-        )
+            cfg.wandb, self.output_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), strategy.is_main,
+            run_id=wandb_run_id, resume_step=self.start_step if self.resume_from is not None else None,
+        )  # fmt: skip
         self.hf = HFWriter(cfg, strategy, self.model, self.tokenizer, self.data_report)
         self.checkpointer = Checkpointer(
             cfg, strategy, self.hf, self.identity, wandb_run_id, plan.report, plan.row_buckets
@@ -218,13 +220,9 @@ class Trainer:
         """The eval metrics after ``step`` steps; the probes' answers go to probes.jsonl and W&B."""
         metrics = self.evaluator.losses(self._loss_sums, self.strategy.all_sum)
         probed, rows = self.evaluator.probe(
-            self.strategy.unwrap(self.model),
-            self.strategy,
-            self.hf.probe_stop_ids,
-            self.pad_id,
-            self.device,
+            self.strategy.unwrap(self.model), self.strategy, self.hf.probe_stop_ids, self.pad_id, self.device,
             self.runner.autocast,
-        )
+        )  # fmt: skip
         self.metrics.log_probes(rows, step)
         return {**metrics, **probed}
 
@@ -246,4 +244,6 @@ class Trainer:
         finally:
             if hasattr(self, "strategy"):
                 self.strategy.close()
+            if hasattr(self, "lock"):
+                self.lock.release()
             self.stop_signals.__exit__(None, None, None)

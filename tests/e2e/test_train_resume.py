@@ -140,6 +140,34 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_a_plain_restart_finishes(strai
     assert bitwise_equal(final_weights(tmp_path / "run"), final_weights(out))
 
 
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(tmp_path):
+    """The same command twice (an sbatch submitted twice, a second terminal): the second stops at once with one line
+    naming the first, which trains on alone (one metrics row per step), writes nothing of the second's."""
+    args = (*COMMON, "train.max_steps=1000", "eval.every_steps=0", f"output_dir={tmp_path / 'run'}")
+    first = subprocess.Popen(
+        [str(BIN / "sftdist-train"), *args],
+        cwd=tmp_path,
+        env=_cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text()) and first.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = _sftdist_train(*args, cwd=tmp_path)
+    assert first.poll() is None  # (the first still trains: the refusal was the lock's)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=300)
+    assert second.returncode == 2 and second.stdout == "", second.stderr[-3000:]
+    assert second.stderr.count("\n") == 1 and second.stderr.startswith("sftdist-train: error: output_dir=")
+    assert f"is in use by the run of process {first.pid} on " in second.stderr
+    assert first.returncode == EXIT_STOPPED
+    steps = [m["step"] for m in read_metrics(tmp_path / "run")]
+    assert steps == list(range(1, len(steps) + 1))
+
+
 # Kills the process with SIGKILL inside a checkpoint write: after step_4 is renamed into place, before its
 # COMPLETE marker is written (the one moment a step_N directory exists but is torn).
 _KILL_IN_WRITE = """
