@@ -127,10 +127,12 @@ def test_zero3_refuses_a_checkpoint_of_another_world_size_and_says_what_to_do(la
     assert not (out / "zero3-on-one").exists()
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
-def test_a_rank_killed_by_sigkill_restarts_and_ends_with_the_uninterrupted_weights(launched, strategy):
+def test_a_rank_killed_by_sigkill_restarts_and_ends_with_the_uninterrupted_weights(launched):
     """``kill -9`` of rank 1 at a random step: torchrun restarts both ranks, which resume from the newest complete
-    checkpoint (step 2) and end bitwise where the uninterrupted 2-process run ends."""
+    checkpoint (step 2) and end bitwise where the uninterrupted 2-process run ends. On zero3, DeepSpeed's own
+    checkpoint format; what the restart does is the same for every strategy (the newest complete checkpoint), and
+    fsdp2's exact resume from its format is resume/fsdp2's (test_a_run_stopped_by_a_signal_and_resumed_...)."""
+    strategy = "zero3"
     out, data, results = launched
     kill_step = random.choice([3, 4])
     print(f"{strategy}: rank 1 is killed after step {kill_step}")
