@@ -1,3 +1,3 @@
 """The run directory and what makes a run survive its process: every file it writes (``layout``), the typed trainer
 state (``state``), checkpoints (``checkpoint``), what a resume must share with its checkpoint (``identity``), stop
-signals (``signals``) and the Hugging Face export (``export``)."""
+signals (``signals``), one run per directory (``lock``) and the Hugging Face export (``export``)."""

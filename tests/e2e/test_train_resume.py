@@ -62,6 +62,20 @@ def _sftdist_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _started(args: tuple[str, ...], cwd: Path, rows: int) -> subprocess.Popen:
+    """sftdist-train ``args`` in the background, once its metrics.jsonl holds ``rows`` rows (or it ended)."""
+    proc = subprocess.Popen(
+        [str(BIN / "sftdist-train"), *args], cwd=cwd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    metrics = cwd / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The uninterrupted 6-step run every interrupted one must end up equal to."""
@@ -114,19 +128,8 @@ def _lines(path: Path) -> list[str]:
 def test_sigterm_writes_a_checkpoint_exits_75_and_a_plain_restart_finishes(straight, tmp_path):
     out, _ = straight
     args = (*COMMON, f"output_dir={tmp_path / 'run'}")
-    proc = subprocess.Popen(
-        [str(BIN / "sftdist-train"), *args],
-        cwd=tmp_path,
-        env=_cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _started(args, tmp_path, rows=2)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_STOPPED == 75, stderr[-3000:]
@@ -144,18 +147,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(tmp_pat
     """The same command twice (an sbatch submitted twice, a second terminal): the second stops at once with one line
     naming the first, which trains on alone (one metrics row per step), writes nothing of the second's."""
     args = (*COMMON, "train.max_steps=1000", "eval.every_steps=0", f"output_dir={tmp_path / 'run'}")
-    first = subprocess.Popen(
-        [str(BIN / "sftdist-train"), *args],
-        cwd=tmp_path,
-        env=_cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text()) and first.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    first = _started(args, tmp_path, rows=1)
     second = _sftdist_train(*args, cwd=tmp_path)
     assert first.poll() is None  # (the first still trains: the refusal was the lock's)
     first.send_signal(signal.SIGTERM)
