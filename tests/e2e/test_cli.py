@@ -35,16 +35,6 @@ EVAL_METRICS = {
 }
 
 
-@pytest.fixture(scope="module")
-def default_demo(tmp_path_factory):
-    """``make demo``'s run: sftdist-train with no overrides but where it writes, W&B offline."""
-    tmp_path = tmp_path_factory.mktemp("default-demo")
-    out = tmp_path / "run"
-    proc = _sftdist_train(f"output_dir={out}", "wandb.mode=offline", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
-
-
 def test_the_default_demo_learns_and_leaves_the_contract_outputs(default_demo):
     out, proc = default_demo
     metrics = read_metrics(out)

@@ -1,5 +1,5 @@
-"""The embedded demo end to end, in process: it learns, its outputs follow the contract, and the
-update is the same however the step is cut into micro-batches."""
+"""The embedded demo end to end: it learns, its outputs follow the contract (the session's default demo), and, in
+process, the update is the same however the step is cut into micro-batches."""
 
 from __future__ import annotations
 
@@ -36,43 +36,35 @@ def _train(tmp_path, *overrides):
         return trainer, trainer.fit()
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    trainer, result = _train(out, "train.max_steps=30", "eval.every_steps=10", "eval.probes.max_new_tokens=24")
-    return out, trainer, result
+def test_demo_learns(default_demo):
+    """The default demo (the session's, tests/e2e/conftest.py): its first loss pins data generation, tokenizer,
+    template masking, data order and model init together; each eval is lower than the one before."""
+    out, _ = default_demo
+    assert read_metrics(out)[0]["train/loss"] == pytest.approx(GOLDEN_FIRST_LOSS, abs=2e-4)
+    evals = [m["eval/loss"] for m in read_metrics(out, baseline=True) if "eval/loss" in m]
+    assert len(evals) == 5 and all(a > b for a, b in zip(evals, evals[1:])), evals
 
 
-def test_demo_learns(demo_run):
-    out, _, _ = demo_run
-    metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == list(range(1, 31))
-    first, last = metrics[0]["train/loss"], metrics[-1]["train/loss"]
-    assert first == pytest.approx(GOLDEN_FIRST_LOSS, abs=2e-4)
-    assert last < 0.4 * first, (first, last)
-    evals = [m["eval/loss"] for m in metrics if "eval/loss" in m]
-    assert len(evals) == 3 and evals[0] > evals[1] > evals[2]
-
-
-def test_run_directory_follows_the_contract(demo_run):
-    out, trainer, _ = demo_run
+def test_run_directory_follows_the_contract(default_demo):
+    out, _ = default_demo
     metrics = read_metrics(out)
     assert all(REQUIRED_METRICS <= m.keys() for m in metrics)
     assert all(m["train/supervised_tokens"] > 0 and m["train/tokens_per_s"] > 0 for m in metrics)
     assert all(0 < m["train/packing_efficiency"] <= 1 for m in metrics)
-    assert [m["train/lr"] for m in metrics] == pytest.approx([lr_at(s, trainer.cfg.train) for s in range(30)])
+    train = compose().train  # the defaults the run used
+    assert [m["train/lr"] for m in metrics] == pytest.approx([lr_at(s, train) for s in range(200)])
     saved = OmegaConf.load(out / "config.yaml")
-    assert saved.train.max_steps == 30 and saved.output_dir == str(out)
+    assert saved.train.max_steps == 200 and saved.output_dir == str(out)
     report = json.loads((out / "data_report.json").read_text())
     assert report["records_in"] == report["records_train"] + report["records_eval"] + sum(report["rejected"].values())
-    assert report["records_eval"] == 64 and len(trainer.eval_set) == 64
-    assert not (out / "wandb").exists()  # wandb.mode=disabled writes nothing
+    assert report["records_eval"] == 64
 
 
-def test_final_is_a_hugging_face_directory_with_the_trained_weights(demo_run):
+def test_final_is_a_hugging_face_directory_with_the_trained_weights(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, trainer, _ = demo_run
+    out = tmp_path
+    trainer, _ = _train(out, "train.max_steps=2", "eval.every_steps=0", "data.demo_size=200")
     final = out / "final"
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(str(final))
@@ -93,10 +85,10 @@ def test_final_is_a_hugging_face_directory_with_the_trained_weights(demo_run):
     )
 
 
-def test_the_readme_snippet_runs_in_the_repository_root(demo_run):
+def test_the_readme_snippet_runs_in_the_repository_root(default_demo):
     """README's "Try the result" snippet, read from README.md now, run in the repository root (where a folder named
     like a package transformers imports broke it) on this module's demo; only the run's path is changed."""
-    out, _, _ = demo_run
+    out, _ = default_demo
     readme = (REPO / "README.md").read_text()
     snippet = readme.split("Try the result", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert snippet.count('"outputs/sft/final"') == 2, snippet
@@ -104,12 +96,13 @@ def test_the_readme_snippet_runs_in_the_repository_root(demo_run):
     assert "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n" in proc.stdout, proc.stdout
 
 
-def test_chat_template_arguments_are_recorded_for_the_server_and_key_the_data(demo_run, tmp_path):
+def test_chat_template_arguments_are_recorded_for_the_server_and_key_the_data(default_demo, tmp_path):
     _train(tmp_path, "train.max_steps=1", "eval.every_steps=0", "data.chat_template_kwargs={enable_thinking: false}")
     info = json.loads((tmp_path / "final" / "sftdist_training.json").read_text())
     report = json.loads((tmp_path / "data_report.json").read_text())
     assert info["chat_template_kwargs"] == report["chat_template_kwargs"] == {"enable_thinking": False}
-    plain = json.loads((demo_run[0] / "data_report.json").read_text())
+    assert not (tmp_path / "wandb").exists()  # wandb.mode=disabled writes nothing
+    plain = json.loads((default_demo[0] / "data_report.json").read_text())
     assert plain["chat_template_kwargs"] == {}
     # the demo's template ignores the argument, but prepared data is keyed by it: a cache never mixes the two
     assert report["fingerprint"] != plain["fingerprint"]
@@ -254,13 +247,15 @@ def test_a_global_batch_larger_than_the_data_is_refused(tmp_path):
         )
 
 
-def test_final_records_the_template_and_export_warns_when_it_changed(demo_run, tmp_path, caplog):
+def test_final_records_the_template_and_export_warns_when_it_changed(default_demo, tmp_path, caplog):
     from sftdist.data.template import template_hash
     from sftdist.run.export import check_export_template
 
-    out, trainer, _ = demo_run
+    out, _ = default_demo
     info = json.loads((out / "final" / "sftdist_training.json").read_text())
-    assert info["template_hash"] == template_hash(trainer.chat_template) == trainer.data_report.template_hash
+    report = json.loads((out / "data_report.json").read_text())
+    template = (out / "final" / "chat_template.jinja").read_text()
+    assert info["template_hash"] == template_hash(template) == report["template_hash"]
     assert check_export_template(out / "final")
     changed = tmp_path / "final"
     shutil.copytree(out / "final", changed)
