@@ -8,6 +8,7 @@ cannot. Each field is documented once, here; the README's reference table repeat
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, get_args, get_type_hints
 
@@ -296,6 +297,38 @@ def _reject_unknown_keys(node: Any, schema: type, prefix: str = "") -> None:
             for i, item in enumerate(value):
                 if isinstance(item, DictConfig):
                     _reject_unknown_keys(item, get_args(hint)[0], f"{prefix}{key}[{i}].")
+
+
+def _keys(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key of ``schema``, nested groups included (``train.lr``, ``model.lora.r``, ...)."""
+    keys = []
+    hints = get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+def unknown_key(key: str, groups: tuple[str, ...] = ()) -> str | None:
+    """None when the dotted ``key`` of a ``key=value`` override is in the schema (or is a config group in
+    ``groups``); else the one-line error, with the nearest key when one is close."""
+    node: Any = SFTConfig
+    parts = key.split(".")
+    for part in parts:
+        hints = get_type_hints(node)
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            break
+        node = hints[part]
+        if not dataclasses.is_dataclass(node):  # a value (or a list or mapping of them): the rest is its own
+            return None
+    else:
+        return None
+    if len(parts) == 1 and key in groups:
+        return None
+    near = difflib.get_close_matches(key, [*_keys(SFTConfig), *groups], n=1, cutoff=0.6)
+    return f"unknown key {key}" + (f" (did you mean {near[0]}?)" if near else "; the README lists every key")
 
 
 def to_schema(cfg: DictConfig) -> SFTConfig:

@@ -7,11 +7,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from omegaconf import DictConfig
 
-from sftdist.config import SFTConfig, register_configs, to_schema
+import sftdist.conf
+from sftdist.config import SFTConfig, register_configs, to_schema, unknown_key
 from sftdist.errors import ConfigError, InputError
 
 _SWEEP_OUTPUT_DIRS: set[str] = set()  # output_dirs used by earlier jobs of a Hydra multirun in this process
@@ -64,10 +66,36 @@ def run_checked(prog: str, action: Callable[[SFTConfig], None], cfg: DictConfig)
         fail(prog, "error", err)
 
 
+def check_override_keys(prog: str, args: list[str]) -> None:
+    """A ``key=value`` override of a key the schema does not have ends the process with one line naming it (and the
+    nearest key), exit status 2, as every other config error; Hydra would print several lines and exit 1. Options
+    (``--cfg job``), ``hydra.*`` keys and what Hydra cannot parse are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    conf_dir = Path(sftdist.conf.__file__).parent  # conf/ (sftdist.conf once installed)
+    groups = tuple(p.name for p in conf_dir.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # noqa: BLE001 - Hydra says what is wrong with it
+            continue
+        key = override.key_or_group
+        if override.type != OverrideType.CHANGE or key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue  # +key=value is checked against the schema once composed (sftdist.config.to_schema)
+        problem = unknown_key(key, groups)
+        if problem:
+            fail(prog, "config error", ConfigError(problem))
+
+
 def hydra_main(prog: str, action: Callable[[SFTConfig], None]) -> None:
     """Run ``action`` as a Hydra app over conf/sft.yaml (overrides, --cfg job, --help, -m sweeps)."""
     import hydra
 
+    check_override_keys(prog, sys.argv[1:])
     register_configs()
     hydra.main(config_path="pkg://sftdist.conf", config_name="sft", version_base="1.3")(
         lambda cfg: run_checked(prog, action, cfg)

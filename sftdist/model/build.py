@@ -22,6 +22,9 @@ from sftdist.model.lora import add_adapters, init_adapters
 log = logging.getLogger(__name__)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them: a directory a fast tokenizer loads from
+
+
 def local_dir(key: str, path: str) -> Path:
     """``path`` as a directory; FileNotFoundError naming ``key`` when there is none."""
     directory = Path(path).expanduser()
@@ -39,12 +42,16 @@ def build_tokenizer(cfg: ModelConfig, data_cfg: DataConfig) -> tuple[Any, str]:
     (otherwise the tokenizer keeps its templates as they are, named ones included)."""
     from transformers import AutoTokenizer
 
+    if cfg.name_or_path is not None:
+        model_directory(cfg.name_or_path)
     if cfg.tokenizer is not None:
         source, key = local_dir("model.tokenizer", cfg.tokenizer), "model.tokenizer"
     elif cfg.name_or_path is not None:
         source, key = local_dir("model.name_or_path", cfg.name_or_path), "model.name_or_path"
     else:
         source, key = DEMO_TOKENIZER_DIR, "the bundled demo tokenizer"
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{key}={str(source)!r}: no tokenizer files in it ({', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -152,7 +159,9 @@ def model_directory(name_or_path: str) -> Path:
     """``model.name_or_path`` as a Hugging Face model directory (one with a config.json), or FileNotFoundError."""
     directory = local_dir("model.name_or_path", name_or_path)
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"model.name_or_path={name_or_path!r}: no config.json in it")
+        raise FileNotFoundError(
+            f"model.name_or_path={name_or_path!r} is not a Hugging Face model directory: it has no config.json"
+        )
     return directory
 
 

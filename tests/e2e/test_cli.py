@@ -95,7 +95,12 @@ def test_sftdist_report_plots_the_default_demo(default_demo, tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("train.foo=1", "Key 'foo' not in 'TrainConfig'"),
+        (
+            "train.global_batch_sizee=8",
+            "sftdist-train: config error: unknown key train.global_batch_sizee (did you mean train.global_batch_size?)",
+        ),
+        ("strateg=fsdp2", "sftdist-train: config error: unknown key strateg (did you mean strategy?)"),
+        ("+train.foo=1", "sftdist-train: config error: unknown key train.foo; valid keys under train: max_steps"),
         ("train.max_steps=abc", "full_key: train.max_steps"),
         ("precision=fp16", "sftdist-train: config error: precision='fp16' is not one of: fp32, bf16"),
         (
@@ -112,6 +117,8 @@ def test_mistakes_fail_at_start_with_a_message_naming_the_key(tmp_path, override
     proc = _sftdist_train(f"output_dir={tmp_path / 'run'}", override, cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
+    if "config error" in message:  # one line, exit status 2 (a value of the wrong type is still Hydra's message)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
 
@@ -138,6 +145,7 @@ def test_a_sweep_needs_an_output_dir_per_job(tmp_path):
         "precision=fp16",
         "data.path=/nonexistent.jsonl",
         "model.name_or_path=/nonexistent",
+        "model.name_or_path=/tmp",  # a directory, but not a model's
         "data.chat_template=/nonexistent.jinja",
         "data.prepared=/tmp",
         "strategy=zero3 strategy.deepspeed_config=/nonexistent.json",

@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from helpers import REPO, compose
-from sftdist.config import ConfigError, SFTConfig
+from sftdist.config import ConfigError, SFTConfig, unknown_key
 
 CONF = REPO / "conf"
 
@@ -188,6 +188,18 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, key):
         compose(*override.split("  "))
     text = str(info.value) + str(info.value.__cause__)
     assert key.split(".")[-1] in text and override in text
+
+
+def test_an_override_of_an_unknown_key_is_named_with_the_nearest_key():
+    assert unknown_key("train.global_batch_sizee") == (
+        "unknown key train.global_batch_sizee (did you mean train.global_batch_size?)"
+    )
+    assert unknown_key("model.lora.rr") == "unknown key model.lora.rr (did you mean model.lora.r?)"
+    assert unknown_key("recipee", groups=("recipe",)) == "unknown key recipee (did you mean recipe?)"
+    assert unknown_key("zzz") == "unknown key zzz; the README lists every key"
+    for known in ("train.lr", "model.lora.r", "model", "data.sources", "data.chat_template_kwargs.enable_thinking"):
+        assert unknown_key(known) is None, known
+    assert unknown_key("recipe", groups=("recipe",)) is None
 
 
 def _schema_keys(schema=SFTConfig, prefix=""):
