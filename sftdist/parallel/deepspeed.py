@@ -139,6 +139,10 @@ class ZeRO3Strategy(DistributedStrategy):
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if self.device.type == "cpu":
+            # DeepSpeed's CPU backend compiles a shared-memory all-reduce at start (~45 s of C++ on a fresh machine,
+            # again whenever another install's sources are used) that only its inference path calls: not built
+            self.ds.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.ds.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         self._engine: Any = None
 

@@ -177,15 +177,22 @@ def _probe_rows(run) -> list[dict]:
     return [json.loads(line) for line in (Path(run) / "probes.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def single_probes(launched, tmp_path_factory):
+    """The probe scenarios' run on one process: what both strategies' evals must equal."""
+    run = tmp_path_factory.mktemp("single-probes")
+    fit_and_close(Trainer(compose(*scenarios.probe_settings(launched[0]), f"output_dir={run}")))
+    return run
+
+
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
-def test_evals_on_two_processes_equal_one_whatever_the_answer_lengths(launched, strategy, tmp_path):
+def test_evals_on_two_processes_equal_one_whatever_the_answer_lengths(launched, strategy, single_probes):
     """Probes in batches of 2: rank 0's first answers stop early, rank 1's run ~5x longer, and in the last round
     rank 1 has no batch: no rank hangs, and the answers and metrics are those of one process; the held-out loss per
     source and the extra eval set's loss too."""
-    out, _, results = launched
+    _, _, results = launched
     result = scenario_ok(results[f"probes/{strategy}"])
-    fit_and_close(Trainer(compose(*scenarios.probe_settings(out), f"output_dir={tmp_path}")))
-    ours, theirs = _probe_rows(result["output_dir"]), _probe_rows(tmp_path)
+    ours, theirs = _probe_rows(result["output_dir"]), _probe_rows(single_probes)
     before = {r["id"]: r["tokens"] for r in theirs if r["step"] == 0}
     assert max(before["long-0"], before["long-1"]) >= 3 * max(before["short-0"], before["short-1"]), before  # uneven
     strip = ("step", "id", "response", "tokens", "stopped", "checks")
@@ -193,7 +200,7 @@ def test_evals_on_two_processes_equal_one_whatever_the_answer_lengths(launched, 
         {k: r[k] for k in strip} for r in theirs if r["step"] == 0
     ]  # the same weights before training: the same answers, token for token
     (a,) = [m for m in read_metrics(result["output_dir"], baseline=True) if m["step"] == 0]
-    (b,) = [m for m in read_metrics(tmp_path, baseline=True) if m["step"] == 0]
+    (b,) = [m for m in read_metrics(single_probes, baseline=True) if m["step"] == 0]
     losses = ["eval/loss", "eval/loss/uneven", "eval/loss/demo", "eval/extra/loss"]
     assert {k: a[k] for k in losses} == pytest.approx({k: b[k] for k in losses}, rel=1e-5)  # summed in another order
     assert a["eval/loss/uneven"] != pytest.approx(a["eval/loss/demo"], rel=1e-2)  # two different sets, not mixed up
