@@ -127,12 +127,23 @@ class DataConfig:
     filters: FiltersConfig = field(default_factory=FiltersConfig)
 
 
+# train.max_steps when neither it nor train.epochs is set
+DEFAULT_MAX_STEPS = 200
+# train.lr when unset, by the run's kind (the README's "Learning rate" cites the evidence): the tiny demo model trains
+# from scratch; a pretrained model is fine-tuned whole, or through LoRA adapters
+DEFAULT_LR = {"the tiny demo model": 1.0e-3, "full fine-tuning": 2.0e-5, "LoRA": 2.0e-4}
+
+
 @dataclass
 class TrainConfig:
-    max_steps: int = 200  # optimizer steps
+    # Optimizer steps; unset: from train.epochs, or DEFAULT_MAX_STEPS (200) when that is unset too
+    max_steps: Optional[int] = None
+    # Passes over the training set (after filters and hold-out, with source weights) instead of max_steps: the steps
+    # are ceil(epochs * training samples / global_batch_size), counted at start and logged
+    epochs: Optional[float] = None
     global_batch_size: int = 16  # samples (conversations, or a conversation's serving-exact samples) per step
     micro_batch_tokens: int = 4096  # token budget of one micro-batch, padding included
-    lr: float = 1.0e-3  # peak learning rate
+    lr: Optional[float] = None  # peak learning rate; unset: DEFAULT_LR for the run's kind (logged, with the reason)
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
     warmup_ratio: float = 0.05  # fraction of max_steps with linear warm-up
     weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices (not norms or biases)

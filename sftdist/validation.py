@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
         StrategyConfig,
         TrainConfig,
     )
+
+log = logging.getLogger(__name__)
 
 TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt")  # what each render sets itself
 
@@ -128,12 +131,23 @@ def _validate_strategy(s: StrategyConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    for key in ("max_steps", "global_batch_size", "micro_batch_tokens", "log_every_steps"):
+    for key in ("global_batch_size", "micro_batch_tokens", "log_every_steps"):
         _positive(f"train.{key}", getattr(t, key))
-    _positive("train.lr", t.lr)
-    if t.peak_tflops is not None:
-        _positive("train.peak_tflops", t.peak_tflops)
-    if t.stop_after_step is not None and not 0 < t.stop_after_step <= t.max_steps:
+    for key in ("max_steps", "epochs", "lr", "peak_tflops"):
+        if getattr(t, key) is not None:
+            _positive(f"train.{key}", getattr(t, key))
+    if t.max_steps is not None and t.epochs is not None:
+        raise ConfigError(
+            f"train.max_steps={t.max_steps} and train.epochs={t.epochs} are both set: the run's length is one of them"
+        )
+    check_stop_after_step(t)
+
+
+def check_stop_after_step(t: TrainConfig) -> None:
+    """(again once train.epochs is turned into steps)"""
+    if t.stop_after_step is not None and t.max_steps is None:
+        _positive("train.stop_after_step", t.stop_after_step)
+    elif t.stop_after_step is not None and not 0 < t.stop_after_step <= t.max_steps:
         raise ConfigError(f"train.stop_after_step={t.stop_after_step} must be in [1, train.max_steps={t.max_steps}]")
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
@@ -259,4 +273,25 @@ def validate(cfg: SFTConfig) -> SFTConfig:
     _positive("seed", cfg.seed, allow_zero=True)
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir is empty: set output_dir=PATH")
+    _resolve_defaults(cfg)
     return cfg
+
+
+def _resolve_defaults(cfg: SFTConfig) -> None:
+    """The defaults that depend on the run: train.lr by the run's kind (logged with the reason), train.max_steps
+    when train.epochs is unset too (with epochs, the trainer counts the steps once the data is prepared)."""
+    from sftdist.config import DEFAULT_LR, DEFAULT_MAX_STEPS
+
+    t = cfg.train
+    if t.max_steps is None and t.epochs is None:
+        t.max_steps = DEFAULT_MAX_STEPS
+    if t.lr is None:
+        kind = (
+            "the tiny demo model"
+            if cfg.model.name_or_path is None
+            else "LoRA"
+            if cfg.model.lora.enabled
+            else "full fine-tuning"
+        )
+        t.lr = DEFAULT_LR[kind]
+        log.info("train.lr=%g: unset, the default for %s", t.lr, kind)

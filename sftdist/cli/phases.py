@@ -36,6 +36,11 @@ def plan_phases(common: list[str], per_phase: list[list[str]]) -> tuple[list[int
     base = to_schema(compose(common))
     if base.curriculum.name == "none":
         raise ConfigError("curriculum=none: a run in phases needs a curriculum (curriculum=three_phase)")
+    if base.train.epochs is not None:
+        raise ConfigError(
+            f"train.epochs={base.train.epochs}: a run in phases needs train.max_steps (each phase's last step is "
+            "set before the data is prepared)"
+        )
     ends = phase_ends(config_phases(base.curriculum.phases), base.train.max_steps)
     if len(per_phase) > len(ends):
         raise ConfigError(f"overrides for {len(per_phase)} phases, but curriculum.phases has {len(ends)}")

@@ -9,6 +9,11 @@ import torch
 from sftdist.config import TrainConfig
 
 
+def epoch_steps(cfg: TrainConfig, num_samples: int) -> int:
+    """The optimizer steps of ``train.epochs`` passes over ``num_samples`` training samples."""
+    return max(1, math.ceil(cfg.epochs * num_samples / cfg.global_batch_size))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of 0-based step ``step``: linear warm-up, then cosine down to lr * min_lr_ratio."""
     warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)

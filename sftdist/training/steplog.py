@@ -163,6 +163,7 @@ def log_plan(
     if resume_from is not None:
         log.info(f"resuming from {resume_from}: step {start_step} of {t.max_steps}")
     log.info(
-        f"plan: {t.max_steps} steps x {t.global_batch_size} samples ({sampler.epoch(t.max_steps - 1):.2f} "
-        f"epochs), micro-batches of <= {t.micro_batch_tokens} tokens"
+        f"plan: {t.max_steps} steps{f' (train.epochs={t.epochs:g})' if t.epochs is not None else ''} x "
+        f"{t.global_batch_size} samples ({sampler.epoch(t.max_steps - 1):.2f} epochs), micro-batches of <= "
+        f"{t.micro_batch_tokens} tokens, peak lr {t.lr:g}"
     )

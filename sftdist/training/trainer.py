@@ -38,10 +38,11 @@ from sftdist.training.checkpointer import Checkpointer
 from sftdist.training.evaluation import Evaluator, build_eval_sources, build_probes
 from sftdist.training.feed import StepFeeder
 from sftdist.training.hf import HFWriter
-from sftdist.training.optim import lr_at, set_lr
+from sftdist.training.optim import epoch_steps, lr_at, set_lr
 from sftdist.training.outputs import prepare_output_dir
 from sftdist.training.runner import build_runner
 from sftdist.training.steplog import StepLog, log_plan
+from sftdist.validation import check_stop_after_step
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ class Trainer:
                 f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
                 f"{len(self.train_set)} training records: every step would repeat samples"
             )
+        if cfg.train.epochs is not None:  # the run's length, now that the training set is known
+            cfg.train.max_steps = epoch_steps(cfg.train, len(self.train_set))
+            check_stop_after_step(cfg.train)
         self.identity = run_identity(cfg, self.data_report)
         self.resume_from, resumed = find_checkpoint(cfg, self.output_dir, self.identity, strategy)
 

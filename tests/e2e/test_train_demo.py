@@ -234,6 +234,19 @@ def test_a_diverged_loss_stops_the_run_before_export(tmp_path):
     assert not (tmp_path / "final").exists()
 
 
+def test_epochs_set_the_steps_from_the_training_set_and_the_phases_key_on_them(tmp_path):
+    trainer, _ = _train(
+        tmp_path, "train.epochs=2", "data.demo_size=60", "train.global_batch_size=8", "eval.every_steps=0",
+        "curriculum=three_phase", "curriculum.difficulty=length", "checkpoint.every_steps=0",
+    )  # fmt: skip
+    samples, steps = len(trainer.train_set), math.ceil(2 * len(trainer.train_set) / 8)
+    assert trainer.cfg.train.max_steps == steps and trainer.sampler.ends[-1] == steps
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert 2 <= metrics[-1]["train/epoch"] < 2 + 8 / samples
+    assert OmegaConf.load(tmp_path / "config.yaml").train.max_steps == steps  # what the run used
+
+
 def test_a_global_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.global_batch_size=64 is larger than the 50 training records"):
         Trainer(

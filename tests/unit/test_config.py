@@ -152,6 +152,9 @@ def test_chat_template_arguments_are_a_mapping_of_the_user_s_own_keys(overrides)
         ("train.peak_tflops=0", "train.peak_tflops=0.0 must be > 0"),
         ("train.max_steps=0", "train.max_steps=0 must be > 0"),
         ("train.lr=-1", "train.lr=-1.0 must be > 0"),
+        ("train.epochs=0", "train.epochs=0.0 must be > 0"),
+        ("train.max_steps=5  train.epochs=1", "train.max_steps=5 and train.epochs=1.0 are both set"),
+        ("train.epochs=1  train.stop_after_step=0", "train.stop_after_step=0 must be > 0"),
         ("train.warmup_ratio=1.5", "train.warmup_ratio=1.5 must be in [0.0, 1.0]"),
         ("train.adam_beta2=1.0", "train.adam_beta2=1.0 must be in [0.0, 1.0)"),
         ("seed=-1", "seed=-1 must be >= 0"),
@@ -188,6 +191,23 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, key):
         compose(*override.split("  "))
     text = str(info.value) + str(info.value.__cause__)
     assert key.split(".")[-1] in text and override in text
+
+
+def test_an_unset_lr_is_the_default_for_the_runs_kind_and_a_set_one_is_used_as_given(caplog):
+    caplog.set_level("INFO", logger="sftdist.validation")
+    assert compose().train.lr == 1e-3  # the tiny demo model, from scratch
+    assert compose("model.name_or_path=/models/m").train.lr == 2e-5
+    assert "train.lr=2e-05: unset, the default for full fine-tuning" in caplog.text
+    assert compose("model.name_or_path=/models/m", "model.lora.enabled=true").train.lr == 2e-4
+    assert compose("model.name_or_path=/models/m", "train.lr=1e-3").train.lr == 1e-3
+    assert compose("model.lora.enabled=true", "train.lr=0.5").train.lr == 0.5
+
+
+def test_the_run_length_is_max_steps_or_epochs_and_200_steps_without_either():
+    assert compose().train.max_steps == 200
+    assert compose("train.max_steps=7").train.max_steps == 7
+    by_epochs = compose("train.epochs=1.5").train
+    assert by_epochs.max_steps is None and by_epochs.epochs == 1.5  # counted by the trainer, once the data is known
 
 
 def test_an_override_of_an_unknown_key_is_named_with_the_nearest_key():

@@ -62,6 +62,8 @@ def test_plans_that_cannot_work_are_refused():
         plan_phases(RUN, [[], [], [], ["train.lr=1e-4"]])
     with pytest.raises(ConfigError, match=r"curriculum.phases\[0\] has no step of its own at train.max_steps=2"):
         plan_phases([*RUN, "train.max_steps=2"], [])
+    with pytest.raises(ConfigError, match=r"train.epochs=2.0: a run in phases needs train.max_steps"):
+        plan_phases(["curriculum=three_phase", "train.epochs=2"], [])
     with pytest.raises(FileNotFoundError, match="data.path='/nope.jsonl': no such file or directory"):
         plan_phases([*RUN, "data.path=/nope.jsonl"], [])
 
