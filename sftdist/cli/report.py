@@ -42,7 +42,12 @@ PLOTS: list[tuple[str, str, str, list[tuple[str, str, str]]]] = [
     ("tokens_per_s", "Throughput (real tokens, all ranks)", "tokens/s", [("train/tokens_per_s", "", "-")]),
     ("lr", "Learning rate", "lr", [("train/lr", "", "-")]),
     ("grad_norm", "Gradient norm (before clipping)", "norm", [("train/grad_norm", "", "-")]),
-    ("packing_efficiency", "Packing efficiency (real / slots)", "fraction", [("train/packing_efficiency", "", "-")]),
+    (
+        "padding_fraction",
+        "Padding fraction (slots holding padding; 0 when packed)",
+        "fraction",
+        [("train/padding_fraction", "", "-")],
+    ),
     ("curriculum", "Curriculum: bucket fractions per step", "fraction of the step", FRACTIONS),
 ]
 FIGSIZE, DPI = (9.0, 4.5), 100  # every PNG is 900 x 450 pixels

@@ -124,6 +124,11 @@ class MicroBatch:
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
+    @property
+    def num_padding(self) -> int:
+        """Positions holding padding: none in a packed row (whole samples end to end)."""
+        return 0 if self.packed else self.input_ids.numel() - self.num_tokens
+
     def pin(self) -> MicroBatch:
         """The same micro-batch in page-locked host memory, so that :meth:`to` a GPU copies asynchronously."""
         return self._map(lambda t: t.pin_memory())

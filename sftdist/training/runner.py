@@ -120,14 +120,23 @@ class ModelRunner:
                 ce = self.ce_sum(mb)
                 self.strategy.backward(step_normalised_loss(ce, int(num_step_tokens), self.strategy.grad_divisor))
             ce_total += ce.detach()
-        ce_sum, tokens, slots = self.strategy.all_sum(
-            [float(ce_total), sum(mb.num_tokens for mb in micro_batches), sum(mb.num_slots for mb in micro_batches)]
+        real = [mb for mb in micro_batches if mb.num_tokens]  # (not the empty ones of a rank with less work)
+        ce_sum, tokens, slots, padding, budget = self.strategy.all_sum(
+            [
+                float(ce_total),
+                sum(mb.num_tokens for mb in real),
+                sum(mb.num_slots for mb in real),
+                sum(mb.num_padding for mb in real),
+                len(real) * self.cfg.train.micro_batch_tokens,
+            ]
         )
         return {
             "loss": ce_sum / num_step_tokens,  # the true token mean of the step
             "supervised_tokens": num_step_tokens,
             "tokens": tokens,
             "slots": slots,
+            "padding": padding,
+            "budget": budget,
         }
 
     @torch.no_grad()

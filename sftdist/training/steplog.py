@@ -71,7 +71,9 @@ class StepLog:
             "train/tokens_per_s": stats["tokens"] / elapsed,
             "train/step_s": elapsed,
             "train/supervised_tokens": stats["supervised_tokens"],
-            "train/packing_efficiency": stats["tokens"] / stats["slots"],
+            "train/padding_fraction": stats["padding"] / (stats["tokens"] + stats["padding"]),  # 0 when packed
+            "train/budget_fill": stats["tokens"] / stats["budget"],  # how full the micro-batch token budgets are
+            "train/packing_efficiency": stats["tokens"] / stats["slots"],  # deprecated: budget_fill when packed
             "train/micro_batches": len(micro_batches),
             "train/epoch": self.sampler.epoch(step),
         }

@@ -47,7 +47,7 @@ RUN = {  # per device: the run's settings, and samples per step per process
     "cpu": (["precision=fp32", "train.micro_batch_tokens=1024", "data.max_length=1024"], 8),
 }
 COMMON = ["eval.every_steps=0", "checkpoint.every_steps=0", "wandb.mode=disabled", "train.lr=3e-4"]
-KEYS = ("train/tokens_per_s", "train/mfu", "train/peak_mem_gib", "train/packing_efficiency")
+KEYS = ("train/tokens_per_s", "train/mfu", "train/peak_mem_gib", "train/budget_fill", "train/padding_fraction")
 
 
 def _root_cause(stderr: str) -> str:

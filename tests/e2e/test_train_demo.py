@@ -23,6 +23,8 @@ REQUIRED_METRICS = {
     "train/grad_norm",
     "train/tokens_per_s",
     "train/supervised_tokens",
+    "train/padding_fraction",
+    "train/budget_fill",
     "train/packing_efficiency",
 }
 # The loss of step 1 (before any update) of the default demo with seed 0 on this CPU build of torch.
@@ -50,7 +52,8 @@ def test_run_directory_follows_the_contract(default_demo):
     metrics = read_metrics(out)
     assert all(REQUIRED_METRICS <= m.keys() for m in metrics)
     assert all(m["train/supervised_tokens"] > 0 and m["train/tokens_per_s"] > 0 for m in metrics)
-    assert all(0 < m["train/packing_efficiency"] <= 1 for m in metrics)
+    assert all(m["train/padding_fraction"] == 0 and 0 < m["train/budget_fill"] <= 1 for m in metrics)  # packed
+    assert all(m["train/packing_efficiency"] == m["train/budget_fill"] for m in metrics)  # the old key, kept
     train = compose().train  # the defaults the run used
     assert [m["train/lr"] for m in metrics] == pytest.approx([lr_at(s, train) for s in range(200)])
     saved = OmegaConf.load(out / "config.yaml")
@@ -148,6 +151,9 @@ def test_packing_and_the_micro_batch_budget_do_not_change_the_update(tmp_path, v
     for a, b in zip(m1, m2):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
         assert a["train/supervised_tokens"] == b["train/supervised_tokens"]
+        assert a["train/padding_fraction"] == 0 and a["train/budget_fill"] > 0
+        if variant[0] == "data.packing=false":  # padded rows: some padding, and the budgets hold it too
+            assert 0 < b["train/padding_fraction"] < 1 and b["train/budget_fill"] <= 1 - b["train/padding_fraction"]
 
 
 def test_bf16_trains_close_to_fp32(tmp_path):

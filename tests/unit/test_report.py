@@ -24,7 +24,7 @@ def _write_run(directory: Path, steps: int = 30, curriculum: bool = False, scale
             "train/lr": 1e-3 * min(1, step / 3),
             "train/grad_norm": 3 / step,
             "train/tokens_per_s": 500 + step,
-            "train/packing_efficiency": 0.9,
+            "train/padding_fraction": 0.0,
         }
         if step % 10 == 0:
             row |= {
@@ -59,7 +59,7 @@ def test_a_run_gets_every_plot_it_has_data_for_and_one_html_page(tmp_path, capsy
         "tokens_per_s",
         "lr",
         "grad_norm",
-        "packing_efficiency",
+        "padding_fraction",
         "curriculum",
     ]
     for name in drawn:
