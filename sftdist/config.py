@@ -107,6 +107,10 @@ class DataConfig:
     format: str = choice("auto", *RECORD_FORMATS)  # format of data.path
     split: str = "train"  # the split of a saved DatasetDict at data.path
     sources: List[SourceConfig] = field(default_factory=list)  # several sources with weights, instead of path
+    # Temperature T of the mixture of several sources: each one's share of the training stream is proportional to
+    # weight * n ** (1 / T) (n: its training records); 1 keeps the records' own proportions, 2 or more lifts rare
+    # sources, a very large T gives every source the same share
+    mixing_temperature: float = 1.0
     prepared: Optional[str] = None  # a directory written by sftdist-prepare: train on it, skip preparation
     chat_template: Optional[str] = None  # Jinja file that replaces the tokenizer's chat template
     # Arguments of the chat template, passed to every render ({enable_thinking: false}, {reasoning_effort: low}, ...);

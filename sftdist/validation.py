@@ -201,6 +201,7 @@ def _validate_data(d: DataConfig) -> None:
         _not_empty(f"data.{key}", getattr(d, key))
     if sum(x is not None and x != [] for x in (d.path, d.sources, d.prepared)) > 1:
         raise ConfigError("set one of data.path, data.sources and data.prepared, not several")
+    _positive("data.mixing_temperature", d.mixing_temperature)
     for i, source in enumerate(d.sources):
         _not_empty(f"data.sources[{i}].path", source.path)
         _positive(f"data.sources[{i}].weight", source.weight)

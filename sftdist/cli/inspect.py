@@ -222,7 +222,7 @@ def format_probes(cfg: SFTConfig, table: Any, report: DataReport, tokenizer: Any
         return "probes: none (eval.every_steps=0)"
     weights = {name: s.get("weight", 1.0) for name, s in report.sources.items()}
     try:
-        _, eval_rows = split_and_weight(table, weights, cfg.eval.holdout_records, cfg.seed)
+        _, eval_rows, _ = split_and_weight(table, weights, cfg.eval.holdout_records, cfg.seed)
     except DataError as err:  # the audit shows what training would stop on, and goes on
         return f"probes: none ({err})"
     probes = build_probes(cfg, EncodedSet(table, eval_rows), tokenizer)

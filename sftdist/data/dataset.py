@@ -41,6 +41,10 @@ class EncodedSet:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def source_names(self) -> np.ndarray:
+        """The data source of every sample (data.sources' names)."""
+        return np.asarray(self.table.data.column("source").to_pylist())[self.rows]
+
     def __getitem__(self, i: int) -> Sample:
         row = self.table[int(self.rows[i])]
         return Sample(row["input_ids"], row["labels"], json.loads(row["meta"]))
@@ -59,10 +63,25 @@ def _weighted(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.n
     return np.sort(np.concatenate([np.repeat(rows, whole), extra]))
 
 
-def split_and_weight(table: Any, weights: dict[str, float], num_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows with source weights applied, eval rows): the eval records are chosen by seed before weighting,
-    so no weighted copy of an eval record is trained on. Records, not rows: the samples of a record (``part``) go
-    to the same side together, and are weighted together."""
+def mixing_weights(weights: dict[str, float], records: dict[str, int], temperature: float) -> dict[str, float]:
+    """Each source's weight with temperature ``T`` applied: its share of the training stream becomes proportional to
+    ``weight * n ** (1 / T)`` (``n``: its training records) instead of ``weight * n``, and the weighted records of an
+    epoch stay as many as at ``T = 1`` (which changes nothing)."""
+    if temperature == 1:
+        return dict(weights)
+    scaled = {name: weights[name] * n ** (1 / temperature - 1) if n else 0.0 for name, n in records.items()}
+    total = sum(scaled[name] * n for name, n in records.items())
+    scale = sum(weights[name] * n for name, n in records.items()) / total if total else 1.0
+    return {name: w * scale for name, w in scaled.items()}
+
+
+def split_and_weight(
+    table: Any, weights: dict[str, float], num_eval: int, seed: int, temperature: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """(train rows with source weights applied, eval rows, the weights applied): the eval records are chosen by seed
+    before weighting, so no weighted copy of an eval record is trained on. Records, not rows: the samples of a record
+    (``part``) go to the same side together, and are weighted together. ``temperature``: see
+    :func:`mixing_weights`."""
     part = table.data.column("part").to_numpy()
     starts = np.flatnonzero(part == 0)  # the first row of each record
     sizes = np.diff(np.append(starts, len(part)))
@@ -77,12 +96,13 @@ def split_and_weight(table: Any, weights: dict[str, float], num_eval: int, seed:
     train_mask[eval_records] = False
     names = np.asarray(table.data.column("source").take(starts).to_pylist())
     rng = np.random.default_rng([seed, 3])
-    train = [
-        _weighted(np.flatnonzero(train_mask & (names == name)), weights.get(name, 1.0), rng)
-        for name in dict.fromkeys(names.tolist())
-    ]
+    records = {name: np.flatnonzero(train_mask & (names == name)) for name in dict.fromkeys(names.tolist())}
+    applied = mixing_weights(
+        {name: weights.get(name, 1.0) for name in records}, {k: len(v) for k, v in records.items()}, temperature
+    )
+    train = [_weighted(rows, applied[name], rng) for name, rows in records.items()]
     train_records = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
-    return _rows_of(train_records, starts, sizes), _rows_of(eval_records, starts, sizes)
+    return _rows_of(train_records, starts, sizes), _rows_of(eval_records, starts, sizes), applied
 
 
 def _rows_of(records: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -106,7 +126,12 @@ def build_datasets(
         weights = source_weights(cfg)
         report.sources = {k: {**v, "weight": weights.get(k, v["weight"])} for k, v in report.sources.items()}
     num_eval = eval_cfg.holdout_records if eval_cfg.every_steps > 0 else 0
-    train_rows, eval_rows = split_and_weight(table, weights, num_eval, seed)
+    train_rows, eval_rows, applied = split_and_weight(table, weights, num_eval, seed, cfg.mixing_temperature)
+    source_of = np.asarray(table.data.column("source").to_pylist())[train_rows]
+    for name, source in report.sources.items():  # the realised mixture of an epoch
+        source["mixing_weight"] = round(applied.get(name, 0.0), 6)
+        source["train_samples"] = int((source_of == name).sum())
+        source["train_share"] = round(source["train_samples"] / max(1, len(train_rows)), 6)
     record_of = np.cumsum(table.data.column("part").to_numpy() == 0) - 1  # (a row's record)
     report.records_train = int(len(np.unique(record_of[train_rows]))) if len(train_rows) else 0
     report.records_eval = int(len(np.unique(record_of[eval_rows]))) if len(eval_rows) else 0

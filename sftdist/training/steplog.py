@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -37,8 +38,11 @@ class StepLog:
         dims: ModelDims,
         peak_tflops: float | None,
         loss_impl: str,
+        source_names: np.ndarray | None = None,
     ):
+        """``source_names``: each training sample's data source, with several sources (their per-step mixture)."""
         self.cfg, self.writer, self.strategy, self.sampler = cfg, metrics, strategy, sampler
+        self.source_names = source_names
         self.dims, self.peak_tflops, self.loss_impl = dims, peak_tflops, loss_impl
         self.bar: tqdm | None = None
 
@@ -83,6 +87,11 @@ class StepLog:
             for b, name in enumerate(BUCKETS):
                 metrics[f"data/frac_{name}"] = counts[b] / self.cfg.train.global_batch_size
                 metrics[f"data/epoch_{name}"] = float(epochs[b])
+        if self.source_names is not None:  # the realised mixture of this step's samples
+            names, counts = np.unique(self.source_names[self.sampler.indices(step)], return_counts=True)
+            drawn = dict(zip(names.tolist(), counts.tolist()))
+            for name in dict.fromkeys(self.source_names.tolist()):
+                metrics[f"data/source/{name}"] = drawn.get(name, 0) / self.cfg.train.global_batch_size
         if self.peak_tflops:  # model FLOPs with attention from the actual document lengths
             head_tokens = sum(s.num_supervised for s in samples) if self.loss_impl == "chunked" else None
             flops = self.dims.flops([len(s.input_ids) for s in samples], head_tokens)

@@ -148,7 +148,10 @@ class Trainer:
         )
         self.stops = StopPolicy(self.stop_signals, strategy.all_sum, cfg.train.stop_after_step, cfg.train.max_steps)
         peak = peak_tflops(self.device, cfg.train.peak_tflops)
-        self.steplog = StepLog(cfg, self.metrics, strategy, self.sampler, self.runner.dims, peak, self.runner.loss_impl)
+        self.steplog = StepLog(
+            cfg, self.metrics, strategy, self.sampler, self.runner.dims, peak, self.runner.loss_impl,
+            self.train_set.source_names() if len(self.data_report.sources) > 1 else None,
+        )  # fmt: skip
         if strategy.is_main:
             log_plan(
                 cfg, self.data_report, world_size=strategy.world_size, device=self.device, runner=self.runner,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from helpers import SHARED, compose, read_metrics
 from sftdist.config import DataConfig, EvalConfig, FiltersConfig, SourceConfig
-from sftdist.data.dataset import build_datasets
+from sftdist.data.dataset import build_datasets, mixing_weights
 from sftdist.data.demo import generate_demo_conversations, load_demo_tokenizer
 from sftdist.data.pipeline import prepare
 from sftdist.errors import ConfigError, DataError
@@ -176,6 +176,44 @@ def test_weighted_sources_and_a_holdout_that_never_trains(tmp_path):
     assert not set(train.rows) & set(evals.rows)
     assert report.train_samples_per_epoch == len(train.rows) and report.records_eval == 10
     assert train[0].meta["difficulty"] in ("easy", "medium", "hard")  # meta is carried through
+
+
+def test_mixing_weights_follow_the_temperature_and_keep_the_epochs_size():
+    records, weights = {"big": 1000, "small": 10}, {"big": 1.0, "small": 1.0}
+    assert mixing_weights(weights, records, 1.0) == weights  # today's proportions, untouched
+    for t in (2.0, 4.0):
+        applied = mixing_weights(weights, records, t)
+        drawn = {k: applied[k] * n for k, n in records.items()}
+        assert sum(drawn.values()) == pytest.approx(1010)
+        assert drawn["small"] / drawn["big"] == pytest.approx((10 / 1000) ** (1 / t))
+    both = mixing_weights({"big": 1.0, "small": 3.0}, records, 2.0)  # explicit weights multiply
+    assert both["small"] * 10 / (both["big"] * 1000) == pytest.approx(3 * (10 / 1000) ** 0.5)
+
+
+def test_temperature_mixing_lifts_a_rare_source_to_its_share_per_step(tmp_path):
+    """Two sources of 1,000 and 10 records, data.mixing_temperature=2: over 100 steps the rare source's share of the
+    stream is n ** (1/2)'s within one sample per step; data_report.json and each step's metrics say the mixture."""
+    for name, n, seed in (("big", 1000, 21), ("small", 10, 22)):
+        convs = generate_demo_conversations(n, seed=seed)
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    cfg = compose(
+        f"data.sources=[{{path: {tmp_path / 'big.jsonl'}}}, {{path: {tmp_path / 'small.jsonl'}}}]",
+        "data.mixing_temperature=2", "train.max_steps=100", "train.stop_after_step=2", "train.global_batch_size=16",
+        "eval.every_steps=0", "wandb.mode=disabled", f"data.cache_dir={tmp_path / 'cache'}",
+        f"output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    with Trainer(cfg) as trainer:
+        n = {k: s["records_used"] for k, s in trainer.data_report.sources.items()}
+        share = n["small"] ** 0.5 / (n["big"] ** 0.5 + n["small"] ** 0.5)
+        names = trainer.train_set.source_names()
+        drawn = [int((names[trainer.sampler.indices(step)] == "small").sum()) for step in range(100)]
+        assert abs(sum(drawn) - share * 100 * 16) <= 100
+        assert trainer.data_report.sources["small"]["train_share"] == pytest.approx(share, abs=1 / len(names))
+        trainer.fit()
+    assert [m["data/source/small"] * 16 for m in read_metrics(tmp_path / "run")] == drawn[:2]
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["sources"]["small"]["mixing_weight"] > 9 * report["sources"]["big"]["mixing_weight"]
+    assert report["sources"]["small"]["train_samples"] + report["sources"]["big"]["train_samples"] == len(names)
 
 
 def test_filters_are_counted_in_the_report(tmp_path):

@@ -223,7 +223,7 @@ def test_split_records_stay_together_and_inspect_says_how_they_were_split(tmp_pa
     assert report.sources["talk"]["extra_context_tokens"] == report.extra_context_tokens > 0
     assert table["part"] == [0, 1] * 30
     for weight in (1.0, 1.5):
-        train, held = split_and_weight(table, {"talk": weight}, 7, seed=3)
+        train, held, _ = split_and_weight(table, {"talk": weight}, 7, seed=3)
         assert len(held) == 14 and not set(train) & set(held)
         for rows in (train, held):
             record = np.asarray(rows) // 2
