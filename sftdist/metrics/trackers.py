@@ -12,6 +12,7 @@ from typing import Any
 from sftdist.config import WandbConfig
 from sftdist.errors import ConfigError
 from sftdist.run.layout import METRICS_FILE, PROBES_FILE
+from sftdist.run.storage import write_error
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class JsonlTracker:
     (rows logged after the checkpoint, before the interruption, are logged again by the resumed run)."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= resume_step]
             tmp = path.with_name(path.name + ".tmp")
@@ -59,8 +61,11 @@ class JsonlTracker:
         self._file = path.open("a" if resume_step is not None else "w", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise write_error("the metrics", self.path, err) or err from err
 
     def close(self) -> None:
         self._file.close()
@@ -126,6 +131,11 @@ class WandbTracker:
             self._table.add_data(*[_cell(row, column, step) for column in PROBE_COLUMNS])
         self._run.log({"eval/probe_samples": self._table}, step=step)
 
+    def alert(self, title: str, text: str) -> None:
+        import wandb
+
+        self._run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)  # (offline: kept for `wandb sync`)
+
     def close(self) -> None:
         self._run.finish()
 
@@ -169,6 +179,12 @@ class MetricsLogger:
         for tracker in self._trackers:
             if hasattr(tracker, "log_probes"):
                 tracker.log_probes(rows, step)
+
+    def alert(self, title: str, text: str) -> None:
+        """A notice that needs a person (W&B's alerts: e-mail or Slack, as the W&B user set them up)."""
+        for tracker in self._trackers:
+            if hasattr(tracker, "alert"):
+                tracker.alert(title, text)
 
     def close(self) -> None:
         for tracker in self._trackers:

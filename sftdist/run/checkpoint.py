@@ -37,6 +37,7 @@ from sftdist.errors import InputError
 from sftdist.parallel import Strategy
 from sftdist.run.layout import CHECKPOINTS_DIR, CURRICULUM_FILE, MARKER, RNG_DIR, STATE_DIR, STATE_FILE
 from sftdist.run.state import TrainerState
+from sftdist.run.storage import WriteError, write_error
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,13 @@ def save_checkpoint(
     trainer_state: TrainerState,
     write_main_files: Callable[[Path], list[Path]],
     keep: int,
+    needed: int | None = None,
 ) -> Path:
     """Write ``root/step_<step>`` atomically (a collective: every rank calls it), then prune (:func:`prune`).
-    Returns the checkpoint's path. A failure on any rank stops every rank with an error, none left waiting."""
+    Returns the checkpoint's path. A failure on any rank stops every rank with an error, none left waiting; one the
+    file system caused (space, permissions, a mount) is a WriteError naming it (with ``needed``, the bytes the
+    checkpoint needs, for space), and the torn directory is removed: its space comes back, the checkpoints before it
+    are untouched."""
     step = trainer_state.step
     tmp, final = root / f".tmp-step_{step}", step_dir(root, step)
 
@@ -89,9 +94,19 @@ def save_checkpoint(
         _publish(tmp, final, step)
         prune(root, keep, step)
 
-    _together(strategy, prepare if strategy.is_main else None, "preparing")
-    _together(strategy, write, "writing")
-    _together(strategy, publish if strategy.is_main else None, "publishing")
+    try:
+        _together(strategy, prepare if strategy.is_main else None, "preparing")
+        _together(strategy, write, "writing")
+        _together(strategy, publish if strategy.is_main else None, "publishing")
+    except BaseException as err:  # (torch.distributed.checkpoint's CheckpointException is a BaseException)
+        if strategy.is_main and not final.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        refused = write_error("the checkpoint", final, err, needed)
+        if refused is not None:
+            raise WriteError(
+                f"{refused}; the checkpoints before it are untouched: free space, then the same command resumes"
+            ) from err
+        raise
     return final
 
 

@@ -11,11 +11,13 @@ import numpy as np
 
 from sftdist import __version__
 from sftdist.config import SFTConfig
+from sftdist.metrics import MetricsLogger
 from sftdist.parallel import Strategy
 from sftdist.run.checkpoint import checkpoints_dir, save_checkpoint
 from sftdist.run.identity import flat_config
 from sftdist.run.layout import CURRICULUM_FILE, HF_DIR
 from sftdist.run.state import TrainerState
+from sftdist.run.storage import low_space_warning, size_of
 from sftdist.training.hf import HFWriter
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,14 @@ class Checkpointer:
         wandb_run_id: str,
         curriculum_report: dict | None,
         row_buckets: np.ndarray | None,
+        metrics: MetricsLogger,
+        expected_size: int,
     ):
+        """``expected_size``: the bytes of a checkpoint, until one is written (the one resumed from, or an estimate)."""
         self.cfg, self.strategy, self.hf = cfg, strategy, hf
         self.identity, self.wandb_run_id = identity, wandb_run_id
         self.curriculum_report, self.row_buckets = curriculum_report, row_buckets
+        self.metrics, self.size = metrics, expected_size
         self.root = checkpoints_dir(cfg.output_dir)
 
     def due(self, done_steps: int, stopping: bool) -> bool:
@@ -56,6 +62,10 @@ class Checkpointer:
             sftdist_version=__version__,
         )
         begin = time.perf_counter()
+        warning = low_space_warning(self.root, self.size) if self.strategy.is_main else None
+        if warning:  # said before the write, which may still fit, and where the run is watched
+            log.warning("%s", warning)
+            self.metrics.alert("sftdist: disk space", warning)
         path = save_checkpoint(
             self.root,
             self.strategy,
@@ -64,8 +74,10 @@ class Checkpointer:
             state,
             lambda directory: self._write_main_files(directory, step),
             self.cfg.checkpoint.keep,
+            needed=self.size,
         )
         if self.strategy.is_main:
+            self.size = size_of(path)
             log.info("checkpoint: %s (%.1f s)", path, time.perf_counter() - begin)
         return path
 

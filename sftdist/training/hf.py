@@ -14,6 +14,7 @@ from sftdist.data.report import DataReport
 from sftdist.model import base_model_weights, checkpoint_dtype
 from sftdist.parallel import Strategy
 from sftdist.run.export import export_hf, export_lora, stop_token_ids, write_hf_meta
+from sftdist.run.storage import write_error
 
 
 class HFWriter:
@@ -28,13 +29,19 @@ class HFWriter:
         c = self.cfg.model
         state_dict = self.strategy.full_state_dict(self.model, trainable_only=c.lora.enabled)
         if self.strategy.is_main:
-            with tempfile.TemporaryDirectory(dir=scratch, prefix=".hf-meta-") as meta:
-                self.write_meta(Path(meta), self.cfg.train.max_steps)
-                if c.lora.enabled:
-                    base = functools.partial(base_model_weights, c, self.tokenizer, self.cfg.seed)
-                    export_lora(Path(meta), state_dict, out_dir, c, base)
-                else:
-                    export_hf(Path(meta), state_dict, out_dir, trust_remote_code=c.trust_remote_code)
+            try:
+                with tempfile.TemporaryDirectory(dir=scratch, prefix=".hf-meta-") as meta:
+                    self.write_meta(Path(meta), self.cfg.train.max_steps)
+                    if c.lora.enabled:
+                        base = functools.partial(base_model_weights, c, self.tokenizer, self.cfg.seed)
+                        export_lora(Path(meta), state_dict, out_dir, c, base)
+                    else:
+                        export_hf(Path(meta), state_dict, out_dir, trust_remote_code=c.trust_remote_code)
+            except Exception as err:
+                refused = write_error("the export", out_dir, err)
+                if refused is not None:  # (the checkpoint of the last step is there: sftdist-export writes it again)
+                    raise refused from err
+                raise
         return out_dir
 
     def write_meta(self, out_dir: Path, step: int) -> None:

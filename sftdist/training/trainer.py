@@ -34,6 +34,7 @@ from sftdist.run.identity import continued_wandb_run, find_checkpoint, run_ident
 from sftdist.run.layout import FINAL_DIR
 from sftdist.run.lock import RunLock
 from sftdist.run.signals import StopPolicy, StopSignals
+from sftdist.run.storage import size_of
 from sftdist.training.checkpointer import Checkpointer
 from sftdist.training.evaluation import Evaluator, build_eval_sources, build_probes
 from sftdist.training.feed import StepFeeder
@@ -143,9 +144,15 @@ class Trainer:
             run_id=wandb_run_id, resume_step=self.start_step if self.resume_from is not None else None,
         )  # fmt: skip
         self.hf = HFWriter(cfg, strategy, self.model, self.tokenizer, self.data_report)
-        self.checkpointer = Checkpointer(
-            cfg, strategy, self.hf, self.identity, wandb_run_id, plan.report, plan.row_buckets
+        expected_size = (  # a checkpoint's bytes: the one resumed from, else fp32 weights and AdamW's two moments
+            size_of(self.resume_from)
+            if self.resume_from is not None
+            else 4 * (self.runner.num_params + 2 * self.runner.num_trained)
         )
+        self.checkpointer = Checkpointer(
+            cfg, strategy, self.hf, self.identity, wandb_run_id, plan.report, plan.row_buckets, self.metrics,
+            expected_size,
+        )  # fmt: skip
         self.stops = StopPolicy(self.stop_signals, strategy.all_sum, cfg.train.stop_after_step, cfg.train.max_steps)
         peak = peak_tflops(self.device, cfg.train.peak_tflops)
         self.steplog = StepLog(

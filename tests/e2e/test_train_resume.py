@@ -4,8 +4,10 @@ that never reach the run directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,6 +34,7 @@ from sftdist.cli.report import build_report, load_run
 from sftdist.data.batching import collate_packed
 from sftdist.run.checkpoint import MARKER, CheckpointError
 from sftdist.run.signals import EXIT_STOPPED, STOPPED_FILE
+from sftdist.run.storage import human, size_of
 from sftdist.training import Trainer
 
 # 6 steps, checkpoints at 2, 4 and 6 (the last), eval at 3 and 6: small enough for a few seconds per run.
@@ -236,6 +239,52 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(straigh
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
     assert bitwise_equal(final_weights(tmp_path / "run"), final_weights(out))
     assert (torn / MARKER).is_file()  # written again, whole, by the resumed run
+
+
+@contextlib.contextmanager
+def _small_file_system(directory: Path, size: int):
+    """A tmpfs of ``size`` bytes at ``directory`` (mounted as root, or with sudo -n), and a function that resizes it;
+    skips where this user cannot mount."""
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    directory.mkdir()
+    options = f"size={size},uid={os.getuid()},gid={os.getgid()}"
+    if subprocess.run([*sudo, "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)]).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root or sudo -n")
+
+    def resize(new_size: int) -> None:
+        subprocess.run([*sudo, "mount", "-o", f"remount,size={new_size}", str(directory)], check=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run([*sudo, "umount", str(directory)], check=True)
+
+
+def test_a_full_disk_during_a_checkpoint_stops_in_one_line_and_the_same_command_resumes(straight, tmp_path):
+    """On a file system with room for one checkpoint: the log warns before the second that it may not fit, the run
+    stops in one line naming it and the space, the torn directory is removed and the first kept; with space freed,
+    the same command resumes from it and ends bitwise where the uninterrupted run ends."""
+    out, _ = straight
+    size = size_of(out / "checkpoints" / "step_2")
+    with _small_file_system(tmp_path / "disk", int(1.5 * size)) as resize:
+        args = (*COMMON, f"output_dir={tmp_path / 'disk' / 'run'}")
+        full = _sftdist_train(*args, cwd=tmp_path)
+        checkpoints = tmp_path / "disk" / "run" / "checkpoints"
+        assert full.returncode == 2 and len(full.stderr.strip().splitlines()) == 1, full.stderr[-3000:]
+        assert re.fullmatch(
+            f"sftdist-train: error: cannot write the checkpoint {checkpoints / 'step_4'}: No space left on device "
+            r"\(ENOSPC\); [\d.]+ MiB free there, about [\d.]+ MiB needed; the checkpoints before it are untouched: "
+            "free space, then the same command resumes",
+            full.stderr.strip(),
+        ), full.stderr
+        assert f"the last checkpoint took {human(size)}: the next one may not fit" in full.stdout
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
+        resize(4 * size)
+        again = _sftdist_train(*args, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resuming from {checkpoints / 'step_2'}" in again.stdout
+        assert [m["step"] for m in read_metrics(tmp_path / "disk" / "run")] == [1, 2, 3, 4, 5, 6]
+        assert bitwise_equal(final_weights(tmp_path / "disk" / "run"), final_weights(out))
 
 
 @pytest.fixture
