@@ -158,6 +158,9 @@ class TrainConfig:
     log_every_steps: int = 1  # metrics cadence (the first and last steps are always logged)
     peak_tflops: Optional[float] = None  # per-GPU peak for train/mfu; default: known GPUs' dense bf16 peak
     stop_after_step: Optional[int] = None  # stop with a checkpoint after this step (one job of a longer run)
+    # A step whose loss or gradient norm is not finite is left out (not applied, counted, its samples logged); more
+    # than this many in a row stop the run with a checkpoint (0: stop at the first)
+    skip_nonfinite_steps: int = 5
     # The loss: auto (chunked where the model allows it) | chunked (the output head on supervised tokens only, a
     # chunk at a time: the full logits never exist) | naive (the model's logits, then cross-entropy)
     loss_impl: str = choice("auto", "chunked", "naive")

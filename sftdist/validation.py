@@ -133,6 +133,7 @@ def _validate_strategy(s: StrategyConfig) -> None:
 def _validate_train(t: TrainConfig) -> None:
     for key in ("global_batch_size", "micro_batch_tokens", "log_every_steps"):
         _positive(f"train.{key}", getattr(t, key))
+    _positive("train.skip_nonfinite_steps", t.skip_nonfinite_steps, allow_zero=True)
     for key in ("max_steps", "epochs", "lr", "peak_tflops"):
         if getattr(t, key) is not None:
             _positive(f"train.{key}", getattr(t, key))

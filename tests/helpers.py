@@ -151,6 +151,32 @@ def signal_during_step(trainer, step: int, signum: int | None = None, rank: int 
     trainer.runner.train_step = train_step
 
 
+def poison_steps(trainer, steps, rank: int | None = 0) -> None:
+    """The forwards of the 0-based ``steps`` give NaN (the model's final norm's output times NaN), on ``rank`` only
+    (None: every rank): what one broken batch or a bf16 overflow does to a step."""
+    training = {"step": None}
+    feed = trainer.feed.steps
+
+    def tracked(start, stop):
+        for step, samples, micro_batches in feed(start, stop):
+            training["step"] = step
+            yield step, samples, micro_batches
+
+    def hook(module, args, output):
+        if training["step"] in steps and (rank is None or trainer.strategy.rank == rank):
+            return output * float("nan")
+        return None
+
+    trainer.feed.steps = tracked
+    trainer.strategy.unwrap(trainer.model).model.norm.register_forward_hook(hook)
+
+
+def drop_steps(trainer, steps) -> None:
+    """The 0-based ``steps`` never train: the run of a stream without those steps' batches."""
+    feed = trainer.feed.steps
+    trainer.feed.steps = lambda start, stop: (item for item in feed(start, stop) if item[0] not in steps)
+
+
 def record_sample_steps(trainer) -> list:
     """[(0-based step, its sample indices), ...] of the steps the trainer trains, in order (the loop reads each step's
     samples ahead, while the step before trains: a step read but never trained, after a stop, is not in the list)."""

@@ -6,7 +6,7 @@ A step, whatever the strategy::
         with strategy.micro_step(last=i == n - 1):          # DDP: no gradient all-reduce until the last
             loss = CE sum(mb) / supervised tokens of the step * strategy.grad_divisor
             strategy.backward(loss)
-    grad_norm = strategy.optimizer_step(optimizer, max_grad_norm)   # clip, step, zero
+    grad_norm = strategy.optimizer_step(optimizer, max_grad_norm)   # clip, step (if finite), zero
 
 ``grad_divisor`` is what the strategy's gradient reduction divides by (the data-parallel world size for
 DDP, FSDP2 and ZeRO-3, which all average): multiplying it back in makes the reduced gradient the gradient
@@ -16,6 +16,7 @@ of the step's token-mean loss, on any number of ranks (sftdist.training.loss doe
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,11 +77,13 @@ class Strategy(ABC):
         """Accumulate the gradients of ``loss`` (already normalised by the step's token count)."""
         loss.backward()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float, loss_finite: bool = True) -> float:
         """Clip to ``max_grad_norm`` (0: no clipping), apply and clear the gradients; the global gradient
-        norm before clipping."""
+        norm before clipping. A step whose norm or loss is not finite is not applied (the optimizer's state and the
+        weights stay as they were), its gradients cleared all the same."""
         norm = clip_and_norm([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-        optimizer.step()
+        if loss_finite and math.isfinite(norm):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 

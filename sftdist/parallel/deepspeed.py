@@ -196,10 +196,18 @@ class ZeRO3Strategy(DistributedStrategy):
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss, scale_wrt_gas=False)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
-        self._engine.step()  # clips to gradient_clipping (= max_grad_norm), steps, zeroes
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float, loss_finite: bool = True) -> float:
+        # Clips to gradient_clipping (= max_grad_norm), steps, zeroes; a step whose gradient norm is not finite it
+        # leaves out itself, clearing its gradients (ZeRO-3's overflow check, in every precision)
+        self._engine.step()
         norm = self._engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        if not loss_finite and self._engine.was_step_applied():  # (a finite gradient of a non-finite loss)
+            raise FloatingPointError(
+                f"the loss is not finite but its gradient norm is ({norm:.3g}): ZeRO-3 has applied that step; "
+                "lower train.lr, or check the data and precision"
+            )
+        return norm
 
     def full_state_dict(self, model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """The fp32 master weights (not the bf16 compute copies), gathered on every rank (a collective); a frozen

@@ -27,6 +27,8 @@ class TrainerState:
     wandb_run_id: str | None = None  # the W&B run that a resume in the same output_dir continues
     curriculum: dict[str, Any] | None = None  # {"name", "report"}; the buckets themselves are CURRICULUM_FILE
     sftdist_version: str = ""
+    skipped_steps: int = 0  # steps left out for a non-finite loss or gradient norm, and how many of the last in a row
+    nonfinite_in_a_row: int = 0
 
     @classmethod
     def read(cls, checkpoint: Path) -> TrainerState:

@@ -19,6 +19,7 @@ from sftdist.run.layout import CURRICULUM_FILE, HF_DIR
 from sftdist.run.state import TrainerState
 from sftdist.run.storage import low_space_warning, size_of
 from sftdist.training.hf import HFWriter
+from sftdist.training.nonfinite import NonFiniteSteps
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,13 @@ class Checkpointer:
         row_buckets: np.ndarray | None,
         metrics: MetricsLogger,
         expected_size: int,
+        nonfinite: NonFiniteSteps,
     ):
         """``expected_size``: the bytes of a checkpoint, until one is written (the one resumed from, or an estimate)."""
         self.cfg, self.strategy, self.hf = cfg, strategy, hf
         self.identity, self.wandb_run_id = identity, wandb_run_id
         self.curriculum_report, self.row_buckets = curriculum_report, row_buckets
-        self.metrics, self.size = metrics, expected_size
+        self.metrics, self.size, self.nonfinite = metrics, expected_size, nonfinite
         self.root = checkpoints_dir(cfg.output_dir)
 
     def due(self, done_steps: int, stopping: bool) -> bool:
@@ -60,6 +62,8 @@ class Checkpointer:
             # The schedule is the config and the step; the buckets are kept whole (CURRICULUM_FILE)
             curriculum={"name": self.cfg.curriculum.name, "report": self.curriculum_report},
             sftdist_version=__version__,
+            skipped_steps=self.nonfinite.skipped,
+            nonfinite_in_a_row=self.nonfinite.in_a_row,
         )
         begin = time.perf_counter()
         warning = low_space_warning(self.root, self.size) if self.strategy.is_main else None

@@ -11,6 +11,7 @@ A step on every rank (``train_step``)::
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -104,7 +105,9 @@ class ModelRunner:
         """One optimizer step over this rank's micro-batches (the same count on every rank): gradients of
         the step's token-mean loss over all ranks, then clip and step."""
         stats = self.accumulate_gradients(micro_batches)
-        stats["grad_norm"] = self.strategy.optimizer_step(self.optimizer, self.cfg.train.max_grad_norm)
+        stats["grad_norm"] = self.strategy.optimizer_step(
+            self.optimizer, self.cfg.train.max_grad_norm, loss_finite=math.isfinite(stats["loss"])
+        )  # (a step whose loss or gradient norm is not finite is left out: sftdist.training.nonfinite)
         return stats
 
     def accumulate_gradients(self, micro_batches: list[MicroBatch]) -> dict[str, float]:

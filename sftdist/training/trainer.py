@@ -8,8 +8,8 @@ Whatever the strategy, a step is: the step's samples (chosen by seed and step al
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +39,7 @@ from sftdist.training.checkpointer import Checkpointer
 from sftdist.training.evaluation import Evaluator, build_eval_sources, build_probes
 from sftdist.training.feed import StepFeeder
 from sftdist.training.hf import HFWriter
+from sftdist.training.nonfinite import NonFiniteSteps, sample_names
 from sftdist.training.optim import epoch_steps, lr_at, set_lr
 from sftdist.training.outputs import prepare_output_dir
 from sftdist.training.runner import build_runner
@@ -149,9 +150,11 @@ class Trainer:
             if self.resume_from is not None
             else 4 * (self.runner.num_params + 2 * self.runner.num_trained)
         )
+        counts = (resumed.skipped_steps, resumed.nonfinite_in_a_row) if self.resume_from is not None else (0, 0)
+        self.nonfinite = NonFiniteSteps(cfg.train.skip_nonfinite_steps, *counts)
         self.checkpointer = Checkpointer(
             cfg, strategy, self.hf, self.identity, wandb_run_id, plan.report, plan.row_buckets, self.metrics,
-            expected_size,
+            expected_size, self.nonfinite,
         )  # fmt: skip
         self.stops = StopPolicy(self.stop_signals, strategy.all_sum, cfg.train.stop_after_step, cfg.train.max_steps)
         peak = peak_tflops(self.device, cfg.train.peak_tflops)
@@ -192,23 +195,25 @@ class Trainer:
                 lr = lr_at(step, t)
                 set_lr(self.optimizer, lr)
                 step_start = time.perf_counter()
-                stats = self.runner.train_step(micro_batches)
-                if not math.isfinite(stats["loss"]):  # never train on, or export, a diverged model
-                    raise FloatingPointError(
-                        f"step {step + 1}: the loss is {stats['loss']} (lr {lr:.3g}); "
-                        "lower train.lr, or check the data and precision"
-                    )
+                stats = self.runner.train_step(micro_batches)  # (not applied when not finite: all ranks alike)
+                names = functools.partial(self._sample_names, step)  # (read only for a step left out)
+                self.nonfinite.applied(step, stats, lr, names, self.strategy.is_main)
                 metrics = self.steplog.metrics(
                     step, lr, stats, samples, micro_batches, time.perf_counter() - step_start
                 )
+                metrics["train/skipped_steps"] = self.nonfinite.skipped
                 done = step + 1
                 if self.evaluator.due(done):
                     metrics.update(self.evaluate(done))
                 self.steplog.write(step, metrics)
                 # Every rank stops at the same step boundary, after a checkpoint
                 signalled, share_done = self.stops.signalled(), self.stops.share_done(done)
-                if self.checkpointer.due(done, stopping=signalled or share_done):
-                    self.checkpointer.save(done, self.model, self.optimizer)
+                diverged = self.nonfinite.too_many  # never trained on, or exported: stopped with a checkpoint
+                checkpoint = None
+                if self.checkpointer.due(done, stopping=signalled or share_done or diverged):
+                    checkpoint = self.checkpointer.save(done, self.model, self.optimizer)
+                if diverged:
+                    raise self.nonfinite.error(step, checkpoint)
                 if share_done:  # also when a signal came in this step: the job's work is done, not cut short
                     return self._end_share(done, metrics)
                 if signalled and done < t.max_steps:  # at the last step, the export is what is left to do
@@ -218,6 +223,9 @@ class Trainer:
         self.strategy.barrier()
         self._fitted = True
         return {**metrics, "wall_s": wall}
+
+    def _sample_names(self, step: int) -> list[str]:
+        return sample_names(self.train_set, self.sampler.indices(step))
 
     def _end_share(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         self._fitted = True

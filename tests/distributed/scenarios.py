@@ -19,6 +19,9 @@ grouped in one launch because process groups are slow to start. Results go to OU
 - one_to_two: a checkpoint of one process (OUT/single-stopped, written by the test) resumed by fsdp2 on two.
 - ddp_to_fsdp2: the ddp checkpoint of resume/ddp resumed by fsdp2 (the same format, another strategy).
 - curriculum/<difficulty>: the three-phase curriculum on fsdp2 (meta labels; model_loss scored by both ranks).
+- skip/<strategy>: 4 steps, the second NaN on rank 0 only (poison_steps): left out on every rank; the test compares
+  with one process that never trains that step. diverged/zero3: every step NaN, one in a row allowed: both ranks stop
+  after step 2 with its checkpoint and the same one-line error.
 - probes/<strategy>: the evals before and after one step of a briefly trained demo model (the test trains it into
   OUT/probe-model before the launch): held-out loss per source (two sources) and on an extra eval set, and probes
   whose answers end at very different lengths on the two ranks (OUT/uneven-probes.jsonl, in batches of 2).
@@ -45,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from helpers import compose, fit_and_close, full_grads, record_sample_steps, signal_during_step
+from helpers import compose, fit_and_close, full_grads, poison_steps, record_sample_steps, signal_during_step
 from sftdist.errors import ConfigError
 from sftdist.run.checkpoint import CheckpointError
 from sftdist.training import Trainer
@@ -151,6 +154,36 @@ def fit(out: Path, data: str, strategy: str, packing: bool, *extra: str) -> dict
     )
     result = trainer.fit()
     return {"loss": result["train/loss"], "output_dir": str(run), "loss_impl": trainer.runner.loss_impl}
+
+
+# A non-finite step: 4 steps, the second one's forward NaN on rank 0 only (left out on every rank).
+SKIP = ("train.max_steps=4", "checkpoint.every_steps=0")
+SKIPPED_STEP = 1
+
+
+def skip(out: Path, data: str, strategy: str) -> dict:
+    run = out / f"skip-{strategy}"
+    trainer = Trainer(compose(*common(out, data), *SKIP, f"strategy={strategy}", f"output_dir={run}"))
+    poison_steps(trainer, {SKIPPED_STEP})
+    fit_and_close(trainer)
+    return {"output_dir": str(run)}
+
+
+def diverged(out: Path, data: str, strategy: str) -> dict:
+    """Every step NaN on rank 0, at most one in a row allowed: both ranks stop after step 2 with its checkpoint."""
+    run = out / f"diverged-{strategy}"
+    trainer = Trainer(
+        compose(*common(out, data), "train.skip_nonfinite_steps=1", f"strategy={strategy}", f"output_dir={run}")
+    )
+    poison_steps(trainer, set(range(10)))
+    try:
+        fit_and_close(trainer)
+        message = None
+    except FloatingPointError as err:
+        message = f"{type(err).__name__}: {err}"
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return {"messages": messages, "output_dir": str(run)}
 
 
 # Exact resume: 4 steps, checkpoints at 2 and 4 (the last), a stop signal during step 3 (to rank 0 only).
@@ -330,6 +363,9 @@ def main() -> None:
         record(f"curriculum/{difficulty}", curriculum, out, data, difficulty)
     for strategy in ("fsdp2", "zero3"):
         record(f"probes/{strategy}", probes, out, strategy)
+    for strategy in STRATEGIES:
+        record(f"skip/{strategy}", skip, out, data, strategy)
+    record("diverged/zero3", diverged, out, data, "zero3")
     if only:  # launched on their own: on one process, or under torchrun --max-restarts
         record("zero3_on_one", zero3_on_one, out, data)
         record("crash", crash, out, data)

@@ -4,6 +4,7 @@ ZeRO-3 against one process. The scenarios run in one torchrun launch (tests/dist
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, adapter_weights, compose, final_weights, fit_and_close, max_relative_difference, read_metrics
+from helpers import (
+    REPO,
+    adapter_weights,
+    bitwise_equal,
+    compose,
+    drop_steps,
+    final_weights,
+    fit_and_close,
+    max_relative_difference,
+    poison_steps,
+    read_metrics,
+)
 from launching import free_port, load_scenarios, scenario_ok, torchrun_env
 from sftdist.errors import ConfigError
+from sftdist.run.layout import MARKER
 from sftdist.training import Trainer
 
 scenarios = load_scenarios()
@@ -207,3 +220,52 @@ def test_evals_on_two_processes_equal_one_whatever_the_answer_lengths(launched, 
     probe_keys = [k for k in b if k.startswith("eval/") and "loss" not in k]
     assert probe_keys and {k: a[k] for k in probe_keys} == {k: b[k] for k in probe_keys}
     assert {r["step"] for r in ours} == {0, 1}  # and again after the step (the last one)
+
+
+@pytest.fixture(scope="module")
+def never_trained_that_step(launched, tmp_path_factory):
+    """One process, the skip scenarios' run, with the left-out step's batch never trained on."""
+    out, data, _ = launched
+    run = tmp_path_factory.mktemp("single-dropped")
+    trainer = Trainer(compose(*scenarios.common(out, data), *scenarios.SKIP, f"output_dir={run}"))
+    drop_steps(trainer, {scenarios.SKIPPED_STEP})
+    fit_and_close(trainer)
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["none", *scenarios.STRATEGIES])
+def test_a_non_finite_step_is_left_out_on_every_rank(launched, never_trained_that_step, strategy, tmp_path):
+    """The second of 4 steps NaN (on rank 0 only): no rank applies it, it is counted, and the weights are those of
+    a run whose stream never held that batch (bitwise on one process; to summation order on two)."""
+    out, data, results = launched
+    if strategy == "none":
+        run = tmp_path / "run"
+        trainer = Trainer(compose(*scenarios.common(out, data), *scenarios.SKIP, f"output_dir={run}"))
+        poison_steps(trainer, {scenarios.SKIPPED_STEP})
+        fit_and_close(trainer)
+    else:
+        run = Path(scenario_ok(results[f"skip/{strategy}"])["output_dir"])
+    metrics = read_metrics(run)
+    assert [m["train/skipped_steps"] for m in metrics] == [0, 1, 1, 1]
+    assert math.isnan(metrics[1]["train/loss"]) and not math.isfinite(metrics[1]["train/grad_norm"])
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    expected = load_file(str(never_trained_that_step / "final" / "model.safetensors"))
+    if strategy == "none":
+        assert bitwise_equal(weights, expected)
+    else:
+        assert max_relative_difference(weights, expected) < 1e-4  # as the 3-step fits (FACTS)
+
+
+def test_too_many_non_finite_steps_stop_every_rank_with_a_checkpoint(launched):
+    result = scenario_ok(launched[2]["diverged/zero3"])
+    checkpoint = Path(result["output_dir"]) / "checkpoints" / "step_2"
+    assert (
+        result["messages"]
+        == [
+            "DivergedError: steps 1 to 2: the loss or the gradient norm is not finite, 2 in a row "
+            f"(train.skip_nonfinite_steps=1); {checkpoint} holds the weights of step 0; lower train.lr, or check "
+            "the data and precision"
+        ]
+        * 2
+    )
+    assert (checkpoint / MARKER).is_file() and not (Path(result["output_dir"]) / "final").exists()

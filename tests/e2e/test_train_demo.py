@@ -15,7 +15,10 @@ from helpers import REPO, compose, fit_and_close, max_relative_difference, pytho
 from sftdist.data.batching import collate_packed
 from sftdist.data.dataset import Sample
 from sftdist.errors import ConfigError
+from sftdist.run.layout import MARKER
+from sftdist.run.state import TrainerState
 from sftdist.training import Trainer, lr_at
+from sftdist.training.nonfinite import DivergedError
 
 REQUIRED_METRICS = {
     "train/loss",
@@ -223,21 +226,36 @@ def test_speed_options_do_not_change_the_update(tmp_path):
     assert all(max_relative_difference(w, weights["default"]) < 1e-5 for w in weights.values())
 
 
-def test_a_diverged_loss_stops_the_run_before_export(tmp_path):
+@pytest.mark.parametrize("allowed", [0, 2])
+def test_a_diverged_model_stops_the_run_with_a_checkpoint_before_export(tmp_path, allowed, caplog):
+    """Every step non-finite (a model broken from the start): left out, counted, and after more than
+    train.skip_nonfinite_steps in a row the run stops in one line, with a checkpoint of the weights it had."""
     trainer = Trainer(
         compose(
-            f"output_dir={tmp_path}",
-            "wandb.mode=disabled",
-            "train.max_steps=3",
-            "eval.every_steps=0",
-            "data.demo_size=200",
+            f"output_dir={tmp_path}", "wandb.mode=disabled", "train.max_steps=5", "eval.every_steps=0",
+            "data.demo_size=200", f"train.skip_nonfinite_steps={allowed}",
         )
-    )
+    )  # fmt: skip
     with torch.no_grad():
         trainer.model.model.norm.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="step 1: the loss is nan"):
+    last = allowed + 1
+    checkpoint = tmp_path / "checkpoints" / f"step_{last}"
+    message = (
+        "step 1: the loss is nan and the gradient norm nan"
+        if last == 1
+        else f"steps 1 to {last}: the loss or the gradient norm is not finite, {last} in a row"
+    )
+    with pytest.raises(DivergedError) as err:
         fit_and_close(trainer)
-    assert not (tmp_path / "final").exists()
+    assert str(err.value) == (
+        f"{message} (train.skip_nonfinite_steps={allowed}); {checkpoint} holds the weights of step 0; lower "
+        "train.lr, or check the data and precision"
+    )
+    assert isinstance(err.value, FloatingPointError) and not (tmp_path / "final").exists()
+    assert [m["train/skipped_steps"] for m in read_metrics(tmp_path)] == list(range(1, last + 1))
+    assert (checkpoint / MARKER).is_file() and TrainerState.read(checkpoint).nonfinite_in_a_row == last
+    assert "step 1 skipped: the loss is nan and the gradient norm nan" in caplog.text
+    assert "its samples: demo row " in caplog.text
 
 
 def test_epochs_set_the_steps_from_the_training_set_and_the_phases_key_on_them(tmp_path):
