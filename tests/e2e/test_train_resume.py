@@ -25,6 +25,7 @@ from helpers import (
     final_weights,
     fit_and_close,
     html_images,
+    poison_steps,
     read_metrics,
     record_sample_steps,
     save_tiny_model,
@@ -239,6 +240,24 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(straigh
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
     assert bitwise_equal(final_weights(tmp_path / "run"), final_weights(out))
     assert (torn / MARKER).is_file()  # written again, whole, by the resumed run
+
+
+def test_a_run_with_a_left_out_step_resumes_exactly_and_goes_on_counting(straight, tmp_path):
+    """Step 2 non-finite (left out), a stop signal during step 3, the same command: the weights are the
+    uninterrupted poisoned run's and train/skipped_steps counts on from the checkpoint."""
+    straight_poisoned = _trainer(tmp_path / "straight")
+    poison_steps(straight_poisoned, {1})
+    fit_and_close(straight_poisoned)
+    stopped = _trainer(tmp_path / "run")
+    poison_steps(stopped, {1})
+    signal_during_step(stopped, 3)
+    assert fit_and_close(stopped)["stopped_by"] == "SIGUSR1"
+    resumed = _trainer(tmp_path / "run")
+    assert (resumed.start_step, resumed.nonfinite.skipped) == (3, 1)
+    fit_and_close(resumed)
+    assert [m["train/skipped_steps"] for m in read_metrics(tmp_path / "run")] == [0, 1, 1, 1, 1, 1]
+    assert bitwise_equal(final_weights(tmp_path / "run"), final_weights(tmp_path / "straight"))
+    assert not bitwise_equal(final_weights(tmp_path / "run"), final_weights(straight[0]))  # (step 2 was left out)
 
 
 @contextlib.contextmanager
