@@ -161,6 +161,10 @@ class TrainConfig:
     # A step whose loss or gradient norm is not finite is left out (not applied, counted, its samples logged); more
     # than this many in a row stop the run with a checkpoint (0: stop at the first)
     skip_nonfinite_steps: int = 5
+    # Stop when this many evals in a row have not improved checkpoint.keep_best's metric by more than
+    # early_stopping_min_delta (0: never); the run ends with a checkpoint and exit status 0
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
     # The loss: auto (chunked where the model allows it) | chunked (the output head on supervised tokens only, a
     # chunk at a time: the full logits never exist) | naive (the model's logits, then cross-entropy)
     loss_impl: str = choice("auto", "chunked", "naive")
@@ -215,6 +219,11 @@ class CheckpointConfig:
     every_steps: int = 500  # a resumable checkpoint every N steps and at the last; 0: only when stopped by a signal
     keep: int = 2  # newest complete checkpoints kept; the one resumed from stays until a newer one is complete
     stop_timeout_s: float = 300.0  # after a stop signal, exit anyway (status 128 + signal) if not stopped by then
+    # An eval metric (eval/loss, eval/format_pass_rate, eval/<name>/loss, ...): the step where it is best is
+    # checkpointed and that checkpoint kept beside the newest ones while it is the best
+    keep_best: Optional[str] = None
+    keep_best_mode: str = choice("min", "max")  # whether lower or higher is better
+    export_best: bool = False  # final/ from the best checkpoint instead of the last step
 
 
 @dataclass

@@ -269,6 +269,7 @@ def validate(cfg: SFTConfig) -> SFTConfig:
             f"eval.every_steps={cfg.eval.every_steps} needs eval.holdout_records > 0 (records set aside for eval); "
             "set eval.every_steps=0 to turn eval off"
         )
+    _validate_best(cfg)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("checkpoint.stop_timeout_s", cfg.checkpoint.stop_timeout_s)
@@ -277,6 +278,22 @@ def validate(cfg: SFTConfig) -> SFTConfig:
         raise ConfigError("output_dir is empty: set output_dir=PATH")
     _resolve_defaults(cfg)
     return cfg
+
+
+def _validate_best(cfg: SFTConfig) -> None:
+    c, t = cfg.checkpoint, cfg.train
+    _positive("train.early_stopping_patience", t.early_stopping_patience, allow_zero=True)
+    _positive("train.early_stopping_min_delta", t.early_stopping_min_delta, allow_zero=True)
+    if c.keep_best is not None and not c.keep_best.startswith("eval/"):
+        raise ConfigError(f"checkpoint.keep_best={c.keep_best!r} must be an eval metric (eval/loss, ...)")
+    for key, needs_best in (
+        ("train.early_stopping_patience", t.early_stopping_patience),
+        ("checkpoint.export_best", c.export_best),
+    ):
+        if needs_best and c.keep_best is None:
+            raise ConfigError(f"{key}={needs_best!r} needs checkpoint.keep_best: the eval metric to watch (eval/loss)")
+    if c.keep_best is not None and not cfg.eval.every_steps:
+        raise ConfigError(f"checkpoint.keep_best={c.keep_best!r} needs evals: set eval.every_steps")
 
 
 def _resolve_defaults(cfg: SFTConfig) -> None:

@@ -134,6 +134,8 @@ def plot(runs: list[Run], name: str, title: str, ylabel: str, series: list[tuple
         return False
     if name == "curriculum":
         _shade_phases(axes, runs[0])
+    if name == "loss":
+        _mark_best(axes, runs)
     axes.set_title(title)
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
@@ -144,6 +146,20 @@ def plot(runs: list[Run], name: str, title: str, ylabel: str, series: list[tuple
     figure.savefig(out / f"{name}.png", dpi=DPI)
     plt.close(figure)
     return True
+
+
+def best_step(run: Run) -> tuple[int, float] | None:
+    """(step, value) of the run's best checkpoint (checkpoint.keep_best), as its last row says."""
+    rows = [r for r in run.rows if "checkpoint/best_step" in r]
+    return (rows[-1]["checkpoint/best_step"], rows[-1]["checkpoint/best"]) if rows else None
+
+
+def _mark_best(axes: Any, runs: list[Run]) -> None:
+    for i, run in enumerate(runs):
+        best = best_step(run)
+        if best is not None:
+            label = f"best checkpoint (step {best[0]})" + (f": {run.name}" if len(runs) > 1 else "")
+            axes.axvline(best[0], color=f"C{i}" if len(runs) > 1 else "k", linestyle=":", label=label)
 
 
 def _shade_phases(axes: Any, run: Run) -> None:
@@ -168,6 +184,9 @@ def key_figures(run: Run) -> dict[str, Any]:
         "steps": last["step"],
         "last train/loss": last.get("train/loss"),
         "best eval/loss": min(r["eval/loss"] for r in evals) if evals else None,
+        "best checkpoint (checkpoint.keep_best)": "step {} ({:.4g})".format(*best_step(run))
+        if best_step(run)
+        else None,
         "first -> last eval/format_pass_rate": (
             f"{probed[0]['eval/format_pass_rate']:.3g} -> {probed[-1]['eval/format_pass_rate']:.3g}" if probed else None
         ),

@@ -115,7 +115,7 @@ class WandbTracker:
             wandb.teardown()  # the failed attempt still holds the run id in W&B's service
             self._run = wandb.init(**settings, mode="offline")
         self._run.define_metric("step")
-        for prefix in ("train", "eval", "data"):
+        for prefix in ("train", "eval", "data", "checkpoint"):
             self._run.define_metric(f"{prefix}/*", step_metric="step")
         for key, summary in (("eval/loss", "min"), ("eval/format_pass_rate", "max"), ("eval/eos_rate", "max")):
             self._run.define_metric(key, step_metric="step", summary=summary)

@@ -68,6 +68,7 @@ def save_checkpoint(
     write_main_files: Callable[[Path], list[Path]],
     keep: int,
     needed: int | None = None,
+    protect: int | None = None,
 ) -> Path:
     """Write ``root/step_<step>`` atomically (a collective: every rank calls it), then prune (:func:`prune`).
     Returns the checkpoint's path. A failure on any rank stops every rank with an error, none left waiting; one the
@@ -92,7 +93,7 @@ def save_checkpoint(
 
     def publish() -> None:
         _publish(tmp, final, step)
-        prune(root, keep, step)
+        prune(root, keep, step, protect)
 
     try:
         _together(strategy, prepare if strategy.is_main else None, "preparing")
@@ -139,14 +140,17 @@ def _publish(tmp: Path, final: Path, step: int) -> None:
     _fsync(final)
 
 
-def prune(root: Path, keep: int, newest: int) -> None:
-    """After ``step_<newest>`` was completed: keep it and the ``keep - 1`` newest complete checkpoints before it;
-    remove older ones, torn or corrupt ones before it, and every checkpoint after it (of a timeline this run left:
-    it resumed from an older one), so that ``resume=auto`` only ever finds this run's own."""
+def prune(root: Path, keep: int, newest: int, protect: int | None = None) -> None:
+    """After ``step_<newest>`` was completed: keep it and the ``keep - 1`` newest complete checkpoints before it,
+    and ``step_<protect>`` (the best one, checkpoint.keep_best); remove older ones, torn or corrupt ones before it,
+    and every checkpoint after it (of a timeline this run left: it resumed from an older one), so that
+    ``resume=auto`` only ever finds this run's own."""
     doomed, kept = [], 0
     for s, path in reversed(list_checkpoints(root)):
         if s > newest:
             doomed.append(path)
+        elif s == protect and problem(path) is None:
+            continue
         elif problem(path) is None and kept < keep:
             kept += 1
         else:

@@ -29,6 +29,9 @@ class TrainerState:
     sftdist_version: str = ""
     skipped_steps: int = 0  # steps left out for a non-finite loss or gradient norm, and how many of the last in a row
     nonfinite_in_a_row: int = 0
+    best_step: int | None = None  # checkpoint.keep_best: the best step so far, its value, evals since (early stopping)
+    best_value: float | None = None
+    evals_since_best: int = 0
 
     @classmethod
     def read(cls, checkpoint: Path) -> TrainerState:

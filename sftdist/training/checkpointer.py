@@ -18,6 +18,7 @@ from sftdist.run.identity import flat_config
 from sftdist.run.layout import CURRICULUM_FILE, HF_DIR
 from sftdist.run.state import TrainerState
 from sftdist.run.storage import low_space_warning, size_of
+from sftdist.training.best import BestCheckpoint
 from sftdist.training.hf import HFWriter
 from sftdist.training.nonfinite import NonFiniteSteps
 
@@ -37,12 +38,13 @@ class Checkpointer:
         metrics: MetricsLogger,
         expected_size: int,
         nonfinite: NonFiniteSteps,
+        best: BestCheckpoint,
     ):
         """``expected_size``: the bytes of a checkpoint, until one is written (the one resumed from, or an estimate)."""
         self.cfg, self.strategy, self.hf = cfg, strategy, hf
         self.identity, self.wandb_run_id = identity, wandb_run_id
         self.curriculum_report, self.row_buckets = curriculum_report, row_buckets
-        self.metrics, self.size, self.nonfinite = metrics, expected_size, nonfinite
+        self.metrics, self.size, self.nonfinite, self.best = metrics, expected_size, nonfinite, best
         self.root = checkpoints_dir(cfg.output_dir)
 
     def due(self, done_steps: int, stopping: bool) -> bool:
@@ -64,6 +66,9 @@ class Checkpointer:
             sftdist_version=__version__,
             skipped_steps=self.nonfinite.skipped,
             nonfinite_in_a_row=self.nonfinite.in_a_row,
+            best_step=self.best.step,
+            best_value=self.best.value,
+            evals_since_best=self.best.evals_since,
         )
         begin = time.perf_counter()
         warning = low_space_warning(self.root, self.size) if self.strategy.is_main else None
@@ -79,6 +84,7 @@ class Checkpointer:
             lambda directory: self._write_main_files(directory, step),
             self.cfg.checkpoint.keep,
             needed=self.size,
+            protect=self.best.step,
         )
         if self.strategy.is_main:
             self.size = size_of(path)

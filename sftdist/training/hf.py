@@ -22,16 +22,17 @@ class HFWriter:
         self.cfg, self.strategy, self.model, self.tokenizer = cfg, strategy, model, tokenizer
         self.data_report = data_report
 
-    def export(self, out_dir: Path, scratch: Path) -> Path:
+    def export(self, out_dir: Path, scratch: Path, step: int | None = None) -> Path:
         """The Hugging Face directory of the trained model (weights gathered by the strategy: every rank calls it),
         in the dtype it came in: the same as ``sftdist-export`` of a checkpoint. With LoRA: the adapter there, and
-        the merged model beside it (sftdist.run.export.export_lora). ``scratch``: where the meta files are made."""
+        the merged model beside it (sftdist.run.export.export_lora). ``scratch``: where the meta files are made;
+        ``step``: the step of the weights (default: train.max_steps)."""
         c = self.cfg.model
         state_dict = self.strategy.full_state_dict(self.model, trainable_only=c.lora.enabled)
         if self.strategy.is_main:
             try:
                 with tempfile.TemporaryDirectory(dir=scratch, prefix=".hf-meta-") as meta:
-                    self.write_meta(Path(meta), self.cfg.train.max_steps)
+                    self.write_meta(Path(meta), self.cfg.train.max_steps if step is None else step)
                     if c.lora.enabled:
                         base = functools.partial(base_model_weights, c, self.tokenizer, self.cfg.seed)
                         export_lora(Path(meta), state_dict, out_dir, c, base)

@@ -35,6 +35,7 @@ from sftdist.run.layout import FINAL_DIR
 from sftdist.run.lock import RunLock
 from sftdist.run.signals import StopPolicy, StopSignals
 from sftdist.run.storage import size_of
+from sftdist.training.best import BestCheckpoint
 from sftdist.training.checkpointer import Checkpointer
 from sftdist.training.evaluation import Evaluator, build_eval_sources, build_probes
 from sftdist.training.feed import StepFeeder
@@ -133,6 +134,7 @@ class Trainer:
         if self.resume_from is not None:
             load_checkpoint(self.resume_from, strategy, self.model, self.optimizer)
             self.start_step = resumed.step
+        self.weights_step = self.start_step  # the step whose weights the model holds
 
         # The run's outputs, once the inputs proved good (a failed start leaves no trace), under the run's lock
         with strategy.main_first("the output directory"):
@@ -150,11 +152,14 @@ class Trainer:
             if self.resume_from is not None
             else 4 * (self.runner.num_params + 2 * self.runner.num_trained)
         )
-        counts = (resumed.skipped_steps, resumed.nonfinite_in_a_row) if self.resume_from is not None else (0, 0)
-        self.nonfinite = NonFiniteSteps(cfg.train.skip_nonfinite_steps, *counts)
+        saved = resumed if self.resume_from is not None else None  # (the counts a resumed run goes on from)
+        self.nonfinite = NonFiniteSteps(
+            cfg.train.skip_nonfinite_steps, *((saved.skipped_steps, saved.nonfinite_in_a_row) if saved else ())
+        )
+        self.best = BestCheckpoint(cfg, *((saved.best_step, saved.best_value, saved.evals_since_best) if saved else ()))
         self.checkpointer = Checkpointer(
             cfg, strategy, self.hf, self.identity, wandb_run_id, plan.report, plan.row_buckets, self.metrics,
-            expected_size, self.nonfinite,
+            expected_size, self.nonfinite, self.best,
         )  # fmt: skip
         self.stops = StopPolicy(self.stop_signals, strategy.all_sum, cfg.train.stop_after_step, cfg.train.max_steps)
         peak = peak_tflops(self.device, cfg.train.peak_tflops)
@@ -189,7 +194,9 @@ class Trainer:
             if self.stops.signalled():  # a signal came during the set-up: stop before the first step
                 return self._end_signalled(self.start_step, metrics)
             if self.evaluator.due_before_training(self.start_step):
-                self.steplog.write(-1, self.evaluate(0))  # the baseline, logged as step 0
+                baseline = self.evaluate(0)
+                self.best.update(0, baseline)  # (no best yet; a keep_best the evals do not log is named now)
+                self.steplog.write(-1, baseline)  # the baseline, logged as step 0
             for step, samples, micro_batches in self.feed.steps(self.start_step, t.max_steps):
                 # The grad sum of the step's token mean over all ranks, clipped, then the optimizer's step
                 lr = lr_at(step, t)
@@ -202,15 +209,18 @@ class Trainer:
                     step, lr, stats, samples, micro_batches, time.perf_counter() - step_start
                 )
                 metrics["train/skipped_steps"] = self.nonfinite.skipped
-                done = step + 1
+                done, best_now = step + 1, False
                 if self.evaluator.due(done):
                     metrics.update(self.evaluate(done))
+                    best_now = self.best.update(done, metrics)
+                    metrics.update(self.best.said())
                 self.steplog.write(step, metrics)
                 # Every rank stops at the same step boundary, after a checkpoint
                 signalled, share_done = self.stops.signalled(), self.stops.share_done(done)
                 diverged = self.nonfinite.too_many  # never trained on, or exported: stopped with a checkpoint
-                checkpoint = None
-                if self.checkpointer.due(done, stopping=signalled or share_done or diverged):
+                stop_early = self.best.stop_early and done < t.max_steps
+                checkpoint, self.weights_step = None, done
+                if self.checkpointer.due(done, stopping=signalled or share_done or diverged or best_now or stop_early):
                     checkpoint = self.checkpointer.save(done, self.model, self.optimizer)
                 if diverged:
                     raise self.nonfinite.error(step, checkpoint)
@@ -218,11 +228,22 @@ class Trainer:
                     return self._end_share(done, metrics)
                 if signalled and done < t.max_steps:  # at the last step, the export is what is left to do
                     return self._end_signalled(done, metrics)
+                if stop_early:
+                    self.best.log_stop(done)
+                    break
         wall = time.perf_counter() - start
-        self.steplog.done(self.start_step, wall, self.hf.export(self.output_dir / FINAL_DIR, self.output_dir))
+        self.steplog.done(self.start_step, wall, self._export())
         self.strategy.barrier()
         self._fitted = True
         return {**metrics, "wall_s": wall}
+
+    def _export(self) -> Path:
+        """final/: of the weights the run ends with, or with checkpoint.export_best of the best checkpoint."""
+        step = self.weights_step
+        if self.cfg.checkpoint.export_best and self.best.step is not None and self.best.step != step:
+            step = self.best.step
+            load_checkpoint(step_dir(checkpoints_dir(self.output_dir), step), self.strategy, self.model, self.optimizer)
+        return self.hf.export(self.output_dir / FINAL_DIR, self.output_dir, step)
 
     def _sample_names(self, step: int) -> list[str]:
         return sample_names(self.train_set, self.sampler.indices(step))

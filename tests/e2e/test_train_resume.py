@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import (
     assert_real_plot,
@@ -34,6 +35,7 @@ from helpers import (
 from sftdist.cli.report import build_report, load_run
 from sftdist.data.batching import collate_packed
 from sftdist.run.checkpoint import MARKER, CheckpointError
+from sftdist.run.export import export_checkpoint
 from sftdist.run.signals import EXIT_STOPPED, STOPPED_FILE
 from sftdist.run.storage import human, size_of
 from sftdist.training import Trainer
@@ -258,6 +260,34 @@ def test_a_run_with_a_left_out_step_resumes_exactly_and_goes_on_counting(straigh
     assert [m["train/skipped_steps"] for m in read_metrics(tmp_path / "run")] == [0, 1, 1, 1, 1, 1]
     assert bitwise_equal(final_weights(tmp_path / "run"), final_weights(tmp_path / "straight"))
     assert not bitwise_equal(final_weights(tmp_path / "run"), final_weights(straight[0]))  # (step 2 was left out)
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_exports_it(tmp_path):
+    """A learning rate too high for the demo: the eval loss falls, then rises. The run stops at the eval that makes
+    the second without an improvement, with exit 0 and a checkpoint; the best one is kept outside the cadence, and
+    final/ is its export; the metrics say the best step."""
+    trainer = Trainer(
+        compose(
+            f"output_dir={tmp_path / 'run'}", "train.max_steps=20", "eval.every_steps=2", "train.lr=0.02",
+            "checkpoint.keep_best=eval/loss", "train.early_stopping_patience=2", "checkpoint.export_best=true",
+            "checkpoint.every_steps=0", "eval.probes.num=0", "wandb.mode=disabled", "data.demo_size=300",
+            "train.global_batch_size=8",
+        )
+    )  # fmt: skip
+    fit_and_close(trainer)
+    evals = [(m["step"], m["eval/loss"]) for m in read_metrics(tmp_path / "run") if "eval/loss" in m]
+    (best_step, best), since = evals[0], 0
+    for step, loss in evals[1:]:  # the rule, written again: the stop is where it says
+        best_step, best, since = (step, loss, 0) if loss < best else (best_step, best, since + 1)
+        if since == 2:
+            break
+    assert step < 20 and read_metrics(tmp_path / "run")[-1]["step"] == step
+    assert read_metrics(tmp_path / "run")[-1]["checkpoint/best_step"] == best_step and best_step != step
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == sorted({f"step_{best_step}", f"step_{step}"})
+    export_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{best_step}", tmp_path / "best")
+    assert bitwise_equal(final_weights(tmp_path / "run"), load_file(str(tmp_path / "best" / "model.safetensors")))
+    assert json.loads((tmp_path / "run" / "final" / "sftdist_training.json").read_text())["step"] == best_step
 
 
 @contextlib.contextmanager

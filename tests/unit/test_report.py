@@ -33,6 +33,8 @@ def _write_run(directory: Path, steps: int = 30, curriculum: bool = False, scale
                 "eval/format_pass_rate": step / steps,
                 "eval/repetition_rate": 0.3 - step / 200,
                 "eval/eos_rate": step / steps,
+                "checkpoint/best_step": 20 if step >= 20 else step,  # (checkpoint.keep_best: best at step 20)
+                "checkpoint/best": 1.5,
             }
         if curriculum:
             phase = 1 if step <= 6 else 2 if step <= 18 else 3
@@ -69,6 +71,7 @@ def test_a_run_gets_every_plot_it_has_data_for_and_one_html_page(tmp_path, capsy
     assert all(src.startswith("data:image/png;base64,") and len(src) > 5000 for src in images.values())
     page = (out / "report.html").read_text()
     assert "first -&gt; last eval/format_pass_rate" in page and "0 -&gt; 1" in page
+    assert "<th>best checkpoint (checkpoint.keep_best)</th><td>step 20 (1.5)</td>" in page  # (and marked on loss.png)
     assert "Probe answers of run at step 30" in page and "#### 4" in page and "records_used" in page
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == len(drawn) + 1 and all(line.startswith("sftdist-report: wrote ") for line in printed)
