@@ -22,6 +22,7 @@ from pathlib import Path
 from sftdist.cli.common import hydra_main
 from sftdist.config import SFTConfig
 from sftdist.run.layout import DATA_REPORT_FILE
+from sftdist.run.lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,20 @@ def prepare_to_dir(cfg: SFTConfig) -> Path:
 
     tokenizer, template = build_tokenizer(cfg.model, cfg.data)
     out = Path(cfg.output_dir)
+    # One preparation per output_dir (a lock file beside it: the directory itself is moved into place whole)
+    lock = RunLock(out, path=out.with_name(f"{out.name}.lock"), holder="the preparation")
+    lock.acquire()
     try:
         report = prepare_into(cfg.data, tokenizer, template, cfg.seed, out)
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+        (out / DATA_REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     except KeyboardInterrupt:
         partial = out.with_name(f"{out.name}.partial")
         done = len(list(partial.glob("shard-*.json")))
         log.warning("stopped: %d finished shards kept in %s; the same command continues from them", done, partial)
         raise SystemExit(130) from None
-    tokenizer.save_pretrained(str(out / "tokenizer"))
-    (out / DATA_REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    finally:
+        lock.release()
     log.info(
         "prepared %d of %d records (%d tokens, %d trained) into %s; rejected %s; filtered %s",
         report.records_used,

@@ -174,23 +174,23 @@ def prepare(cfg: DataConfig, tokenizer: Any, template: str, seed: int) -> tuple[
 
 
 def prepare_into(cfg: DataConfig, tokenizer: Any, template: str, seed: int, directory: Path) -> DataReport:
-    """Prepare into ``directory`` (sftdist-prepare's output_dir) and return the report: nothing to do when it holds
-    this data already, a copy of the cache's when that does, else written there (continuing a stopped run)."""
+    """Prepare into ``directory`` (sftdist-prepare's output_dir, whose lock the caller holds) and return the report:
+    nothing to do when it holds this data already, a copy of the cache's when that does, else written there
+    (continuing a stopped run)."""
     check_serving(tokenizer, template, cfg.chat_template_kwargs)
     with quiet_datasets():
         sources = sources_from_config(cfg, seed)
         digest = fingerprint(sources, tokenizer, template, cfg)
         cached = cache_root(cfg) / digest
-        with writing(directory):
-            if (directory / MANIFEST).is_file() and json.loads((directory / MANIFEST).read_text()).get(
-                "fingerprint"
-            ) == digest:
-                log.info("data: %s already holds this data (fingerprint %s)", directory, digest)
-            elif cfg.cache and cached.is_dir():
-                log.info("data: copying the prepared samples from the cache (%s)", cached)
-                copy_prepared(cached, directory)
-            else:
-                return log_notes(write_prepared(cfg, sources, tokenizer, template, digest, directory))
+        if (directory / MANIFEST).is_file() and json.loads((directory / MANIFEST).read_text()).get(
+            "fingerprint"
+        ) == digest:
+            log.info("data: %s already holds this data (fingerprint %s)", directory, digest)
+        elif cfg.cache and cached.is_dir():
+            log.info("data: copying the prepared samples from the cache (%s)", cached)
+            copy_prepared(cached, directory)
+        else:
+            return log_notes(write_prepared(cfg, sources, tokenizer, template, digest, directory))
         _, manifest = load_prepared(directory)
         return log_notes(with_threshold(DataReport.from_json(manifest["report"]), cfg))
 

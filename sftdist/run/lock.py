@@ -38,9 +38,19 @@ class RunLock:
     """``acquire()`` or raise ConfigError naming the holder; ``release()`` at the end (the kernel releases it anyway
     when the process ends). Rank 0 holds it for the run (``held``): on the other ranks both do nothing."""
 
-    def __init__(self, output_dir: str | Path, held: bool = True, key: str = "output_dir"):
-        self.path = Path(output_dir) / LOCK_FILE
-        self.held, self.key = held, key
+    def __init__(
+        self,
+        output_dir: str | Path,
+        held: bool = True,
+        key: str = "output_dir",
+        path: Path | None = None,
+        holder: str = "the run",
+    ):
+        """``path``: the lock file (default ``output_dir/.sftdist.lock``); ``holder``: what the refusal calls the
+        process that holds it."""
+        self.directory = Path(output_dir)
+        self.path = path if path is not None else self.directory / LOCK_FILE
+        self.held, self.key, self.holder = held, key, holder
         self._file = None
 
     def check(self) -> None:
@@ -85,9 +95,9 @@ class RunLock:
             if err.errno not in _NO_LOCKS:
                 raise
             log.warning(
-                "%s=%s: this file system does not lock files (%s): a second run here would not be refused",
+                "%s=%s: this file system does not lock files (%s): a second process here would not be refused",
                 self.key,
-                self.path.parent,
+                self.directory,
                 os.strerror(err.errno),
             )
             return False
@@ -97,10 +107,10 @@ class RunLock:
         try:
             h = json.loads(self.path.read_text())
             job = f", Slurm job {h['slurm_job_id']}" if h.get("slurm_job_id") else ""
-            who = f"the run of process {h['pid']} on {h['host']}{job}, started {h['started']}"
+            who = f"{self.holder} of process {h['pid']} on {h['host']}{job}, started {h['started']}"
         except (OSError, ValueError, KeyError):
-            who = "another run"
+            who = f"another process ({self.holder.removeprefix('the ')})"
         return (
-            f"{self.key}={str(self.path.parent)!r} is in use by {who} (it holds {self.path}): wait for it to end, "
+            f"{self.key}={str(self.directory)!r} is in use by {who} (it holds {self.path}): wait for it to end, "
             f"stop it, or give another {self.key}"
         )

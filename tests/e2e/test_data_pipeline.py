@@ -4,6 +4,7 @@ caching, parallel encoding, prepared directories and weighted sources."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from sftdist.data.dataset import build_datasets, mixing_weights
 from sftdist.data.demo import generate_demo_conversations, load_demo_tokenizer
 from sftdist.data.pipeline import prepare
 from sftdist.errors import ConfigError, DataError
+from sftdist.run.lock import RunLock
 from sftdist.training import Trainer
 
 TOKENIZER = load_demo_tokenizer()
@@ -238,6 +240,28 @@ def test_filters_are_counted_in_the_report(tmp_path):
 def _sftdist(cmd: str, *args: str, cwd) -> subprocess.CompletedProcess:
     exe = shutil.which(cmd, path=str(sys.executable).rsplit("/", 1)[0])
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_preparation_into_the_same_directory_is_refused_naming_the_first(tmp_path):
+    """sftdist-prepare holds a lock beside its output_dir (the directory is moved into place whole): while another
+    process holds it, a preparation stops in one line naming it, exit 2, and writes nothing."""
+    (tmp_path / "chat.jsonl").write_text("\n".join(GOOD[:20]) + "\n")
+    prepared = tmp_path / "prepared"
+    first = RunLock(prepared, path=tmp_path / "prepared.lock", holder="the preparation")
+    first.acquire()  # (an open file of this process: the other process is refused as by another preparation)
+    try:
+        proc = _sftdist(
+            "sftdist-prepare", f"output_dir={prepared}", f"data.path={tmp_path / 'chat.jsonl'}", cwd=tmp_path
+        )
+    finally:
+        first.release()
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(
+        f"sftdist-prepare: error: output_dir='{prepared}' is in use by the preparation of process {os.getpid()} on "
+    )
+    assert not prepared.exists()
+    again = _sftdist("sftdist-prepare", f"output_dir={prepared}", f"data.path={tmp_path / 'chat.jsonl'}", cwd=tmp_path)
+    assert again.returncode == 0 and (prepared / "data_report.json").is_file(), again.stderr[-2000:]
 
 
 def test_prepare_once_then_train_and_inspect_the_prepared_directory(tmp_path):
