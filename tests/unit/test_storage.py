@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from torch.distributed.checkpoint.api import CheckpointException
 
-from sftdist.metrics.trackers import JsonlTracker
+from sftdist.config import WandbConfig
+from sftdist.metrics.trackers import JsonlTracker, build_metrics_logger
 from sftdist.run.storage import WriteError, human, low_space_warning, write_error
 
 
@@ -40,3 +41,12 @@ def test_the_warning_before_a_checkpoint_says_what_is_free_and_what_the_last_too
     warning = low_space_warning(tmp_path, 2**60)
     assert warning.startswith("checkpoint: ") and f"the last checkpoint took {human(2**60)}" in warning
     assert human(1536) == "1.5 KiB" and human(3 * 2**30) == "3.0 GiB" and human(12) == "12 B"
+
+
+def test_the_low_space_warning_reaches_wandb_as_an_alert(tmp_path):
+    """(an offline W&B run keeps its alerts for `wandb sync`; online, W&B sends them by e-mail or Slack)"""
+    logger = build_metrics_logger(WandbConfig(mode="offline"), tmp_path, {}, is_main=True, run_id="alert0")
+    logger.alert("sftdist: disk space", "checkpoint: 1.0 MiB free on the file system of runs/a/checkpoints")
+    logger.close()
+    (run_file,) = tmp_path.rglob("*.wandb")
+    assert b"checkpoint: 1.0 MiB free on the file system of runs/a/checkpoints" in run_file.read_bytes()
