@@ -216,7 +216,9 @@ class CurriculumConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500  # a resumable checkpoint every N steps and at the last; 0: only when stopped by a signal
+    # A resumable checkpoint every N steps and at the last; 0: only at a stop (a signal, an early stop, too many
+    # non-finite steps) and at a best step (keep_best)
+    every_steps: int = 500
     keep: int = 2  # newest complete checkpoints kept; the one resumed from stays until a newer one is complete
     stop_timeout_s: float = 300.0  # after a stop signal, exit anyway (status 128 + signal) if not stopped by then
     # An eval metric (eval/loss, eval/format_pass_rate, eval/<name>/loss, ...): the step where it is best is

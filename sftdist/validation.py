@@ -139,9 +139,21 @@ def _validate_train(t: TrainConfig) -> None:
             _positive(f"train.{key}", getattr(t, key))
     if t.max_steps is not None and t.epochs is not None:
         raise ConfigError(
-            f"train.max_steps={t.max_steps} and train.epochs={t.epochs} are both set: the run's length is one of them"
+            f"train.max_steps={t.max_steps} and train.epochs={t.epochs} are both set: the run's length is one of them "
+            "(a recipe that sets train.max_steps: add train.max_steps=null)"
         )
+    if t.max_steps is None and t.epochs is None:
+        from sftdist.config import DEFAULT_MAX_STEPS
+
+        t.max_steps = DEFAULT_MAX_STEPS
     check_stop_after_step(t)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    _positive("train.adam_eps", t.adam_eps)
+    _between("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
+    _between("train.warmup_ratio", t.warmup_ratio, 0.0, 1.0)
+    _between("train.adam_beta1", t.adam_beta1, 0.0, 1.0, high_open=True)
+    _between("train.adam_beta2", t.adam_beta2, 0.0, 1.0, high_open=True)
 
 
 def check_stop_after_step(t: TrainConfig) -> None:
@@ -150,13 +162,6 @@ def check_stop_after_step(t: TrainConfig) -> None:
         _positive("train.stop_after_step", t.stop_after_step)
     elif t.stop_after_step is not None and not 0 < t.stop_after_step <= t.max_steps:
         raise ConfigError(f"train.stop_after_step={t.stop_after_step} must be in [1, train.max_steps={t.max_steps}]")
-    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
-    _positive("train.adam_eps", t.adam_eps)
-    _between("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
-    _between("train.warmup_ratio", t.warmup_ratio, 0.0, 1.0)
-    _between("train.adam_beta1", t.adam_beta1, 0.0, 1.0, high_open=True)
-    _between("train.adam_beta2", t.adam_beta2, 0.0, 1.0, high_open=True)
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -297,13 +302,11 @@ def _validate_best(cfg: SFTConfig) -> None:
 
 
 def _resolve_defaults(cfg: SFTConfig) -> None:
-    """The defaults that depend on the run: train.lr by the run's kind (logged with the reason), train.max_steps
-    when train.epochs is unset too (with epochs, the trainer counts the steps once the data is prepared)."""
-    from sftdist.config import DEFAULT_LR, DEFAULT_MAX_STEPS
+    """train.lr by the run's kind, when unset (logged with the reason). (train.max_steps unset without train.epochs is
+    DEFAULT_MAX_STEPS, set in _validate_train; with epochs, the trainer counts the steps once the data is prepared.)"""
+    from sftdist.config import DEFAULT_LR
 
     t = cfg.train
-    if t.max_steps is None and t.epochs is None:
-        t.max_steps = DEFAULT_MAX_STEPS
     if t.lr is None:
         kind = (
             "the tiny demo model"

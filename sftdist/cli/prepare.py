@@ -34,7 +34,8 @@ def prepare_to_dir(cfg: SFTConfig) -> Path:
     tokenizer, template = build_tokenizer(cfg.model, cfg.data)
     out = Path(cfg.output_dir)
     # One preparation per output_dir (a lock file beside it: the directory itself is moved into place whole)
-    lock = RunLock(out, path=out.with_name(f"{out.name}.lock"), holder="the preparation")
+    beside = out.resolve()
+    lock = RunLock(out, path=beside.with_name(f"{beside.name}.lock"), holder="the preparation")
     lock.acquire()
     try:
         report = prepare_into(cfg.data, tokenizer, template, cfg.seed, out)

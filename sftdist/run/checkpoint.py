@@ -100,12 +100,15 @@ def save_checkpoint(
         _together(strategy, write, "writing")
         _together(strategy, publish if strategy.is_main else None, "publishing")
     except BaseException as err:  # (torch.distributed.checkpoint's CheckpointException is a BaseException)
-        if strategy.is_main and not final.exists():
+        if strategy.is_main:  # the torn directory, renamed into place or not
             shutil.rmtree(tmp, ignore_errors=True)
-        refused = write_error("the checkpoint", final, err, needed)
+            if final.exists() and not (final / MARKER).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+        refused = write_error("the checkpoint", final, err, needed, under=root)
         if refused is not None:
+            advice = "free space" if refused.space else "fix that"
             raise WriteError(
-                f"{refused}; the checkpoints before it are untouched: free space, then the same command resumes"
+                f"{refused}; the checkpoints before it are untouched: {advice}, then the same command resumes"
             ) from err
         raise
     return final
@@ -149,10 +152,10 @@ def prune(root: Path, keep: int, newest: int, protect: int | None = None) -> Non
     for s, path in reversed(list_checkpoints(root)):
         if s > newest:
             doomed.append(path)
-        elif s == protect and problem(path) is None:
-            continue
         elif problem(path) is None and kept < keep:
             kept += 1
+        elif s == protect and problem(path) is None:
+            continue
         else:
             doomed.append(path)
     doomed += list(root.glob(".tmp-step_*"))

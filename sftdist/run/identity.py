@@ -16,6 +16,7 @@ within one checkpoint format, and the number of processes (for none/ddp/fsdp2).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -88,6 +89,8 @@ def run_identity(cfg: SFTConfig, data_report: DataReport) -> dict[str, Any]:
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for each difference that makes a resume wrong (none: the run may resume)."""
     current = json.loads(json.dumps(current))
+    # A key the checkpoint lacks came after it was written: its run had the key's default
+    saved = {**{k: v for k, v in _schema_defaults().items() if k in current}, **saved}
     changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if not any(k in _CONTENT for k in changed):  # the same data wherever it lives now
         moved = [k for k in changed if k.startswith(_PATHS)]
@@ -95,6 +98,11 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
             log.warning("resuming with moved inputs (their content is unchanged): %s", _describe(moved, saved, current))
         changed = [k for k in changed if k not in moved]
     return [_describe([k], saved, current) for k in changed]
+
+
+@functools.cache
+def _schema_defaults() -> dict[str, Any]:
+    return flat_config(SFTConfig())
 
 
 def refused_changes(old: SFTConfig, new: SFTConfig) -> list[str]:

@@ -32,6 +32,7 @@ class TrainerState:
     best_step: int | None = None  # checkpoint.keep_best: the best step so far, its value, evals since (early stopping)
     best_value: float | None = None
     evals_since_best: int = 0
+    best_of: str | None = None  # what the best is by: "<metric> <mode>" (checkpoint.keep_best, keep_best_mode)
 
     @classmethod
     def read(cls, checkpoint: Path) -> TrainerState:

@@ -22,6 +22,8 @@ MARGIN = 1.1  # a checkpoint is said not to fit when less than this times the la
 class WriteError(InputError):
     """A write the file system refused: the message names the path, the error and, for space, the sizes."""
 
+    space = False  # whether it ran out of space (or quota)
+
 
 def free_bytes(path: Path) -> int:
     """Free space on the file system of ``path`` (its nearest existing parent) for this user."""
@@ -60,11 +62,17 @@ def _causes(err: BaseException) -> list[BaseException]:
     return [e for e in seen if isinstance(e, BaseException)]
 
 
-def write_error(what: str, path: Path, err: BaseException, needed: int | None = None) -> WriteError | None:
+def write_error(
+    what: str, path: Path, err: BaseException, needed: int | None = None, under: Path | None = None
+) -> WriteError | None:
     """The one-line WriteError of ``err``, raised while writing ``what`` at ``path``, when the file system refused the
-    write; None when ``err`` is something else. ``needed``: the bytes the write needs, said with the free space."""
+    write; None when ``err`` is something else. ``needed``: the bytes the write needs, said with the free space;
+    ``under``: where the writing happens (default ``path``): an error naming a file elsewhere (a model read) is not
+    a refused write."""
     causes = _causes(err)
     refused = next((e for e in causes if isinstance(e, OSError) and e.errno in WRITE_ERRNOS), None)
+    if refused is not None and refused.filename and not _within(Path(str(refused.filename)), under or path):
+        return None
     short = any(isinstance(e, RuntimeError) and any(s in str(e) for s in SHORT_WRITE) for e in causes)
     if refused is None and not short:
         return None
@@ -75,10 +83,18 @@ def write_error(what: str, path: Path, err: BaseException, needed: int | None = 
     else:
         reason = "the write came up short (a full disk or quota)"
     message = f"cannot write {what} {path}: {reason}"
-    if refused is None or refused.errno in SPACE:
+    space = refused is None or refused.errno in SPACE
+    if space:
         message += f"; {human(free_bytes(path))} free there"
         message += f", about {human(needed)} needed" if needed else ""
-    return WriteError(message)
+    error = WriteError(message)
+    error.space = space
+    return error
+
+
+def _within(file: Path, directory: Path) -> bool:
+    file, directory = file.absolute(), Path(directory).absolute()
+    return file == directory or directory in file.parents
 
 
 def low_space_warning(directory: Path, needed: int) -> str | None:
@@ -87,6 +103,6 @@ def low_space_warning(directory: Path, needed: int) -> str | None:
     if free >= MARGIN * needed:
         return None
     return (
-        f"checkpoint: {human(free)} free on the file system of {directory}, the last checkpoint took "
+        f"checkpoint: {human(free)} free on the file system of {directory}, a checkpoint takes about "
         f"{human(needed)}: the next one may not fit; free space while this run can still be saved"
     )

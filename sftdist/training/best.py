@@ -10,6 +10,7 @@ same (the eval metrics are summed over all ranks), and a resume restores the cou
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from sftdist.config import SFTConfig
@@ -19,11 +20,24 @@ log = logging.getLogger(__name__)
 
 
 class BestCheckpoint:
-    def __init__(self, cfg: SFTConfig, step: int | None = None, value: float | None = None, evals_since: int = 0):
-        """``step``, ``value``, ``evals_since``: what a checkpoint held (a resumed run goes on from them)."""
+    def __init__(
+        self,
+        cfg: SFTConfig,
+        step: int | None = None,
+        value: float | None = None,
+        evals_since: int = 0,
+        of: str | None = None,
+    ):
+        """``step``, ``value``, ``evals_since``: what a checkpoint held, the best by ``of`` (a resumed run goes on
+        from them, unless it watches another metric or mode: then it starts afresh)."""
         self.metric, self.mode = cfg.checkpoint.keep_best, cfg.checkpoint.keep_best_mode
         self.patience, self.min_delta = cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta
-        self.step, self.value, self.evals_since = step, value, evals_since
+        self.step, self.value, self.evals_since = (step, value, evals_since) if of == self.of else (None, None, 0)
+
+    @property
+    def of(self) -> str | None:
+        """What the best is by: the metric and the mode (kept in checkpoints)."""
+        return None if self.metric is None else f"{self.metric} {self.mode}"
 
     def update(self, done_steps: int, metrics: dict[str, Any]) -> bool:
         """After the eval of ``done_steps`` (0: the baseline): whether this step is now the best."""
@@ -33,7 +47,7 @@ class BestCheckpoint:
             logged = ", ".join(sorted(k for k in metrics if k.startswith("eval/")))
             raise ConfigError(f"checkpoint.keep_best={self.metric!r} is not an eval metric this run logs: {logged}")
         value = float(metrics[self.metric])
-        if done_steps == 0:
+        if done_steps == 0 or not math.isfinite(value):  # (no checkpoint of the baseline; a nan is never best)
             return False
         sign = 1.0 if self.mode == "min" else -1.0
         if self.value is None or sign * (self.value - value) > self.min_delta:

@@ -69,6 +69,7 @@ class Checkpointer:
             best_step=self.best.step,
             best_value=self.best.value,
             evals_since_best=self.best.evals_since,
+            best_of=self.best.of,
         )
         begin = time.perf_counter()
         warning = low_space_warning(self.root, self.size) if self.strategy.is_main else None

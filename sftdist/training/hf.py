@@ -39,7 +39,7 @@ class HFWriter:
                     else:
                         export_hf(Path(meta), state_dict, out_dir, trust_remote_code=c.trust_remote_code)
             except Exception as err:
-                refused = write_error("the export", out_dir, err)
+                refused = write_error("the export", out_dir, err, under=scratch)
                 if refused is not None:  # (the checkpoint of the last step is there: sftdist-export writes it again)
                     raise refused from err
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -11,7 +12,7 @@ from sftdist.config import TrainConfig
 
 def epoch_steps(cfg: TrainConfig, num_samples: int) -> int:
     """The optimizer steps of ``train.epochs`` passes over ``num_samples`` training samples."""
-    return max(1, math.ceil(cfg.epochs * num_samples / cfg.global_batch_size))
+    return max(1, math.ceil(Fraction(str(cfg.epochs)) * num_samples / cfg.global_batch_size))  # (1.1 * 1600 / 16: 110)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

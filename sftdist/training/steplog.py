@@ -43,6 +43,7 @@ class StepLog:
         """``source_names``: each training sample's data source, with several sources (their per-step mixture)."""
         self.cfg, self.writer, self.strategy, self.sampler = cfg, metrics, strategy, sampler
         self.source_names = source_names
+        self.sources = list(dict.fromkeys(source_names.tolist())) if source_names is not None else []
         self.dims, self.peak_tflops, self.loss_impl = dims, peak_tflops, loss_impl
         self.bar: tqdm | None = None
 
@@ -90,7 +91,7 @@ class StepLog:
         if self.source_names is not None:  # the realised mixture of this step's samples
             names, counts = np.unique(self.source_names[self.sampler.indices(step)], return_counts=True)
             drawn = dict(zip(names.tolist(), counts.tolist()))
-            for name in dict.fromkeys(self.source_names.tolist()):
+            for name in self.sources:
                 metrics[f"data/source/{name}"] = drawn.get(name, 0) / self.cfg.train.global_batch_size
         if self.peak_tflops:  # model FLOPs with attention from the actual document lengths
             head_tokens = sum(s.num_supervised for s in samples) if self.loss_impl == "chunked" else None
@@ -114,13 +115,11 @@ class StepLog:
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
             bar.update(1)
 
-    def done(self, start_step: int, wall: float, final: Path) -> None:
-        """The last line of a run trained to the end (rank 0)."""
-        steps = self.cfg.train.max_steps
+    def done(self, start_step: int, last_step: int, wall: float, final: Path) -> None:
+        """The last line of a run trained to its end (rank 0): train.max_steps, or an early stop at ``last_step``."""
+        steps = last_step
         if self.strategy.is_main and start_step == steps:
-            log.info(
-                "done: the checkpoint is at train.max_steps=%d, nothing left to train; final model in %s", steps, final
-            )
+            log.info("done: the checkpoint is at step %d, nothing left to train; final model in %s", steps, final)
         elif self.strategy.is_main:
             log.info("done: steps %d-%d in %.1f s; final model in %s", start_step + 1, steps, wall, final)
 

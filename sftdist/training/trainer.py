@@ -29,7 +29,7 @@ from sftdist.metrics.flops import peak_tflops
 from sftdist.model import build_tokenizer, pad_token_id
 from sftdist.model.lora import check_qlora
 from sftdist.parallel import build_strategy, check_world_size
-from sftdist.run.checkpoint import checkpoints_dir, load_checkpoint, read_curriculum, step_dir
+from sftdist.run.checkpoint import checkpoints_dir, load_checkpoint, problem, read_curriculum, step_dir
 from sftdist.run.identity import continued_wandb_run, find_checkpoint, run_identity
 from sftdist.run.layout import FINAL_DIR
 from sftdist.run.lock import RunLock
@@ -147,16 +147,16 @@ class Trainer:
             run_id=wandb_run_id, resume_step=self.start_step if self.resume_from is not None else None,
         )  # fmt: skip
         self.hf = HFWriter(cfg, strategy, self.model, self.tokenizer, self.data_report)
-        expected_size = (  # a checkpoint's bytes: the one resumed from, else fp32 weights and AdamW's two moments
-            size_of(self.resume_from)
-            if self.resume_from is not None
-            else 4 * (self.runner.num_params + 2 * self.runner.num_trained)
+        expected_size = (  # a checkpoint's bytes: the one resumed from, else trained fp32 weights and AdamW's moments
+            size_of(self.resume_from) if self.resume_from is not None else 12 * self.runner.num_trained
         )
         saved = resumed if self.resume_from is not None else None  # (the counts a resumed run goes on from)
         self.nonfinite = NonFiniteSteps(
             cfg.train.skip_nonfinite_steps, *((saved.skipped_steps, saved.nonfinite_in_a_row) if saved else ())
         )
-        self.best = BestCheckpoint(cfg, *((saved.best_step, saved.best_value, saved.evals_since_best) if saved else ()))
+        self.best = BestCheckpoint(
+            cfg, *((saved.best_step, saved.best_value, saved.evals_since_best, saved.best_of) if saved else ())
+        )
         self.checkpointer = Checkpointer(
             cfg, strategy, self.hf, self.identity, wandb_run_id, plan.report, plan.row_buckets, self.metrics,
             expected_size, self.nonfinite, self.best,
@@ -183,9 +183,9 @@ class Trainer:
         return cached_model_loss(self.cfg, self.data_report.fingerprint, score, self.strategy.is_main)
 
     def fit(self) -> dict[str, Any]:
-        """Train from ``start_step`` to ``train.max_steps``, checkpointing on the way, then export ``final/``; return
-        the last step's metrics. A stop signal ends it at a step boundary, after a checkpoint, with
-        ``stopped_by`` (the signal's name) in the result."""
+        """Train from ``start_step`` to ``train.max_steps`` (or an early stop), checkpointing on the way, then export
+        ``final/``; return the last step's metrics. A stop signal ends it at a step boundary, after a checkpoint,
+        with ``stopped_by`` (the signal's name) in the result."""
         t = self.cfg.train
         start, metrics = time.perf_counter(), {}
         with self.steplog.progress(self.start_step):
@@ -197,7 +197,8 @@ class Trainer:
                 baseline = self.evaluate(0)
                 self.best.update(0, baseline)  # (no best yet; a keep_best the evals do not log is named now)
                 self.steplog.write(-1, baseline)  # the baseline, logged as step 0
-            for step, samples, micro_batches in self.feed.steps(self.start_step, t.max_steps):
+            end = self.start_step if self.best.stop_early else t.max_steps  # (a run that stopped early, started again)
+            for step, samples, micro_batches in self.feed.steps(self.start_step, end):
                 # The grad sum of the step's token mean over all ranks, clipped, then the optimizer's step
                 lr = lr_at(step, t)
                 set_lr(self.optimizer, lr)
@@ -232,7 +233,7 @@ class Trainer:
                     self.best.log_stop(done)
                     break
         wall = time.perf_counter() - start
-        self.steplog.done(self.start_step, wall, self._export())
+        self.steplog.done(self.start_step, self.weights_step, wall, self._export())
         self.strategy.barrier()
         self._fitted = True
         return {**metrics, "wall_s": wall}
@@ -241,8 +242,12 @@ class Trainer:
         """final/: of the weights the run ends with, or with checkpoint.export_best of the best checkpoint."""
         step = self.weights_step
         if self.cfg.checkpoint.export_best and self.best.step is not None and self.best.step != step:
-            step = self.best.step
-            load_checkpoint(step_dir(checkpoints_dir(self.output_dir), step), self.strategy, self.model, self.optimizer)
+            best = step_dir(checkpoints_dir(self.output_dir), self.best.step)
+            if problem(best) is None:
+                step = self.best.step
+                load_checkpoint(best, self.strategy, self.model, self.optimizer)
+            elif self.strategy.is_main:  # (a resume from an older checkpoint, whose best was pruned since)
+                log.warning("checkpoint.export_best: %s is gone (%s); exporting step %d", best, problem(best), step)
         return self.hf.export(self.output_dir / FINAL_DIR, self.output_dir, step)
 
     def _sample_names(self, step: int) -> list[str]:

@@ -30,9 +30,13 @@ def test_the_best_is_the_last_eval_that_improved_by_more_than_min_delta_and_pati
 
 
 def test_max_mode_a_resumed_count_and_a_metric_the_evals_do_not_log():
-    best = _best("checkpoint.keep_best=eval/format_pass_rate", "checkpoint.keep_best_mode=max", saved=(10, 0.5, 1))
+    watch = ("checkpoint.keep_best=eval/format_pass_rate", "checkpoint.keep_best_mode=max")
+    best = _best(*watch, saved=(10, 0.5, 1, "eval/format_pass_rate max"))
     assert best.update(20, {"eval/format_pass_rate": 0.4}) is False and best.evals_since == 2
     assert best.update(30, {"eval/format_pass_rate": 0.6}) is True
+    assert best.update(40, {"eval/format_pass_rate": float("nan")}) is False and best.step == 30
+    afresh = _best(*watch, saved=(10, 2.5, 1, "eval/loss min"))  # a resume that watches another metric
+    assert (afresh.step, afresh.value, afresh.evals_since) == (None, None, 0)
     with pytest.raises(
         ConfigError, match=r"checkpoint.keep_best='eval/los' is not an eval metric this run logs: eval/"
     ):

@@ -166,6 +166,11 @@ def test_identity_differences_name_the_keys_and_allow_moved_files(caplog):
         "model.num_layers 4 -> 2",
         "seed 0 -> 1",
     ]
+    # A key that came after the checkpoint was written: its default is what that run had
+    assert identity_differences(saved, {**saved, "data.mixing_temperature": 1.0}) == []
+    assert identity_differences(saved, {**saved, "data.mixing_temperature": 2.0}) == [
+        "data.mixing_temperature 1.0 -> 2.0"
+    ]
 
 
 def test_metrics_of_a_resumed_run_keep_the_rows_up_to_its_step_and_append(tmp_path):

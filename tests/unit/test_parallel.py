@@ -63,7 +63,7 @@ def test_weight_decay_applies_to_matrices_only():
     from sftdist.training import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1, lr=1e-3)).param_groups
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # linear bias, norm weight and bias
 

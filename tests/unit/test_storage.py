@@ -20,6 +20,9 @@ def test_a_refused_write_is_named_with_its_error_and_for_space_the_sizes(tmp_pat
     assert str(full).startswith(f"cannot write the checkpoint {tmp_path / 'c'}: No space left on device (ENOSPC); ")
     assert str(full).endswith("free there, about 3.0 MiB needed")
     assert write_error("the export", tmp_path, ValueError("not a write")) is None  # a bug of ours stays a bug
+    elsewhere = FileNotFoundError(errno.ENOENT, "No such file or directory", "/models/base/model.safetensors")
+    assert write_error("the export", tmp_path / "final", elsewhere, under=tmp_path) is None  # a read, not our write
+    assert not denied.space and full.space
 
 
 def test_torchs_short_write_inside_a_distributed_checkpoint_failure_is_a_full_disk(tmp_path):
@@ -39,7 +42,7 @@ def test_a_metrics_write_on_a_full_device_stops_naming_the_file():
 def test_the_warning_before_a_checkpoint_says_what_is_free_and_what_the_last_took(tmp_path):
     assert low_space_warning(tmp_path, 1) is None
     warning = low_space_warning(tmp_path, 2**60)
-    assert warning.startswith("checkpoint: ") and f"the last checkpoint took {human(2**60)}" in warning
+    assert warning.startswith("checkpoint: ") and f"a checkpoint takes about {human(2**60)}" in warning
     assert human(1536) == "1.5 KiB" and human(3 * 2**30) == "3.0 GiB" and human(12) == "12 B"
 
 
