@@ -266,15 +266,16 @@ def test_early_stopping_keeps_the_best_checkpoint_and_exports_it(tmp_path):
     """A learning rate too high for the demo: the eval loss falls, then rises. The run stops at the eval that makes
     the second without an improvement, with exit 0 and a checkpoint; the best one is kept outside the cadence, and
     final/ is its export; the metrics say the best step."""
-    trainer = Trainer(
-        compose(
-            f"output_dir={tmp_path / 'run'}", "train.max_steps=20", "eval.every_steps=2", "train.lr=0.02",
-            "checkpoint.keep_best=eval/loss", "train.early_stopping_patience=2", "checkpoint.export_best=true",
-            "checkpoint.every_steps=0", "eval.probes.num=0", "wandb.mode=disabled", "data.demo_size=300",
-            "train.global_batch_size=8",
-        )
+    cfg = compose(
+        f"output_dir={tmp_path / 'run'}", "train.max_steps=20", "eval.every_steps=2", "train.lr=0.02",
+        "checkpoint.keep_best=eval/loss", "train.early_stopping_patience=2", "checkpoint.export_best=true",
+        "checkpoint.every_steps=0", "eval.probes.num=0", "wandb.mode=disabled", "data.demo_size=300",
+        "train.global_batch_size=8",
     )  # fmt: skip
-    fit_and_close(trainer)
+    fit_and_close(Trainer(cfg))
+    rows = read_metrics(tmp_path / "run")
+    fit_and_close(Trainer(cfg))  # the same command again: it stopped early, nothing is left to train
+    assert read_metrics(tmp_path / "run") == rows
     evals = [(m["step"], m["eval/loss"]) for m in read_metrics(tmp_path / "run") if "eval/loss" in m]
     (best_step, best), since = evals[0], 0
     for step, loss in evals[1:]:  # the rule, written again: the stop is where it says
