@@ -138,6 +138,13 @@ DEFAULT_MAX_STEPS = 200
 DEFAULT_LR = {"the tiny demo model": 1.0e-3, "full fine-tuning": 2.0e-5, "LoRA": 2.0e-4}
 
 
+def run_kind(cfg: SFTConfig) -> str:
+    """Which of DEFAULT_LR's kinds a run is."""
+    if cfg.model.name_or_path is None:
+        return "the tiny demo model"
+    return "LoRA" if cfg.model.lora.enabled else "full fine-tuning"
+
+
 @dataclass
 class TrainConfig:
     # Optimizer steps; unset: from train.epochs, or DEFAULT_MAX_STEPS (200) when that is unset too

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +23,6 @@ if TYPE_CHECKING:
         StrategyConfig,
         TrainConfig,
     )
-
-log = logging.getLogger(__name__)
 
 TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt")  # what each render sets itself
 
@@ -302,18 +299,10 @@ def _validate_best(cfg: SFTConfig) -> None:
 
 
 def _resolve_defaults(cfg: SFTConfig) -> None:
-    """train.lr by the run's kind, when unset (logged with the reason). (train.max_steps unset without train.epochs is
-    DEFAULT_MAX_STEPS, set in _validate_train; with epochs, the trainer counts the steps once the data is prepared.)"""
-    from sftdist.config import DEFAULT_LR
+    """train.lr by the run's kind, when unset (the plan line says it, sftdist.training.steplog). (train.max_steps unset
+    without train.epochs is DEFAULT_MAX_STEPS, set in _validate_train; with epochs, the trainer counts the steps once
+    the data is prepared.)"""
+    from sftdist.config import DEFAULT_LR, run_kind
 
-    t = cfg.train
-    if t.lr is None:
-        kind = (
-            "the tiny demo model"
-            if cfg.model.name_or_path is None
-            else "LoRA"
-            if cfg.model.lora.enabled
-            else "full fine-tuning"
-        )
-        t.lr = DEFAULT_LR[kind]
-        log.info("train.lr=%g: unset, the default for %s", t.lr, kind)
+    if cfg.train.lr is None:
+        cfg.train.lr = DEFAULT_LR[run_kind(cfg)]

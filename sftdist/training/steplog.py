@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sftdist.config import SFTConfig
+from sftdist.config import DEFAULT_LR, SFTConfig, run_kind
 from sftdist.curriculum.sampler import BUCKETS, CurriculumSampler
 from sftdist.data.batching import MicroBatch, StepSampler
 from sftdist.data.dataset import Sample
@@ -176,4 +176,5 @@ def log_plan(
         f"plan: {t.max_steps} steps{f' (train.epochs={t.epochs:g})' if t.epochs is not None else ''} x "
         f"{t.global_batch_size} samples ({sampler.epoch(t.max_steps - 1):.2f} epochs), micro-batches of <= "
         f"{t.micro_batch_tokens} tokens, peak lr {t.lr:g}"
+        + (f" (the default for {run_kind(c)})" if t.lr == DEFAULT_LR[run_kind(c)] else "")
     )

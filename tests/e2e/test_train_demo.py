@@ -51,7 +51,8 @@ def test_demo_learns(default_demo):
 
 
 def test_run_directory_follows_the_contract(default_demo):
-    out, _ = default_demo
+    out, proc = default_demo
+    assert "peak lr 0.001 (the default for the tiny demo model)" in proc.stdout  # train.lr unset
     metrics = read_metrics(out)
     assert all(REQUIRED_METRICS <= m.keys() for m in metrics)
     assert all(m["train/supervised_tokens"] > 0 and m["train/tokens_per_s"] > 0 for m in metrics)

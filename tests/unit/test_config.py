@@ -199,11 +199,9 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, key):
     assert key.split(".")[-1] in text and override in text
 
 
-def test_an_unset_lr_is_the_default_for_the_runs_kind_and_a_set_one_is_used_as_given(caplog):
-    caplog.set_level("INFO", logger="sftdist.validation")
-    assert compose().train.lr == 1e-3  # the tiny demo model, from scratch
+def test_an_unset_lr_is_the_default_for_the_runs_kind_and_a_set_one_is_used_as_given():
+    assert compose().train.lr == 1e-3  # the tiny demo model, from scratch (its plan line says so: test_train_demo)
     assert compose("model.name_or_path=/models/m").train.lr == 2e-5
-    assert "train.lr=2e-05: unset, the default for full fine-tuning" in caplog.text
     assert compose("model.name_or_path=/models/m", "model.lora.enabled=true").train.lr == 2e-4
     assert compose("model.name_or_path=/models/m", "train.lr=1e-3").train.lr == 1e-3
     assert compose("model.lora.enabled=true", "train.lr=0.5").train.lr == 0.5
