@@ -193,9 +193,7 @@ def test_stop_signals_through_launch_torchrun_sh(launched, tmp_path):
     def stopped() -> dict:
         return json.loads((run / STOPPED_FILE).read_text())
 
-    straight = launch(tmp_path / "straight")
-    assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
-
+    straight = launch(tmp_path / "straight")  # (alongside the first interrupted launch: the reference, at the end)
     first = launch(run, MAX_RESTARTS="1")
     _wait_for_rows(run, 2, first)
     os.kill(_children(first.pid)[0], signal.SIGUSR1)  # torchrun.sh exec'ed torchrun: its children are the workers
@@ -215,6 +213,7 @@ def test_stop_signals_through_launch_torchrun_sh(launched, tmp_path):
     j = stopped()["step"]
     assert stopped()["signal"] == "SIGTERM" and k < j < 10 and (run / "checkpoints" / f"step_{j}" / MARKER).is_file()
 
+    assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
     third = launch(run)
     _, err = third.communicate(timeout=600)
     assert third.returncode == 0, err[-3000:]
