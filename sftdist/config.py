@@ -181,6 +181,9 @@ class TrainConfig:
 class StrategyConfig:
     name: str = choice("none", "ddp", "fsdp2", "zero3")
     timeout_minutes: int = 60  # collective timeout (rank 0 prepares the data while the others wait)
+    # Context parallelism: each packed row split over this many consecutive ranks (1: off; it divides the world
+    # size); their attention gathers the group's keys and values (sftdist.parallel.context; model.attn_impl=sdpa)
+    context_parallel: int = 1
     # fsdp2 (torch.distributed.fsdp.fully_shard per decoder layer and the root)
     # Free gathered layer weights after forward (ZeRO-3-like); false: keep them until backward (ZeRO-2-like)
     reshard_after_forward: bool = only_for("fsdp2", True)

@@ -111,6 +111,25 @@ def _validate_curriculum(c: CurriculumConfig) -> None:
         )
 
 
+def _validate_context_parallel(cfg: SFTConfig) -> None:
+    cp = cfg.strategy.context_parallel
+    _positive("strategy.context_parallel", cp)
+    if cp == 1:
+        return
+    if cfg.strategy.name == "none":
+        raise ConfigError(
+            f"strategy.context_parallel={cp} needs several processes: pick a distributed strategy (strategy=ddp|fsdp2|"
+            "zero3)"
+        )
+    if not cfg.data.packing:
+        raise ConfigError(f"strategy.context_parallel={cp} shards packed rows: it needs data.packing=true")
+    if cfg.model.attn_impl not in ("auto", "sdpa"):
+        raise ConfigError(
+            f"model.attn_impl={cfg.model.attn_impl!r} has no context-parallel form yet: with "
+            f"strategy.context_parallel={cp}, attention is sdpa's (model.attn_impl=auto or sdpa)"
+        )
+
+
 def _validate_strategy(s: StrategyConfig) -> None:
     """An option of another strategy, set away from its default, would be silently ignored: refuse it."""
     _positive("strategy.timeout_minutes", s.timeout_minutes)
@@ -272,6 +291,7 @@ def validate(cfg: SFTConfig) -> SFTConfig:
             "set eval.every_steps=0 to turn eval off"
         )
     _validate_best(cfg)
+    _validate_context_parallel(cfg)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("checkpoint.stop_timeout_s", cfg.checkpoint.stop_timeout_s)

@@ -115,6 +115,7 @@ class MicroBatch:
     # Flat positions (into targets.flatten()) of the supervised targets: found on the host, where the targets are
     # made, so that selecting them on a device never waits for it (sftdist.training.loss).
     supervised_index: torch.Tensor | None = None
+    context: ContextShard | None = None  # context parallelism: this rank's shard of the row (shard_packed)
 
     def __post_init__(self) -> None:
         if self.supervised_index is None:
@@ -126,8 +127,9 @@ class MicroBatch:
 
     @property
     def num_padding(self) -> int:
-        """Positions holding padding: none in a packed row (whole samples end to end)."""
-        return 0 if self.packed else self.input_ids.numel() - self.num_tokens
+        """Positions holding padding: none in a packed row (whole samples end to end), but for the pads that make a
+        row's samples shard evenly under context parallelism."""
+        return self.input_ids.numel() - self.num_tokens
 
     def pin(self) -> MicroBatch:
         """The same micro-batch in page-locked host memory, so that :meth:`to` a GPU copies asynchronously."""
@@ -139,7 +141,64 @@ class MicroBatch:
 
     def _map(self, move: Callable[[torch.Tensor], torch.Tensor]) -> MicroBatch:
         fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        return MicroBatch(**{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
+        moved = {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
+        if self.context is not None:
+            moved["context"] = ContextShard(move(self.context.local), move(self.context.gathered))
+        return MicroBatch(**moved)
+
+
+def shard_plan(lengths: list[int], cp: int) -> tuple[list[int], list[np.ndarray]]:
+    """Context parallelism (sftdist.parallel.context): (each sample's length padded to a multiple of 2 * cp, each
+    rank's positions in the padded row). Rank r holds chunk r and chunk 2 * cp - 1 - r of every sample (of 2 * cp):
+    early and late tokens alike, so that the causal attention's work is shared evenly."""
+    padded = [-(-n // (2 * cp)) * 2 * cp for n in lengths]
+    starts = np.concatenate(([0], np.cumsum(padded)[:-1])).astype(np.int64)
+    mine: list[list[np.ndarray]] = [[] for _ in range(cp)]
+    for start, n in zip(starts.tolist(), padded):
+        chunk = n // (2 * cp)
+        for r in range(cp):
+            for c in (r, 2 * cp - 1 - r):
+                mine[r].append(np.arange(start + c * chunk, start + (c + 1) * chunk, dtype=np.int64))
+    return padded, [np.concatenate(m) for m in mine]
+
+
+@dataclass
+class ContextShard:
+    """A rank's shard of a packed row, for its attention: ``local``, its positions in the padded row; ``gathered``, the
+    padded row's positions in the order the group's all-gather lays them out (rank after rank)."""
+
+    local: torch.Tensor
+    gathered: torch.Tensor
+
+
+def shard_packed(mb: MicroBatch, cp: int, rank: int, pad_id: int) -> MicroBatch:
+    """Rank ``rank``'s shard of packed ``mb`` under context parallelism over ``cp`` ranks (:func:`shard_plan`): each
+    sample padded at its end with unsupervised tokens (their positions go on counting), then sharded, the targets
+    (already shifted within each sample) and the position ids by the same index."""
+    lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
+    padded, index = shard_plan(lengths, cp)
+    total = sum(padded)
+    starts = np.concatenate(([0], np.cumsum(padded)[:-1])).astype(np.int64)
+    real = torch.from_numpy(np.concatenate([s + np.arange(n) for s, n in zip(starts.tolist(), lengths)]))
+    input_ids = torch.full((total,), pad_id, dtype=torch.long)
+    targets = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
+    input_ids[real], targets[real] = mb.input_ids[0], mb.targets[0]
+    positions = torch.cat([torch.arange(n) for n in padded])
+    is_real = torch.zeros(total, dtype=torch.bool)
+    is_real[real] = True
+    local = torch.from_numpy(index[rank])
+    return MicroBatch(
+        input_ids[local][None],
+        targets[local][None],
+        None,
+        num_tokens=int(is_real[local].sum()),
+        num_supervised=int((targets[local] != IGNORE_INDEX).sum()),
+        num_slots=mb.num_slots // cp,
+        position_ids=positions[local][None],
+        cu_seqlens=torch.tensor([0, *np.cumsum(padded).tolist()], dtype=torch.int32),
+        max_seqlen=max(padded),
+        context=ContextShard(local, torch.from_numpy(np.concatenate(index))),
+    )
 
 
 def collate_packed(samples: list[Sample], micro_batch_tokens: int) -> MicroBatch:

@@ -51,10 +51,11 @@ class PackedAttention:
     dataclass (and its cache dict) at every block, so each layer would build the masks again; an object of a plain
     class is passed through as it is."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, context: Any = None, group: Any = None):
         self.cu_seqlens = cu_seqlens  # (N + 1,) int32: sample boundaries
         self.max_seqlen = max_seqlen
         self.total = total  # tokens in the row
+        self.context, self.group = context, group  # context parallelism: this rank's shard, its group
         self._cache: dict = {}
 
     def document_ids(self) -> torch.Tensor:  # (T,) the sample each token belongs to
@@ -74,6 +75,17 @@ class PackedAttention:
             self._cache[key] = mask[None, None]
         return self._cache[key]
 
+    def context_mask(self, sliding_window: int | None) -> torch.Tensor:  # (1, 1, T / cp, T) bool
+        """Context parallelism: the packed mask's rows of this rank's positions, its columns in gathered order."""
+        key = ("context", sliding_window)
+        if key not in self._cache:
+            doc, q, k = self.document_ids(), self.context.local, self.context.gathered
+            mask = (doc[q][:, None] == doc[k][None, :]) & (q[:, None] >= k[None, :])
+            if sliding_window is not None:
+                mask &= q[:, None] - k[None, :] < sliding_window
+            self._cache[key] = mask[None, None]
+        return self._cache[key]
+
     def block_mask(self, sliding_window: int | None) -> Any:
         key = ("block", sliding_window)
         if key not in self._cache:
@@ -89,12 +101,15 @@ class PackedAttention:
         return self._cache[key]
 
 
-def packed_attention_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int, total: int | None = None) -> dict[str, Any]:
+def packed_attention_kwargs(
+    cu_seqlens: torch.Tensor, max_seqlen: int, total: int | None = None, context: Any = None, group: Any = None
+) -> dict[str, Any]:
     """The keyword arguments a packed forward passes to the model (they reach the attention backend). ``total``, the
     row's tokens, is known on the host (the row's width): reading it from a device copy of ``cu_seqlens`` would make
-    the host wait for the device at every micro-batch."""
+    the host wait for the device at every micro-batch. ``context``, ``group``: a context-parallel shard of the row
+    (sftdist.data.batching.ContextShard) and its group (sftdist.parallel.context)."""
     total = int(cu_seqlens[-1]) if total is None else int(total)
-    return {"sftdist_packed": PackedAttention(cu_seqlens.to(torch.int32), int(max_seqlen), total)}
+    return {"sftdist_packed": PackedAttention(cu_seqlens.to(torch.int32), int(max_seqlen), total, context, group)}
 
 
 def _meta(kwargs: dict) -> PackedAttention:
@@ -107,17 +122,28 @@ def _meta(kwargs: dict) -> PackedAttention:
     return meta
 
 
-def _check_row(query: torch.Tensor, meta: PackedAttention) -> None:
-    assert query.shape[0] == 1 and query.shape[2] == meta.total, (query.shape, meta.total)
+def _check_row(query: torch.Tensor, meta: PackedAttention, context: bool = False) -> None:
+    """One packed row: all of it, or (``context``: the backend has a context-parallel form) a rank's shard."""
+    if meta.context is not None and not context:
+        raise ValueError("this attention backend has no context-parallel form; strategy.context_parallel needs sdpa")
+    width = meta.context.local.numel() if meta.context is not None else meta.total
+    assert query.shape[0] == 1 and query.shape[2] == width, (query.shape, width)
 
 
 def sdpa_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
 ):
-    """The reference: SDPA with an explicit block-diagonal causal mask. q, k, v: (1, H, T, D)."""
+    """The reference: SDPA with an explicit block-diagonal causal mask. q, k, v: (1, H, T, D). Under context
+    parallelism (a shard of the row) the keys and values of the group are gathered first (the "allgather" scheme)."""
     meta = _meta(kwargs)
-    _check_row(query, meta)
-    mask = meta.dense_mask(sliding_window)
+    _check_row(query, meta, context=True)
+    if meta.context is not None:
+        from sftdist.parallel.context import gather
+
+        key, value = gather(key, meta.group), gather(value, meta.group)
+        mask = meta.context_mask(sliding_window)
+    else:
+        mask = meta.dense_mask(sliding_window)
     if softcap is not None:  # SDPA cannot cap scores: the same math, unfused
         groups = query.shape[1] // key.shape[1]
         k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)

@@ -30,6 +30,12 @@ def check_world_size(cfg: SFTConfig, world_size: int) -> None:
             f"{world_size} (torchrun/srun); launch one process or pick a distributed strategy "
             "(strategy=ddp|fsdp2|zero3)"
         )
+    cp = cfg.strategy.context_parallel
+    if world_size % cp:
+        raise ConfigError(
+            f"strategy.context_parallel={cp} does not divide the {world_size} processes (world size): each "
+            "context-parallel group is that many ranks"
+        )
     if cfg.train.global_batch_size % world_size:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "

@@ -35,6 +35,19 @@ class Strategy(ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device
+    # Context parallelism (sftdist.parallel.context): each packed row split over this many consecutive ranks
+    context_parallel: int = 1
+    context_group: Any = None
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of a step's micro-batches this rank trains: every rank of a context-parallel group the same."""
+        return self.rank // self.context_parallel
+
+    @property
+    def data_size(self) -> int:
+        """How many shares a step's micro-batches are dealt into (the world, or its context-parallel groups)."""
+        return self.world_size // self.context_parallel
 
     @property
     def is_main(self) -> bool:

@@ -17,7 +17,7 @@ from sftdist.parallel.dist import DistributedStrategy
 
 class DDPStrategy(DistributedStrategy):
     def __init__(self, cfg: StrategyConfig, device: str):
-        super().__init__("ddp", device, cfg.timeout_minutes)
+        super().__init__("ddp", device, cfg.timeout_minutes, cfg.context_parallel)
         self._ddp: DistributedDataParallel | None = None
 
     def setup(

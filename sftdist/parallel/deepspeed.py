@@ -135,7 +135,7 @@ class ZeRO3Strategy(DistributedStrategy):
                 "on the GPU regardless; use device=auto (or hide the GPUs: CUDA_VISIBLE_DEVICES=)"
             )
         self.config = deepspeed_config(cfg, precision, max_grad_norm)
-        super().__init__("zero3", device, cfg.timeout_minutes)
+        super().__init__("zero3", device, cfg.timeout_minutes, cfg.context_parallel)
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

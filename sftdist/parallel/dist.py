@@ -63,9 +63,13 @@ class DistributedStrategy(Strategy):
     """What the data-parallel strategies share: the process group, sums and barriers over it, and gradient
     reductions that average over the ranks."""
 
-    def __init__(self, name: str, device: str, timeout_minutes: int):
+    def __init__(self, name: str, device: str, timeout_minutes: int, context_parallel: int = 1):
         self.name = name
         self.rank, self.world_size, self.device, self._owns_group = init_process_group(name, device, timeout_minutes)
+        if context_parallel > 1:
+            from sftdist.parallel.context import context_group
+
+            self.context_parallel, self.context_group = context_parallel, context_group(context_parallel)
 
     @property
     def grad_divisor(self) -> int:

@@ -20,7 +20,7 @@ from sftdist.parallel.dist import DistributedStrategy
 
 class FSDP2Strategy(DistributedStrategy):
     def __init__(self, cfg: StrategyConfig, device: str, precision: str):
-        super().__init__("fsdp2", device, cfg.timeout_minutes)
+        super().__init__("fsdp2", device, cfg.timeout_minutes, cfg.context_parallel)
         self.cfg, self.precision = cfg, precision
 
     loads_weights = True  # built on the meta device, sharded, then each rank loads its shards

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sftdist.config import SFTConfig
 from sftdist.curriculum.sampler import CurriculumSampler
-from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches
+from sftdist.data.batching import MicroBatch, StepSampler, build_micro_batches, shard_packed
 from sftdist.data.dataset import EncodedSet, Sample
 from sftdist.parallel import Strategy
 
@@ -28,22 +28,27 @@ class StepFeeder:
         self.strategy, self.flops = strategy, flops
 
     def batches(self, samples: list[Sample]) -> list[MicroBatch]:
-        """This rank's micro-batches of a step's samples."""
+        """This rank's micro-batches of a step's samples: its share, or with context parallelism its group's share,
+        each packed row cut to this rank's shard (sftdist.parallel.context)."""
+        s = self.strategy
+        if s.context_parallel == 1:
+            return self._dealt(samples, s.rank, s.world_size)
+        cp, rank = s.context_parallel, s.rank % s.context_parallel
+        mine = self._dealt(samples, s.data_rank, s.data_size)
+        return [shard_packed(mb, cp, rank, self.pad_id) if mb.num_tokens else mb for mb in mine]
+
+    def _dealt(self, samples: list[Sample], rank: int, size: int) -> list[MicroBatch]:
+        t = self.cfg.train
         return build_micro_batches(
-            samples,
-            self.cfg.train.micro_batch_tokens,
-            self.pad_id,
-            self.cfg.data.packing,
-            self.strategy.rank,
-            self.strategy.world_size,
-            self.flops,
+            samples, t.micro_batch_tokens, self.pad_id, self.cfg.data.packing, rank, size, self.flops
         )
 
     def eval_batches(self, samples: list[Sample]) -> Iterator[MicroBatch]:
-        """This rank's micro-batches of an eval set, a global batch of samples at a time."""
-        size = self.cfg.train.global_batch_size
+        """This rank's micro-batches of an eval set, a global batch of samples at a time (whole rows: eval runs
+        without context parallelism)."""
+        size, s = self.cfg.train.global_batch_size, self.strategy
         for start in range(0, len(samples), size):
-            yield from self.batches(samples[start : start + size])
+            yield from self._dealt(samples[start : start + size], s.rank, s.world_size)
 
     def steps(self, start: int, stop: int) -> Iterator[tuple[int, list[Sample], list[MicroBatch]]]:
         """(step, its samples, this rank's micro-batches) for steps ``start`` to ``stop`` - 1. The next step's are

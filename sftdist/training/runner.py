@@ -70,9 +70,15 @@ class ModelRunner:
                     input_ids=mb.input_ids,
                     position_ids=mb.position_ids,
                     use_cache=False,
-                    **packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen, mb.input_ids.shape[1]),
+                    **self._packed(mb),
                 ).logits
             return self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+
+    def _packed(self, mb: MicroBatch) -> dict:
+        if mb.context is None:
+            return packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen, mb.input_ids.shape[1])
+        total = mb.context.gathered.numel()  # (the whole padded row: known on the host)
+        return packed_attention_kwargs(mb.cu_seqlens, mb.max_seqlen, total, mb.context, self.strategy.context_group)
 
     def ce_sum(self, mb: MicroBatch, impl: str | None = None) -> torch.Tensor:
         """The micro-batch's summed cross-entropy over its supervised targets (training.loss), as ``impl`` (default: the
@@ -130,7 +136,7 @@ class ModelRunner:
                 sum(mb.num_tokens for mb in real),
                 sum(mb.num_slots for mb in real),
                 sum(mb.num_padding for mb in real),
-                len(real) * self.cfg.train.micro_batch_tokens,
+                len(real) * self.cfg.train.micro_batch_tokens / self.strategy.context_parallel,  # (a row: cp shards)
             ]
         )
         return {
@@ -173,7 +179,9 @@ def build_runner(cfg: SFTConfig, strategy: Strategy, tokenizer: Any, pad_id: int
     )
     attention = PADDED
     if cfg.data.packing:
-        attention = resolve_backend(cfg.model.attn_impl, strategy.device, cfg.precision)
+        # (context parallelism attends with sdpa, the one backend with a context-parallel form so far)
+        name = "sdpa" if strategy.context_parallel > 1 else cfg.model.attn_impl
+        attention = resolve_backend(name, strategy.device, cfg.precision)
         apply_packed_attention(model, attention)
     wrapped, optimizer = strategy.setup(
         model,

@@ -22,6 +22,9 @@ grouped in one launch because process groups are slow to start. Results go to OU
 - skip/<strategy>: 4 steps, the second NaN on rank 0 only (poison_steps): left out on every rank; the test compares
   with one process that never trains that step. diverged/zero3: every step NaN, one in a row allowed: both ranks stop
   after step 2 with its checkpoint and the same one-line error.
+- cp_attention: context-parallel sdpa attention (2 ranks) against the whole row's, fp64: outputs and q, k, v gradients.
+  cp/<strategy>: fit with strategy.context_parallel=2 (one group of 2: each packed row split over both ranks); the
+  test compares with one process.
 - probes/<strategy>: the evals before and after one step of a briefly trained demo model (the test trains it into
   OUT/probe-model before the launch): held-out loss per source (two sources) and on an extra eval set, and probes
   whose answers end at very different lengths on the two ranks (OUT/uneven-probes.jsonl, in batches of 2).
@@ -45,6 +48,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -85,6 +89,43 @@ def probe_settings(out: Path) -> list[str]:
         "wandb.mode=disabled",
         f"data.cache_dir={out / 'cache'}",
     ]
+
+
+def cp_attention(out: Path) -> dict:
+    """Context-parallel sdpa attention against the unsharded packed attention on the whole row, fp64: the outputs of
+    this rank's queries and the gradients of its q, k and v shards (the k and v gradients carry the other rank's
+    queries' part, through the gather), with samples across the shard boundaries, a sliding window, and a row whose
+    second rank holds no real token."""
+    from sftdist.data.batching import ContextShard, shard_plan
+    from sftdist.model.attention import packed_attention_kwargs, sdpa_forward
+    from sftdist.parallel.context import context_group
+
+    group, rank, cp = context_group(2), dist.get_rank(), 2
+    worst = 0.0
+    for lengths, window in (([5, 11, 3, 8], None), ([5, 11, 3, 8], 4), ([1], None)):
+        padded, index = shard_plan(lengths, cp)
+        total = sum(padded)
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(1, 4, total, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        k, v = k[:, :2], v[:, :2]  # GQA: 4 query heads, 2 key/value heads
+        weight = torch.randn(1, total, 4, 8, generator=g, dtype=torch.float64)
+        cu = torch.tensor([0, *np.cumsum(padded)], dtype=torch.int32)
+        module = torch.nn.Module()
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref, _ = sdpa_forward(
+            module, *full, None, sliding_window=window, **packed_attention_kwargs(cu, max(padded), total)
+        )
+        (ref * weight).sum().backward()
+        local = torch.from_numpy(index[rank])
+        mine = [t[:, :, local].clone().requires_grad_() for t in (q, k, v)]
+        kwargs = packed_attention_kwargs(
+            cu, max(padded), total, ContextShard(local, torch.from_numpy(np.concatenate(index))), group
+        )
+        ours, _ = sdpa_forward(module, *mine, None, sliding_window=window, **kwargs)
+        (ours * weight[:, local]).sum().backward()
+        pairs = [(ours, ref[:, local])] + [(m.grad, f.grad[:, :, local]) for m, f in zip(mine, full)]
+        worst = max(worst, *(float((a - b).abs().max()) for a, b in pairs))
+    return {"max_abs": worst}
 
 
 def probes(out: Path, strategy: str) -> dict:
@@ -365,6 +406,9 @@ def main() -> None:
         record(f"probes/{strategy}", probes, out, strategy)
     for strategy in STRATEGIES:
         record(f"skip/{strategy}", skip, out, data, strategy)
+    record("cp_attention", cp_attention, out)
+    for strategy in STRATEGIES:
+        record(f"cp/{strategy}", fit, out, data, strategy, True, "strategy.context_parallel=2")
     record("diverged/zero3", diverged, out, data, "zero3")
     if only:  # launched on their own: on one process, or under torchrun --max-restarts
         record("zero3_on_one", zero3_on_one, out, data)
